@@ -1,0 +1,186 @@
+"""The ``cirrus`` command line: a thin layer over the library functions."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
+
+from cirrus_batch import __version__
+from cirrus_batch.config import JobConfig, load_config
+from cirrus_batch.errors import CirrusError
+
+log = logging.getLogger("cirrus_batch")
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """A plain-text table with aligned columns."""
+    cells = [list(map(str, header))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="TOML", help="job config (jobs/*.toml); default: built-in defaults")
+    p.add_argument(
+        "--cluster",
+        metavar="KIND",
+        help="'local' (default), 'slurm', or a scheduler address tcp://host:port; overrides [cluster] kind",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _config(args: argparse.Namespace, **overrides: Any) -> JobConfig:
+    return load_config(args.config, {"cluster.kind": args.cluster, **overrides})
+
+
+def _client(config: JobConfig):
+    from cirrus_batch.cluster import connect
+
+    return connect(config.cluster.kind, config.cluster)
+
+
+# -- commands -------------------------------------------------------------------------------------
+def cmd_synth(args: argparse.Namespace) -> int:
+    from cirrus_batch import synth
+
+    config = _config(args)
+    with _client(config) if args.cluster else nullcontext() as client:
+        summary = synth.write_archive(
+            args.dest,
+            nights=args.nights,
+            per_night=args.per_night,
+            cadence_min=args.cadence_min,
+            shape=tuple(args.shape),
+            seed=args.seed,
+            kinds=args.kinds.split(",") if args.kinds else None,
+            compress=args.compress,
+            truth=args.truth,
+            client=client,
+            progress=not args.no_progress,
+        )
+    print(table(summary.nights, ["night", "kind", "images"]))
+    print(f"wrote {summary.n_images} images to {summary.archive}; true masks in {summary.truth}")
+    if args.montage:
+        print(f"montage: {synth.montage(args.dest, args.montage, truth=summary.truth)}")
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from cirrus_batch.ingest import NoImagesError, ingest
+
+    config = _config(args, **{"ingest.shard_size": args.shard_size})
+    try:
+        with _client(config) as client:
+            report = ingest(args.source, args.store, client, config.ingest, progress=not args.no_progress)
+    except NoImagesError as exc:
+        _print_rejections(exc.report.rejected)
+        raise
+    print(
+        table(
+            [
+                ["files found", report.found],
+                ["already in the store", report.already],
+                ["rejected earlier, unchanged", report.previously_rejected],
+                ["ingested now", report.ingested],
+                ["rejected now", len(report.rejected)],
+                ["images in the store", report.total],
+            ],
+            ["ingest", "count"],
+        )
+    )
+    if report.dropped_uncommitted:
+        print(f"(repaired an interrupted ingest: {report.dropped_uncommitted} uncommitted images re-ingested)")
+    _print_rejections(report.rejected)
+    rate = report.ingested / report.seconds if report.seconds else 0.0
+    print(f"{args.store}: {report.ingested} new images in {report.seconds:.1f} s ({rate:.0f} images/s)")
+    return 0
+
+
+def _print_rejections(rejected: Sequence[Any], limit: int = 30) -> None:
+    if not rejected:
+        return
+    print()
+    print(table([[r.source, r.reason] for r in rejected[:limit]], ["rejected file", "reason"]))
+    if len(rejected) > limit:
+        print(f"... and {len(rejected) - limit} more (full list: cirrus info STORE --rejections)")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from cirrus_batch.store import open_dataset, open_rejections
+
+    ds = open_dataset(args.store)
+    n = ds.sizes["time"]
+    print(ds)
+    if n:
+        times = ds["time"].values
+        nights = len(set(str(t)[:10] for t in (times - np.timedelta64(12, "h"))))
+        print(f"\n{n} images from {times[0]} to {times[-1]} ({nights} nights)")
+    rej = open_rejections(args.store)
+    print(f"{rej.sizes['rejection']} rejected files in the log")
+    if args.rejections and rej.sizes["rejection"]:
+        print(table(list(zip(rej["source"].values, rej["reason"].values)), ["rejected file", "reason"]))
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cirrus", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cirrus {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic LWIR all-sky archive (FITS) with true cloud masks")
+    p.add_argument("dest", help="archive root directory to create")
+    p.add_argument("--nights", type=int, default=5)
+    p.add_argument("--per-night", type=int, default=60, help="images per night")
+    p.add_argument("--cadence-min", type=float, default=2.0, help="minutes between images")
+    p.add_argument("--shape", type=int, nargs=2, default=(512, 640), metavar=("H", "W"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kinds", help="comma-separated night kinds to cycle (clear,broken,cirrus,overcast,mixed)")
+    p.add_argument("--compress", action="store_true", help="write tile-compressed .fits.fz")
+    p.add_argument("--truth", help="true-mask zarr store (default: DEST_truth.zarr beside the archive)")
+    p.add_argument("--montage", metavar="PNG", help="also write a montage of frames and true masks")
+    _common(p)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("ingest", help="add new FITS files of SOURCE to the zarr STORE")
+    p.add_argument("source", help="archive directory, glob, or fsspec URL (http://, webdav://, s3://, ...)")
+    p.add_argument("store", help="zarr store path or URL (created on first ingest)")
+    p.add_argument("--shard-size", type=int, help="images per shard of a new store")
+    _common(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("info", help="summarize a store")
+    p.add_argument("store")
+    p.add_argument("--rejections", action="store_true", help="list every rejected file")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.func(args)
+    except CirrusError as exc:
+        print(f"cirrus: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("cirrus: interrupted; the store keeps every committed image, run again to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

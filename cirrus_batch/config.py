@@ -1,0 +1,133 @@
+"""Job configuration: TOML files in ``jobs/`` mapped onto typed dataclasses.
+
+Precedence (highest first): command-line options > job config file > dask config (cluster only) >
+the defaults below. Unknown sections or keys are errors, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cirrus_batch.errors import ConfigError
+
+
+@dataclass
+class IngestConfig:
+    """How FITS files become the ``raw`` store."""
+
+    shard_size: int = 100
+    """Images per zarr shard (one image per chunk); 100-500 on real archives."""
+    header_keys: list[str] = field(default_factory=lambda: ["EXPTIME", "AMBTEMP"])
+    """Numeric FITS header keywords stored as per-image variables (lower-cased names)."""
+    shape: list[int] | None = None
+    """Expected image shape [ny, nx]; by default a new store takes the most common shape."""
+    clevel: int = 3
+    """Zstd compression level of ``raw`` (blosc, bit-shuffled)."""
+
+
+@dataclass
+class ClusterConfig:
+    """Where Dask work runs: ``local`` (default), ``slurm``, or a scheduler address ``tcp://host:port``."""
+
+    kind: str = "local"
+    n_workers: int | None = None
+    """Local workers; default: one per CPU core."""
+    threads_per_worker: int = 1
+    memory_limit: str = "auto"
+    dashboard_address: str = ":0"
+    """``:0`` picks a free port; ``:8787`` for the usual one."""
+
+
+@dataclass
+class JobConfig:
+    """One job configuration file (``jobs/*.toml``)."""
+
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_check_type(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is Any:
+        return value
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: Any, where: str = "config") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a table, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _check_type(value, hints[name], f"{where}.{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Read a job config (or the defaults when ``path`` is None) and apply ``overrides``.
+
+    ``overrides`` maps dotted keys (``"ingest.shard_size"``) to values; ``None`` values are skipped so
+    unset command-line options fall through to the file and the defaults.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"job config {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"job config {path} is not valid TOML: {exc}") from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        *parents, key = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[key] = value
+    return from_dict(JobConfig, data, where=str(path) if path else "config")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain nested dicts (for logging to MLflow or printing)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,164 @@
+"""Reading and validating single-image FITS files from bytes.
+
+Headers are parsed with :class:`astropy.io.fits.Header`; tile-compressed images (``.fits.fz``) are
+decoded by astropy. Plain uncompressed images are decoded straight from the byte buffer with numpy
+(big-endian array, then ``BZERO``/``BSCALE``/``BLANK`` as the FITS standard defines them), which skips
+astropy's per-file object overhead; ``tests/test_fitsio.py`` checks it against astropy's own reader.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+from astropy.io import fits
+
+BLOCK = 2880
+NODATA = np.uint16(65535)
+"""``raw`` value of pixels with no data (NaN or BLANK in the file); real 14-bit ADU never reach it."""
+
+_END = re.compile(rb"END {77}")
+_BITPIX = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+
+
+class Rejected(Exception):
+    """A file that is not ingested; the message is the reason shown in the rejection log."""
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """Where the image is in a file and what its header says."""
+
+    hdu: int
+    header: fits.Header = field(repr=False)
+    shape: tuple[int, ...]
+    data_offset: int
+    data_size: int
+    compressed: bool
+
+    @property
+    def end(self) -> int:
+        """Bytes the file must have for the image data to be complete."""
+        return self.data_offset + self.data_size
+
+
+def _header_end(buf: bytes, start: int) -> int | None:
+    """Offset just past the header block that holds the END card, or None if ``buf`` ends first."""
+    for card in range(start, len(buf) - 79, 80):
+        if _END.match(buf, card):
+            return start + math.ceil((card + 80 - start) / BLOCK) * BLOCK
+    return None
+
+
+def _data_size(h: fits.Header) -> int:
+    """Data bytes of an HDU (FITS standard 4.4.1), without the padding to 2880."""
+    naxis = h.get("NAXIS", 0)
+    if naxis == 0:
+        return 0
+    n = math.prod(h.get(f"NAXIS{i}", 0) for i in range(1, naxis + 1))
+    return abs(h["BITPIX"]) // 8 * h.get("GCOUNT", 1) * (h.get("PCOUNT", 0) + n)
+
+
+def find_image(buf: bytes) -> ImageHeader:
+    """Locate the first image HDU in the leading bytes of a FITS file.
+
+    Raises :class:`Rejected` when ``buf`` is not FITS or has no image, and ``EOFError`` when ``buf``
+    ends inside a header (read more bytes and call again).
+    """
+    if not buf:
+        raise Rejected("empty file")
+    if not buf.startswith(b"SIMPLE  ="):
+        raise Rejected("not a FITS file (no SIMPLE card at the start)")
+    offset, index = 0, 0
+    while offset < len(buf):
+        end = _header_end(buf, offset)
+        if end is None:
+            if len(buf) - offset >= 1000 * BLOCK:
+                raise Rejected(f"unreadable FITS header in HDU {index}: no END card")
+            raise EOFError
+        try:
+            h = fits.Header.fromstring(buf[offset:end].decode("ascii", errors="replace"))
+        except Exception as exc:  # astropy raises several types for malformed cards
+            raise Rejected(f"unreadable FITS header in HDU {index}: {exc}") from None
+        size = _data_size(h)
+        if h.get("ZIMAGE", False):
+            shape = tuple(h[f"ZNAXIS{i}"] for i in range(h["ZNAXIS"], 0, -1))
+            return ImageHeader(index, h, shape, end, size, compressed=True)
+        is_image = index == 0 or h.get("XTENSION", "").strip() == "IMAGE"
+        if is_image and h.get("NAXIS", 0) > 0:
+            shape = tuple(h[f"NAXIS{i}"] for i in range(h["NAXIS"], 0, -1))
+            return ImageHeader(index, h, shape, end, size, compressed=False)
+        offset = end + math.ceil(size / BLOCK) * BLOCK
+        index += 1
+    raise Rejected("no image data in any HDU")
+
+
+def observation_time(h: fits.Header) -> np.datetime64:
+    """``DATE-OBS`` (with ``TIME-OBS`` when DATE-OBS holds only a date) as UTC microseconds."""
+    value = h.get("DATE-OBS")
+    if not value or not isinstance(value, str):
+        raise Rejected("no DATE-OBS in the header")
+    value = value.strip().rstrip("Z")
+    if "T" not in value and isinstance(h.get("TIME-OBS"), str):
+        value = f"{value}T{h['TIME-OBS'].strip()}"
+    try:
+        return np.datetime64(value, "us")
+    except ValueError:
+        raise Rejected(f"DATE-OBS {h['DATE-OBS']!r} is not an ISO date-time") from None
+
+
+def header_values(h: fits.Header, keys: list[str]) -> dict[str, float]:
+    """Numeric header values (NaN where missing or not a number)."""
+    out = {}
+    for key in keys:
+        value = h.get(key)
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        out[key] = float(value) if numeric else math.nan
+    return out
+
+
+def decode(buf: bytes, image: ImageHeader) -> np.ndarray:
+    """Pixel values of the image as float64 (NaN for BLANK) or the file's integer type."""
+    if len(buf) < image.end:
+        raise Rejected(f"truncated: {len(buf)} bytes, the header needs {image.end}")
+    if image.compressed:
+        try:
+            with fits.open(io.BytesIO(buf), memmap=False) as hdul:
+                return np.asarray(hdul[image.hdu].data)
+        except Exception as exc:
+            raise Rejected(f"cannot decompress the image: {exc}") from None
+    h = image.header
+    bitpix = h["BITPIX"]
+    if bitpix not in _BITPIX:
+        raise Rejected(f"unsupported BITPIX {bitpix}")
+    data = np.frombuffer(buf, _BITPIX[bitpix], math.prod(image.shape), image.data_offset)
+    data = data.reshape(image.shape)
+    bzero, bscale, blank = h.get("BZERO", 0), h.get("BSCALE", 1), h.get("BLANK")
+    if bitpix == 16 and bzero == 32768 and bscale == 1 and blank is None:
+        return (data.view(">u2") ^ np.uint16(0x8000)).astype(np.uint16)  # the unsigned 16-bit convention
+    if bitpix > 0 and (bzero != 0 or bscale != 1 or blank is not None):
+        scaled = data.astype(np.float64) * bscale + bzero
+        if blank is not None:
+            scaled[data == blank] = np.nan
+        return scaled
+    return data.astype(data.dtype.newbyteorder("="))
+
+
+def to_raw(data: np.ndarray) -> np.ndarray:
+    """Convert decoded pixels to the store's ``raw`` uint16 (NaN -> :data:`NODATA`)."""
+    if data.dtype == np.uint16:
+        return data
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        if not finite.any():
+            raise Rejected("all pixels are NaN")
+        good = data[finite]
+        if good.min() < 0 or good.max() >= NODATA:
+            raise Rejected(f"pixel values {good.min():g}..{good.max():g} outside the 0..65534 ADU range")
+        return np.where(finite, np.rint(np.where(finite, data, 0)), NODATA).astype(np.uint16)
+    if data.min() < 0 or data.max() >= NODATA:
+        raise Rejected(f"pixel values {data.min()}..{data.max()} outside the 0..65534 ADU range")
+    return data.astype(np.uint16)

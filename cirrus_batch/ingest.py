@@ -1,0 +1,349 @@
+"""Ingest a FITS archive (local path, glob or fsspec URL) into the zarr store, incrementally.
+
+Two passes of Dask tasks:
+
+1. **scan**: read the leading bytes of every new file, parse the header, check it (FITS, one 2-D image,
+   complete, has DATE-OBS); the client sorts the good ones by time and gives each a store position.
+2. **write**: one task per shard-aligned group of positions reads its files, decodes and checks the
+   pixels and writes the group's region of every array. A group with a bad file writes nothing; the
+   run commits the groups before it, logs the bad file and plans the rest again.
+
+``committed`` advances over the longest prefix of written groups, so a killed ingest loses nothing and
+the next run (which first cuts uncommitted tails) carries on with the files still missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import fsspec
+import numpy as np
+import zarr
+from distributed import Client, as_completed
+from fsspec.core import url_to_fs
+from fsspec.utils import stringify_path
+from tqdm.auto import tqdm
+
+from cirrus_batch.config import IngestConfig
+from cirrus_batch.errors import CirrusError
+from cirrus_batch.fitsio import ImageHeader, Rejected, decode, find_image, header_values, observation_time, to_raw
+from cirrus_batch.store import Rejection, Store, header_var
+
+log = logging.getLogger(__name__)
+
+SCAN_BYTES = 4 * 2880
+SCAN_TASK_FILES = 256
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of the archive: ``path`` for the filesystem, ``source`` relative to the SOURCE root.
+
+    ``size`` is -1 where the filesystem listing does not give it (some HTTP servers), ``mtime`` NaN.
+    """
+
+    path: str
+    source: str
+    size: int
+    mtime: float = math.nan
+
+    def rejection(self, reason: str) -> Rejection:
+        return Rejection(self.source, reason, self.size, self.mtime)
+
+
+@dataclass(frozen=True)
+class Scanned:
+    """What the scan learned of one file: a time and shape, or the reason it is rejected."""
+
+    entry: FileEntry
+    time: np.datetime64 | None = None
+    shape: tuple[int, ...] = ()
+    reason: str | None = None
+
+
+@dataclass
+class IngestReport:
+    """What one ingest run did."""
+
+    store: str
+    found: int = 0
+    already: int = 0
+    previously_rejected: int = 0
+    ingested: int = 0
+    dropped_uncommitted: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+    seconds: float = 0.0
+    total: int = 0
+
+    def reasons(self) -> Counter[str]:
+        """Rejections of this run counted by reason (file-specific details stripped)."""
+        return Counter(r.reason.split(":")[0] for r in self.rejected)
+
+
+# -- discovery ------------------------------------------------------------------------------------
+def discover(source: str) -> tuple[fsspec.AbstractFileSystem, list[FileEntry]]:
+    """List the files of SOURCE: a directory (recursive), a glob, a single file, or an fsspec URL.
+
+    Hidden files and folders (names starting with ``.``, e.g. rsync partial files) are ignored.
+    """
+    try:
+        fs, path = url_to_fs(stringify_path(source))
+        if any(c in path for c in "*?["):
+            root = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+            infos = fs.glob(path, detail=True).values()
+        elif fs.isdir(path):
+            root = path
+            infos = fs.find(path, detail=True).values()
+        elif fs.isfile(path):
+            root = path.rsplit("/", 1)[0]
+            infos = [fs.info(path)]
+        else:
+            raise CirrusError(f"SOURCE {source} does not exist (or is not readable)")
+    except CirrusError:
+        raise
+    except (OSError, ValueError, ImportError) as exc:
+        raise CirrusError(f"cannot read SOURCE {source}: {exc}") from None
+    root = root.rstrip("/")
+    entries = []
+    for info in infos:
+        if info.get("type", "file") != "file":
+            continue
+        name = info["name"]
+        rel = name[len(root):].lstrip("/") if name.startswith(root) else PurePosixPath(name).name
+        if any(part.startswith(".") for part in PurePosixPath(rel).parts):
+            continue
+        size, mtime = info.get("size"), info.get("mtime")
+        mtime = float(mtime) if isinstance(mtime, (int, float)) else math.nan
+        entries.append(FileEntry(name, rel, -1 if size is None else int(size), mtime))
+    entries.sort(key=lambda e: e.source)
+    return fs, entries
+
+
+# -- tasks ----------------------------------------------------------------------------------------
+def _read_image_header(fs: fsspec.AbstractFileSystem, entry: FileEntry) -> tuple[bytes, ImageHeader]:
+    """Leading bytes of a file and its image header (reads more while a header is incomplete)."""
+    n = min(SCAN_BYTES, entry.size)
+    while True:
+        buf = fs.cat_file(entry.path, start=0, end=n) if n < entry.size else fs.cat_file(entry.path)
+        try:
+            return buf, find_image(buf)
+        except EOFError:
+            if n >= entry.size:
+                raise Rejected("truncated inside a header") from None
+            n = min(8 * n, entry.size)
+
+
+def _check(image: ImageHeader, size: int) -> np.datetime64:
+    if len(image.shape) != 2:
+        kind = "data cube" if len(image.shape) == 3 else "array"
+        raise Rejected(f"{len(image.shape)}-D {kind} {image.shape}, expected a 2-D image")
+    if size < image.end:
+        raise Rejected(f"truncated: {size} bytes, the header needs {image.end}")
+    return observation_time(image.header)
+
+
+def scan_files(fs: fsspec.AbstractFileSystem, entries: Sequence[FileEntry]) -> list[Scanned]:
+    """Scan task: header checks of a batch of files."""
+    out = []
+    for entry in entries:
+        try:
+            if entry.size < 0:
+                entry = dataclasses.replace(entry, size=int(fs.size(entry.path)))
+            if entry.size == 0:
+                raise Rejected("empty file")
+            _, image = _read_image_header(fs, entry)
+            out.append(Scanned(entry, _check(image, entry.size), image.shape))
+        except Rejected as exc:
+            out.append(Scanned(entry, reason=str(exc)))
+        except OSError as exc:
+            out.append(Scanned(entry, reason=f"unreadable: {exc}"))
+    return out
+
+
+def write_group(
+    fs: fsspec.AbstractFileSystem, store_url: str, entries: Sequence[FileEntry], start: int
+) -> list[Rejection]:
+    """Write task: decode ``entries`` into store positions ``start...``; write nothing if any is bad."""
+    group = zarr.open_group(store_url, mode="r+", zarr_format=3)
+    shape = group["raw"].shape[1:]
+    keys = list(group.attrs["header_keys"])
+    block = np.empty((len(entries), *shape), dtype=np.uint16)
+    times = np.empty(len(entries), dtype="int64")
+    values = {key: np.empty(len(entries)) for key in keys}
+    bad = []
+    for i, entry in enumerate(entries):
+        try:
+            buf = fs.cat_file(entry.path)
+            image = find_image(buf)
+            times[i] = _check(image, len(buf)).astype("int64")
+            if image.shape != shape:
+                raise Rejected(f"shape {image.shape} differs from the store's {shape}")
+            block[i] = to_raw(decode(buf, image))
+            for key, value in header_values(image.header, keys).items():
+                values[key][i] = value
+        except Rejected as exc:
+            bad.append(entry.rejection(str(exc)))
+    if bad:
+        return bad
+    region = slice(start, start + len(entries))
+    group["raw"][region] = block
+    group["time"][region] = times
+    group["source"][region] = np.array([e.source for e in entries], dtype=object)
+    for key in keys:
+        group[header_var(key)][region] = values[key]
+    return []
+
+
+# -- planning -------------------------------------------------------------------------------------
+def plan_groups(start: int, entries: Sequence[FileEntry], shard: int) -> list[tuple[int, list[FileEntry]]]:
+    """Split positions ``start...`` into groups that each fill whole shards (first/last may be partial)."""
+    groups, i, pos = [], 0, start
+    while i < len(entries):
+        n = min(shard - pos % shard, len(entries) - i)
+        groups.append((pos, list(entries[i : i + n])))
+        i, pos = i + n, pos + n
+    return groups
+
+
+def _open_existing(url: str) -> Store | None:
+    """The store at ``url``, or None where nothing is there yet."""
+    try:
+        fs, path = url_to_fs(url)
+        if fs.exists(f"{path.rstrip('/')}/zarr.json"):
+            return Store.open(url)
+        if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
+            raise CirrusError(f"STORE {url} exists and is not a zarr store")
+    except OSError as exc:
+        raise CirrusError(f"cannot read STORE {url}: {exc}") from None
+    return None
+
+
+def _bar(total: int, desc: str, unit: str, progress: bool) -> tqdm:
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True, mininterval=0.5)
+
+
+# -- the run --------------------------------------------------------------------------------------
+def ingest(
+    source: str,
+    store_url: str,
+    client: Client,
+    config: IngestConfig | None = None,
+    progress: bool = True,
+    on_commit: Callable[[int], None] | None = None,
+) -> IngestReport:
+    """Add the new files of ``source`` to the store at ``store_url`` (created on first use)."""
+    cfg = config or IngestConfig()
+    t0 = time.perf_counter()
+    store_url = stringify_path(store_url)
+    report = IngestReport(store=store_url)
+    fs, entries = discover(source)
+    report.found = len(entries)
+
+    store = _open_existing(store_url)
+    known, rejected_before = set(), {}
+    if store is not None:
+        report.dropped_uncommitted = store.repair()
+        if report.dropped_uncommitted:
+            log.warning("dropped %d images of an interrupted ingest; they are ingested again", report.dropped_uncommitted)
+        known = store.sources()
+        rejected_before = {r.source: r for r in store.rejections()}
+    new = []
+    for e in entries:
+        if e.source in known:
+            report.already += 1
+        elif e.source in rejected_before and rejected_before[e.source].same_file(e.size, e.mtime):
+            report.previously_rejected += 1
+        else:
+            new.append(e)
+    if not new:
+        report.total = store.committed if store else 0
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    # pass 1: scan headers
+    batches = [new[i : i + SCAN_TASK_FILES] for i in range(0, len(new), SCAN_TASK_FILES)]
+    scanned: list[Scanned] = []
+    with _bar(len(new), "scan ", "file", progress) as bar:
+        for fut in as_completed(client.map(scan_files, [fs] * len(batches), batches, pure=False)):
+            result = fut.result()
+            scanned.extend(result)
+            bar.update(len(result))
+    rejections = [s.entry.rejection(s.reason) for s in scanned if s.reason]
+    good = [s for s in scanned if not s.reason]
+    if store is None:
+        shapes = Counter(s.shape for s in good)
+        if cfg.shape is None and not shapes:
+            report.rejected = rejections
+            raise NoImagesError(report)
+        store = Store.create(
+            store_url,
+            shape=tuple(cfg.shape) if cfg.shape else shapes.most_common(1)[0][0],
+            shard_size=cfg.shard_size,
+            header_keys=cfg.header_keys,
+            clevel=cfg.clevel,
+            source_root=stringify_path(source),
+        )
+    shape, last = store.image_shape, store.last_time()
+    accepted = []
+    for s in sorted(good, key=lambda s: (s.time, s.entry.source)):
+        if s.shape != shape:
+            rejections.append(s.entry.rejection(f"shape {s.shape} differs from the store's {shape}"))
+        elif last is not None and s.time < last:
+            reason = f"older ({s.time}) than the newest image in the store ({last}); ingest it into a new store"
+            rejections.append(s.entry.rejection(reason))
+        else:
+            accepted.append(s.entry)
+    store.add_rejections(rejections)
+    report.rejected = list(rejections)
+
+    # pass 2: write shard-aligned groups
+    with _bar(len(accepted), "write", "img", progress) as bar:
+        while accepted:
+            n0 = store.committed
+            store.resize(n0 + len(accepted))
+            groups = plan_groups(n0, accepted, store.shard_size)
+            futures = {
+                client.submit(write_group, fs, store_url, entries, start, pure=False, retries=1): start
+                for start, entries in groups
+            }
+            outcome: dict[int, list[Rejection]] = {}
+            nxt = 0
+            try:
+                for fut in as_completed(futures):
+                    outcome[futures[fut]] = fut.result()
+                    while nxt < len(groups) and outcome.get(groups[nxt][0]) == []:
+                        store.commit(groups[nxt][0] + len(groups[nxt][1]))
+                        bar.update(len(groups[nxt][1]))
+                        if on_commit:
+                            on_commit(store.committed)
+                        nxt += 1
+            except OSError as exc:
+                client.cancel(list(futures))
+                raise CirrusError(f"writing to STORE {store_url} failed: {exc}") from None
+            bad = [r for rs in outcome.values() for r in rs]
+            store.add_rejections(bad)
+            report.rejected.extend(bad)
+            bad_sources = {r.source for r in bad}
+            accepted = [e for _, entries in groups[nxt:] for e in entries if e.source not in bad_sources]
+            bar.total -= len(bad)
+            bar.refresh()
+        store.resize(store.committed)
+    report.total = store.committed
+    report.ingested = report.total - len(known)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+class NoImagesError(CirrusError):
+    """No valid image was found for a new store; carries the report with the rejections."""
+
+    def __init__(self, report: IngestReport):
+        super().__init__(f"no valid image in SOURCE ({len(report.rejected)} files rejected); nothing was written")
+        self.report = report
