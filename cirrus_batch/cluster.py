@@ -45,7 +45,7 @@ def connect(spec: str | None = None, config: ClusterConfig | None = None) -> Ite
     else:
         raise CirrusError(f"unknown cluster {kind!r}: use 'local' or a scheduler address like tcp://host:8786")
     try:
-        client = Client(cluster if cluster is not None else kind, timeout="30s")
+        client = Client(cluster if cluster is not None else kind, timeout=config.connect_timeout)
     except OSError as exc:
         if cluster is not None:
             cluster.close()

@@ -42,6 +42,8 @@ class ClusterConfig:
     memory_limit: str = "auto"
     dashboard_address: str = ":0"
     """``:0`` picks a free port; ``:8787`` for the usual one."""
+    connect_timeout: str = "30s"
+    """How long to wait for a scheduler given by address."""
 
 
 @dataclass

@@ -1,0 +1,49 @@
+"""Job configs: defaults, files, overrides, and clear errors for wrong keys and types."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cirrus_batch.config import IngestConfig, load_config
+from cirrus_batch.errors import ConfigError
+
+JOBS = Path(__file__).parent.parent / "jobs"
+
+
+def test_defaults_and_precedence(tmp_path):
+    assert load_config().ingest == IngestConfig()
+    path = tmp_path / "job.toml"
+    path.write_text("[ingest]\nshard_size = 200\n[cluster]\nkind = 'tcp://10.0.0.1:8786'\n")
+    cfg = load_config(path, {"cluster.kind": "local", "ingest.clevel": None})
+    assert cfg.ingest.shard_size == 200  # file over default
+    assert cfg.cluster.kind == "local"  # command line over file
+    assert cfg.ingest.clevel == IngestConfig().clevel  # unset option falls through
+
+
+@pytest.mark.parametrize("job", sorted(JOBS.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_job_configs_load(job):
+    load_config(job)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[ingest]\nshardsize = 3\n", "unknown key.*'shardsize'.*valid keys: shard_size"),
+        ("[ingets]\n", "unknown key.*'ingets'"),
+        ("[ingest]\nshard_size = 'big'\n", "ingest.shard_size: expected int"),
+        ("[ingest]\nheader_keys = 'EXPTIME'\n", "expected a list"),
+        ("[ingest\n", "not valid TOML"),
+    ],
+)
+def test_bad_configs_name_the_problem(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("nope.toml")

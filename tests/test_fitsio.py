@@ -1,0 +1,100 @@
+"""The FITS reader agrees with astropy's on every pixel type and scaling, and rejects bad files."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from cirrus_batch.fitsio import NODATA, Rejected, decode, find_image, header_values, observation_time, to_raw
+
+SHAPE = (6, 7)
+
+
+def to_bytes(hdul: fits.HDUList) -> bytes:
+    buf = io.BytesIO()
+    hdul.writeto(buf)
+    return buf.getvalue()
+
+
+def astropy_pixels(buf: bytes) -> np.ndarray:
+    with fits.open(io.BytesIO(buf)) as hdul:
+        return next(h.data for h in hdul if h.data is not None and h.is_image)
+
+
+def _hdus():
+    rng = np.random.default_rng(0)
+    u16 = rng.integers(0, 16384, SHAPE).astype(np.uint16)
+    yield "uint16", fits.HDUList([fits.PrimaryHDU(u16)])
+    yield "int16", fits.HDUList([fits.PrimaryHDU(u16.astype(np.int16))])
+    yield "int32", fits.HDUList([fits.PrimaryHDU(u16.astype(np.int32))])
+    yield "uint8", fits.HDUList([fits.PrimaryHDU((u16 % 256).astype(np.uint8))])
+    yield "float32", fits.HDUList([fits.PrimaryHDU(u16.astype(np.float32))])
+    yield "float64", fits.HDUList([fits.PrimaryHDU(u16.astype(np.float64))])
+    scaled = fits.PrimaryHDU(u16.astype(np.int16) // 2)
+    scaled.header.update({"BSCALE": 2.0, "BZERO": 100.0})
+    yield "bscale", fits.HDUList([scaled])
+    blank = fits.PrimaryHDU(np.where(u16 > 15000, -1, u16).astype(np.int16))
+    blank.header["BLANK"] = -1
+    yield "blank", fits.HDUList([blank])
+    yield "extension", fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(u16)])
+    yield "rice", fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(u16, compression_type="RICE_1")])
+    yield "gzip", fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(u16, compression_type="GZIP_1")])
+
+
+@pytest.mark.parametrize(("name", "hdul"), list(_hdus()), ids=[n for n, _ in _hdus()])
+def test_decode_matches_astropy(name, hdul):
+    buf = to_bytes(hdul)
+    image = find_image(buf)
+    assert image.shape == SHAPE
+    ours, theirs = decode(buf, image), astropy_pixels(buf)
+    np.testing.assert_array_equal(ours, theirs)
+    raw = to_raw(ours)
+    assert raw.dtype == np.uint16
+    if name == "blank":
+        assert (raw[np.isnan(theirs)] == NODATA).all() and np.isnan(theirs).any()
+    else:
+        np.testing.assert_array_equal(raw, np.rint(theirs).astype(np.uint16))
+
+
+def test_header_needs_more_bytes_then_eof_error():
+    hdr = fits.Header({f"KEY{i}": i for i in range(60)})  # two header blocks
+    buf = to_bytes(fits.HDUList([fits.PrimaryHDU(np.zeros(SHAPE, np.uint16), header=hdr)]))
+    with pytest.raises(EOFError):
+        find_image(buf[:2880])
+    assert find_image(buf).data_offset == 2 * 2880
+
+
+@pytest.mark.parametrize(
+    ("buf", "reason"),
+    [
+        (b"", "empty file"),
+        (b"GIF89a" + b"\0" * 3000, "not a FITS file"),
+        (to_bytes(fits.HDUList([fits.PrimaryHDU()])), "no image data"),
+    ],
+)
+def test_rejections(buf, reason):
+    with pytest.raises(Rejected, match=reason):
+        find_image(buf)
+
+
+def test_truncated_and_out_of_range():
+    buf = to_bytes(fits.HDUList([fits.PrimaryHDU(np.zeros((100, 100), np.uint16))]))
+    image = find_image(buf[:4000])
+    with pytest.raises(Rejected, match="truncated"):
+        decode(buf[:4000], image)
+    with pytest.raises(Rejected, match="outside"):
+        to_raw(np.array([[-5.0, 3.0]]))
+    with pytest.raises(Rejected, match="all pixels are NaN"):
+        to_raw(np.full((2, 2), np.nan))
+
+
+def test_time_and_header_values():
+    h = fits.Header({"DATE-OBS": "2026-01-05", "TIME-OBS": "21:00:01.5", "EXPTIME": 0.5, "FLAG": True})
+    assert observation_time(h) == np.datetime64("2026-01-05T21:00:01.500000")
+    with pytest.raises(Rejected, match="not an ISO"):
+        observation_time(fits.Header({"DATE-OBS": "yesterday"}))
+    values = header_values(h, ["EXPTIME", "FLAG", "MISSING"])
+    assert values["EXPTIME"] == 0.5 and np.isnan(values["FLAG"]) and np.isnan(values["MISSING"])
