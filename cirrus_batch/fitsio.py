@@ -29,20 +29,31 @@ class Rejected(Exception):
 
 
 @dataclass(frozen=True)
-class ImageHeader:
-    """Where the image is in a file and what its header says."""
+class Layout:
+    """Where the image data of a file is and how to turn its bytes into pixel values."""
 
     hdu: int
-    header: fits.Header = field(repr=False)
     shape: tuple[int, ...]
     data_offset: int
     data_size: int
     compressed: bool
+    bitpix: int
+    bzero: float = 0.0
+    bscale: float = 1.0
+    blank: int | None = None
 
     @property
     def end(self) -> int:
         """Bytes the file must have for the image data to be complete."""
         return self.data_offset + self.data_size
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """The image HDU of a file: its layout and its header."""
+
+    layout: Layout
+    header: fits.Header = field(repr=False)
 
 
 def _header_end(buf: bytes, start: int) -> int | None:
@@ -86,11 +97,12 @@ def find_image(buf: bytes) -> ImageHeader:
         size = _data_size(h)
         if h.get("ZIMAGE", False):
             shape = tuple(h[f"ZNAXIS{i}"] for i in range(h["ZNAXIS"], 0, -1))
-            return ImageHeader(index, h, shape, end, size, compressed=True)
+            return ImageHeader(Layout(index, shape, end, size, True, h["ZBITPIX"]), h)
         is_image = index == 0 or h.get("XTENSION", "").strip() == "IMAGE"
         if is_image and h.get("NAXIS", 0) > 0:
             shape = tuple(h[f"NAXIS{i}"] for i in range(h["NAXIS"], 0, -1))
-            return ImageHeader(index, h, shape, end, size, compressed=False)
+            scaling = h.get("BZERO", 0.0), h.get("BSCALE", 1.0), h.get("BLANK")
+            return ImageHeader(Layout(index, shape, end, size, False, h["BITPIX"], *scaling), h)
         offset = end + math.ceil(size / BLOCK) * BLOCK
         index += 1
     raise Rejected("no image data in any HDU")
@@ -120,31 +132,36 @@ def header_values(h: fits.Header, keys: list[str]) -> dict[str, float]:
     return out
 
 
-def decode(buf: bytes, image: ImageHeader) -> np.ndarray:
+def decode(buf: bytes, layout: Layout) -> np.ndarray:
     """Pixel values of the image as float64 (NaN for BLANK) or the file's integer type."""
-    if len(buf) < image.end:
-        raise Rejected(f"truncated: {len(buf)} bytes, the header needs {image.end}")
-    if image.compressed:
+    if len(buf) < layout.end:
+        raise Rejected(f"truncated: {len(buf)} bytes, the header needs {layout.end}")
+    if layout.compressed:
         try:
             with fits.open(io.BytesIO(buf), memmap=False) as hdul:
-                return np.asarray(hdul[image.hdu].data)
+                return np.asarray(hdul[layout.hdu].data)
         except Exception as exc:
             raise Rejected(f"cannot decompress the image: {exc}") from None
-    h = image.header
-    bitpix = h["BITPIX"]
-    if bitpix not in _BITPIX:
-        raise Rejected(f"unsupported BITPIX {bitpix}")
-    data = np.frombuffer(buf, _BITPIX[bitpix], math.prod(image.shape), image.data_offset)
-    data = data.reshape(image.shape)
-    bzero, bscale, blank = h.get("BZERO", 0), h.get("BSCALE", 1), h.get("BLANK")
-    if bitpix == 16 and bzero == 32768 and bscale == 1 and blank is None:
-        return (data.view(">u2") ^ np.uint16(0x8000)).astype(np.uint16)  # the unsigned 16-bit convention
-    if bitpix > 0 and (bzero != 0 or bscale != 1 or blank is not None):
-        scaled = data.astype(np.float64) * bscale + bzero
-        if blank is not None:
-            scaled[data == blank] = np.nan
+    if layout.bitpix not in _BITPIX:
+        raise Rejected(f"unsupported BITPIX {layout.bitpix}")
+    data = np.frombuffer(buf, _BITPIX[layout.bitpix], math.prod(layout.shape), layout.data_offset)
+    data = data.reshape(layout.shape)
+    if layout.bitpix > 0 and (layout.bzero != 0 or layout.bscale != 1 or layout.blank is not None):
+        scaled = data.astype(np.float64) * layout.bscale + layout.bzero
+        if layout.blank is not None:
+            scaled[data == layout.blank] = np.nan
         return scaled
     return data.astype(data.dtype.newbyteorder("="))
+
+
+def read_raw(buf: bytes, layout: Layout, out: np.ndarray) -> None:
+    """Decode the image into ``out`` (uint16 ``raw``); the common unsigned 16-bit case without copies."""
+    unsigned16 = (layout.bitpix, layout.bzero, layout.bscale, layout.blank) == (16, 32768, 1, None)
+    if unsigned16 and not layout.compressed and len(buf) >= layout.end:
+        data = np.frombuffer(buf, ">u2", math.prod(layout.shape), layout.data_offset).reshape(layout.shape)
+        np.bitwise_xor(data, np.uint16(0x8000), out=out)  # stored as int16 with BZERO = 32768
+    else:
+        out[...] = to_raw(decode(buf, layout))
 
 
 def to_raw(data: np.ndarray) -> np.ndarray:

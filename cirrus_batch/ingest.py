@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from cirrus_batch.config import IngestConfig
 from cirrus_batch.errors import CirrusError
-from cirrus_batch.fitsio import ImageHeader, Rejected, decode, find_image, header_values, observation_time, to_raw
+from cirrus_batch.fitsio import ImageHeader, Layout, Rejected, find_image, header_values, observation_time, read_raw
 from cirrus_batch.store import Rejection, Store, header_var
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,17 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class Scanned:
-    """What the scan learned of one file: a time and shape, or the reason it is rejected."""
+    """What the scan learned of one file: where its image is, its time and header values, or why not."""
 
     entry: FileEntry
+    layout: Layout | None = None
     time: np.datetime64 | None = None
-    shape: tuple[int, ...] = ()
+    values: dict[str, float] = field(default_factory=dict)
     reason: str | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.layout.shape if self.layout else ()
 
 
 @dataclass
@@ -140,16 +145,17 @@ def _read_image_header(fs: fsspec.AbstractFileSystem, entry: FileEntry) -> tuple
             n = min(8 * n, entry.size)
 
 
-def _check(image: ImageHeader, size: int) -> np.datetime64:
-    if len(image.shape) != 2:
-        kind = "data cube" if len(image.shape) == 3 else "array"
-        raise Rejected(f"{len(image.shape)}-D {kind} {image.shape}, expected a 2-D image")
-    if size < image.end:
-        raise Rejected(f"truncated: {size} bytes, the header needs {image.end}")
-    return observation_time(image.header)
+def _check(entry: FileEntry, image: ImageHeader, keys: list[str]) -> Scanned:
+    shape = image.layout.shape
+    if len(shape) != 2:
+        kind = "data cube" if len(shape) == 3 else "array"
+        raise Rejected(f"{len(shape)}-D {kind} {shape}, expected a 2-D image")
+    if entry.size < image.layout.end:
+        raise Rejected(f"truncated: {entry.size} bytes, the header needs {image.layout.end}")
+    return Scanned(entry, image.layout, observation_time(image.header), header_values(image.header, keys))
 
 
-def scan_files(fs: fsspec.AbstractFileSystem, entries: Sequence[FileEntry]) -> list[Scanned]:
+def scan_files(fs: fsspec.AbstractFileSystem, entries: Sequence[FileEntry], keys: list[str]) -> list[Scanned]:
     """Scan task: header checks of a batch of files."""
     out = []
     for entry in entries:
@@ -159,7 +165,7 @@ def scan_files(fs: fsspec.AbstractFileSystem, entries: Sequence[FileEntry]) -> l
             if entry.size == 0:
                 raise Rejected("empty file")
             _, image = _read_image_header(fs, entry)
-            out.append(Scanned(entry, _check(image, entry.size), image.shape))
+            out.append(_check(entry, image, keys))
         except Rejected as exc:
             out.append(Scanned(entry, reason=str(exc)))
         except OSError as exc:
@@ -168,46 +174,48 @@ def scan_files(fs: fsspec.AbstractFileSystem, entries: Sequence[FileEntry]) -> l
 
 
 def write_group(
-    fs: fsspec.AbstractFileSystem, store_url: str, entries: Sequence[FileEntry], start: int
+    fs: fsspec.AbstractFileSystem, store_url: str, items: Sequence[Scanned], start: int
 ) -> list[Rejection]:
-    """Write task: decode ``entries`` into store positions ``start...``; write nothing if any is bad."""
+    """Write task: decode ``items`` into store positions ``start...``; write nothing if any is bad.
+
+    The scan's layout is reused; a file whose size changed since the scan is checked again.
+    """
     group = zarr.open_group(store_url, mode="r+", zarr_format=3)
     shape = group["raw"].shape[1:]
     keys = list(group.attrs["header_keys"])
-    block = np.empty((len(entries), *shape), dtype=np.uint16)
-    times = np.empty(len(entries), dtype="int64")
-    values = {key: np.empty(len(entries)) for key in keys}
-    bad = []
-    for i, entry in enumerate(entries):
+    block = np.empty((len(items), *shape), dtype=np.uint16)
+    checked, bad = [], []
+    for i, item in enumerate(items):
         try:
-            buf = fs.cat_file(entry.path)
-            image = find_image(buf)
-            times[i] = _check(image, len(buf)).astype("int64")
-            if image.shape != shape:
-                raise Rejected(f"shape {image.shape} differs from the store's {shape}")
-            block[i] = to_raw(decode(buf, image))
-            for key, value in header_values(image.header, keys).items():
-                values[key][i] = value
+            buf = fs.cat_file(item.entry.path)
+            if len(buf) != item.entry.size:
+                item = _check(dataclasses.replace(item.entry, size=len(buf)), find_image(buf), keys)
+            if item.shape != shape:
+                raise Rejected(f"shape {item.shape} differs from the store's {shape}")
+            read_raw(buf, item.layout, block[i])
+            checked.append(item)
         except Rejected as exc:
-            bad.append(entry.rejection(str(exc)))
+            bad.append(item.entry.rejection(str(exc)))
     if bad:
         return bad
-    region = slice(start, start + len(entries))
-    group["raw"][region] = block
-    group["time"][region] = times
-    group["source"][region] = np.array([e.source for e in entries], dtype=object)
+    items = checked
+    region = slice(start, start + len(items))
+    with zarr.config.set({"array.write_empty_chunks": True}):  # skips a slow all-equal-to-fill check per chunk
+        group["raw"][region] = block
+    group["time"][region] = np.array([item.time for item in items], dtype="datetime64[us]").astype("int64")
+    group["source"][region] = np.array([item.entry.source for item in items], dtype=object)
     for key in keys:
-        group[header_var(key)][region] = values[key]
+        group[header_var(key)][region] = np.array([item.values[key] for item in items])
     return []
 
 
 # -- planning -------------------------------------------------------------------------------------
-def plan_groups(start: int, entries: Sequence[FileEntry], shard: int) -> list[tuple[int, list[FileEntry]]]:
+def plan_groups(start: int, items: Sequence[Scanned], shard: int) -> list[tuple[int, list[Scanned]]]:
     """Split positions ``start...`` into groups that each fill whole shards (first/last may be partial)."""
     groups, i, pos = [], 0, start
-    while i < len(entries):
-        n = min(shard - pos % shard, len(entries) - i)
-        groups.append((pos, list(entries[i : i + n])))
+    while i < len(items):
+        n = min(shard - pos % shard, len(items) - i)
+        groups.append((pos, list(items[i : i + n])))
         i, pos = i + n, pos + n
     return groups
 
@@ -271,7 +279,8 @@ def ingest(
     batches = [new[i : i + SCAN_TASK_FILES] for i in range(0, len(new), SCAN_TASK_FILES)]
     scanned: list[Scanned] = []
     with _bar(len(new), "scan ", "file", progress) as bar:
-        for fut in as_completed(client.map(scan_files, [fs] * len(batches), batches, pure=False)):
+        keys = store.header_keys if store else cfg.header_keys
+        for fut in as_completed([client.submit(scan_files, fs, b, keys, pure=False) for b in batches]):
             result = fut.result()
             scanned.extend(result)
             bar.update(len(result))
@@ -299,7 +308,7 @@ def ingest(
             reason = f"older ({s.time}) than the newest image in the store ({last}); ingest it into a new store"
             rejections.append(s.entry.rejection(reason))
         else:
-            accepted.append(s.entry)
+            accepted.append(s)
     store.add_rejections(rejections)
     report.rejected = list(rejections)
 
@@ -310,8 +319,8 @@ def ingest(
             store.resize(n0 + len(accepted))
             groups = plan_groups(n0, accepted, store.shard_size)
             futures = {
-                client.submit(write_group, fs, store_url, entries, start, pure=False, retries=1): start
-                for start, entries in groups
+                client.submit(write_group, fs, store_url, items, start, pure=False, retries=1): start
+                for start, items in groups
             }
             outcome: dict[int, list[Rejection]] = {}
             nxt = 0
@@ -331,7 +340,7 @@ def ingest(
             store.add_rejections(bad)
             report.rejected.extend(bad)
             bad_sources = {r.source for r in bad}
-            accepted = [e for _, entries in groups[nxt:] for e in entries if e.source not in bad_sources]
+            accepted = [s for _, items in groups[nxt:] for s in items if s.entry.source not in bad_sources]
             bar.total -= len(bad)
             bar.refresh()
         store.resize(store.committed)

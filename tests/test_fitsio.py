@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from cirrus_batch.fitsio import NODATA, Rejected, decode, find_image, header_values, observation_time, to_raw
+from cirrus_batch.fitsio import (
+    NODATA,
+    Rejected,
+    decode,
+    find_image,
+    header_values,
+    observation_time,
+    read_raw,
+    to_raw,
+)
 
 SHAPE = (6, 7)
 
@@ -47,12 +56,12 @@ def _hdus():
 @pytest.mark.parametrize(("name", "hdul"), list(_hdus()), ids=[n for n, _ in _hdus()])
 def test_decode_matches_astropy(name, hdul):
     buf = to_bytes(hdul)
-    image = find_image(buf)
-    assert image.shape == SHAPE
-    ours, theirs = decode(buf, image), astropy_pixels(buf)
+    layout = find_image(buf).layout
+    assert layout.shape == SHAPE
+    ours, theirs = decode(buf, layout), astropy_pixels(buf)
     np.testing.assert_array_equal(ours, theirs)
-    raw = to_raw(ours)
-    assert raw.dtype == np.uint16
+    raw = np.empty(SHAPE, np.uint16)
+    read_raw(buf, layout, raw)
     if name == "blank":
         assert (raw[np.isnan(theirs)] == NODATA).all() and np.isnan(theirs).any()
     else:
@@ -64,7 +73,7 @@ def test_header_needs_more_bytes_then_eof_error():
     buf = to_bytes(fits.HDUList([fits.PrimaryHDU(np.zeros(SHAPE, np.uint16), header=hdr)]))
     with pytest.raises(EOFError):
         find_image(buf[:2880])
-    assert find_image(buf).data_offset == 2 * 2880
+    assert find_image(buf).layout.data_offset == 2 * 2880
 
 
 @pytest.mark.parametrize(
@@ -82,9 +91,9 @@ def test_rejections(buf, reason):
 
 def test_truncated_and_out_of_range():
     buf = to_bytes(fits.HDUList([fits.PrimaryHDU(np.zeros((100, 100), np.uint16))]))
-    image = find_image(buf[:4000])
+    layout = find_image(buf[:4000]).layout
     with pytest.raises(Rejected, match="truncated"):
-        decode(buf[:4000], image)
+        decode(buf[:4000], layout)
     with pytest.raises(Rejected, match="outside"):
         to_raw(np.array([[-5.0, 3.0]]))
     with pytest.raises(Rejected, match="all pixels are NaN"):

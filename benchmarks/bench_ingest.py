@@ -1,0 +1,77 @@
+"""Ingest throughput against the decode limit, in one run.
+
+Compares ``cirrus_batch.ingest.ingest`` on a local Dask cluster (one worker per core, started before
+timing) with a plain serial loop that only reads the same FITS files with astropy
+(``astropy.io.fits.getdata``). Both read from a warm page cache. Target: ratio >= 1.0 on 2 cores.
+Runs on plain FITS and on tile-compressed ``.fits.fz`` archives of the same synthetic images.
+
+    python benchmarks/bench_ingest.py [--images 600] [--shape 512 640] [--repeat 3] [--formats plain fz]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from astropy.io import fits
+from distributed import Client, LocalCluster
+
+from cirrus_batch.config import IngestConfig
+from cirrus_batch.ingest import ingest
+from cirrus_batch.synth import write_archive
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def bench(archive: Path, store: Path, client: Client, repeat: int) -> tuple[float, float, int]:
+    """Median images/s of the serial astropy read loop and of ingest, and the number of files."""
+    files = sorted(p for p in archive.rglob("*") if p.is_file())
+    for f in files:  # warm the page cache for both contenders
+        f.read_bytes()
+    serial, rates = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for f in files:
+            fits.getdata(f)
+        serial.append(len(files) / (time.perf_counter() - t0))
+        shutil.rmtree(store, ignore_errors=True)
+        report = ingest(str(archive), str(store), client, IngestConfig(shard_size=100), progress=False)
+        assert report.ingested == len(files) and not report.rejected
+        rates.append(report.ingested / report.seconds)
+    return statistics.median(serial), statistics.median(rates), len(files)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=600)
+    parser.add_argument("--shape", type=int, nargs=2, default=(512, 640))
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--formats", nargs="+", default=["plain", "fz"], choices=["plain", "fz"])
+    parser.add_argument("--workdir", type=Path, default=Path("bench-out"))
+    args = parser.parse_args()
+
+    cores = os.cpu_count() or 1
+    print(f"{args.images} synthetic images of {args.shape[0]}x{args.shape[1]} uint16, {cores} cores, "
+          f"median of {args.repeat} runs")
+    with LocalCluster(n_workers=cores, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
+        for fmt in args.formats:
+            archive = args.workdir / f"archive-{fmt}-{args.images}-{args.shape[0]}x{args.shape[1]}"
+            if not archive.exists():
+                write_archive(archive, nights=6, per_night=-(-args.images // 6), cadence_min=1.0,
+                              shape=tuple(args.shape), seed=1, compress=fmt == "fz", progress=False)
+            store = args.workdir / f"bench-{fmt}.zarr"
+            serial, rate, n = bench(archive, store, client, args.repeat)
+            fits_bytes = sum(p.stat().st_size for p in archive.rglob("*") if p.is_file())
+            print(f"[{fmt:5s}] serial astropy read-only loop {serial:7.1f} images/s | cirrus ingest {rate:7.1f} "
+                  f"images/s | store {du(store) / 2**20:.0f} MiB for {fits_bytes / 2**20:.0f} MiB of FITS "
+                  f"| RATIO {rate / serial:.2f} (target >= 1.0)")
+
+
+if __name__ == "__main__":
+    main()
