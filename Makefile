@@ -20,7 +20,8 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/cirrus synth $(DEMO)/archive --nights 5 --per-night 60 --cadence-min 3
-	$(BIN)/cirrus ingest $(DEMO)/archive $(DEMO)/season.zarr
+	$(BIN)/cirrus ingest $(DEMO)/archive $(DEMO)/season.zarr --config jobs/default.toml
+	$(BIN)/cirrus info $(DEMO)/season.zarr
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ingest.py

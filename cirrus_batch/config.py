@@ -32,6 +32,41 @@ class IngestConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """dask-jobqueue ``SLURMCluster`` settings; unset (None) keys fall back to ``jobqueue.slurm.*`` dask config."""
+
+    jobs: int = 2
+    """Worker jobs to submit."""
+    queue: str | None = None
+    """SLURM partition (``-p``)."""
+    account: str | None = None
+    cores: int | None = None
+    """CPU cores per job."""
+    memory: str | None = None
+    """Memory per job, e.g. ``"16GB"``."""
+    processes: int | None = None
+    """Dask worker processes per job."""
+    walltime: str | None = None
+    """``HH:MM:SS``."""
+    gpus_per_job: int = 0
+    """Adds ``--gres=gpu:N`` and the worker resource ``GPU=N``."""
+    python: str | None = None
+    """Python on the compute nodes; default: this interpreter."""
+    interface: str | None = None
+    """Network interface of scheduler and workers, e.g. ``ib0``."""
+    local_directory: str | None = None
+    log_directory: str | None = None
+    job_script_prologue: list[str] = field(default_factory=list)
+    """Lines run before the worker starts (``module load ...``, ``source venv/bin/activate``)."""
+    job_extra_directives: list[str] = field(default_factory=list)
+    """Extra ``#SBATCH`` options."""
+    job_directives_skip: list[str] = field(default_factory=list)
+    worker_extra_args: list[str] = field(default_factory=list)
+    wait_timeout: float = 300.0
+    """Seconds to wait for the first worker before giving up (jobs are cancelled)."""
+
+
+@dataclass
 class ClusterConfig:
     """Where Dask work runs: ``local`` (default), ``slurm``, or a scheduler address ``tcp://host:port``."""
 
@@ -44,6 +79,7 @@ class ClusterConfig:
     """``:0`` picks a free port; ``:8787`` for the usual one."""
     connect_timeout: str = "30s"
     """How long to wait for a scheduler given by address."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 @dataclass

@@ -29,3 +29,28 @@ def test_unknown_kind_and_unreachable_scheduler():
     with pytest.raises(CirrusError, match="cannot connect"):
         with connect("tcp://127.0.0.1:9", ClusterConfig(connect_timeout="2s")):
             pass
+
+
+def test_slurm_job_script_from_config():
+    from dask_jobqueue import SLURMCluster
+
+    from cirrus_batch.cluster import slurm_kwargs
+    from cirrus_batch.config import SlurmConfig
+
+    cfg = SlurmConfig(queue="gpu", cores=4, memory="16GB", walltime="01:00:00", gpus_per_job=1,
+                      python="/opt/venv/bin/python", job_script_prologue=["module load cuda"])
+    with SLURMCluster(**slurm_kwargs(cfg), scheduler_options={"dashboard_address": ":0"}) as cluster:
+        script = cluster.job_script()
+    assert "#SBATCH -p gpu" in script and "#SBATCH --cpus-per-task=4" in script
+    assert "#SBATCH --gres=gpu:1" in script and "#SBATCH -t 01:00:00" in script
+    assert "module load cuda" in script
+    assert "/opt/venv/bin/python -m distributed.cli.dask_worker" in script and "--resources GPU=1" in script
+
+
+def test_slurm_without_sbatch_is_a_clear_error(monkeypatch):
+    from cirrus_batch.config import ClusterConfig
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(CirrusError, match="needs SLURM's sbatch"):
+        with connect("slurm", ClusterConfig()):
+            pass
