@@ -102,6 +102,53 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from cirrus_batch.prepare import evaluate_store, prepare
+
+    config = _config(args, **{"prepare.labels": args.labels})
+    with _client(config) as client:
+        report = prepare(args.store, client, config.prepare, refit=args.refit, progress=not args.no_progress)
+        print(
+            table(
+                [
+                    ["images in the store", report.images],
+                    ["prepared now", report.prepared_now],
+                    ["models fitted now", "yes" if report.fitted else "no (kept; --refit to fit again)"],
+                    *[[f"flagged {name}", count] for name, count in report.flagged.items()],
+                    ["cloudy", f"{report.cloudy} ({report.cloudy / report.images:.0%})"],
+                    ["human labels applied", report.labelled],
+                ],
+                ["prepare", "count"],
+            )
+        )
+        print(f"{args.store}: prepared {report.prepared_now} images in {report.seconds:.1f} s")
+        if args.evaluate:
+            scores = evaluate_store(args.store, args.evaluate, client, config.prepare,
+                                    panel=args.panel, progress=not args.no_progress)  # fmt: skip
+            print()
+            print(format_scores(scores))
+            if args.panel:
+                print(f"panel: {args.panel}")
+    return 0
+
+
+def format_scores(scores: dict[str, Any]) -> str:
+    """Mask-quality table: overall and per kind of night."""
+    import numpy as np
+
+    rows = [["all", scores["n_frames"], *(f"{scores[k]:.3f}" for k in ("iou", "f1", "precision", "recall"))]]
+    for kind, s in scores["per_kind"].items():
+        if np.isnan(s["recall"]):  # no true cloud on these frames: only false alarms count
+            rows.append([kind, s["n_frames"], "(no cloud)", "", "", ""])
+        else:
+            rows.append([kind, s["n_frames"], *(f"{s[k]:.3f}" for k in ("iou", "f1", "precision", "recall"))])
+    text = table(rows, ["night kind", "frames", "IoU", "F1", "precision", "recall"])
+    return (
+        f"{text}\nclear frames: {scores['n_clear_frames']}, sky pixels marked cloud on them: "
+        f"{scores['clear_false_alarm']:.4%}\ncloudy-label accuracy: {scores['label_accuracy']:.2%}"
+    )
+
+
 def _print_rejections(rejected: Sequence[Any], limit: int = 30) -> None:
     if not rejected:
         return
@@ -157,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, help="images per shard of a new store")
     _common(p)
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("prepare", help="sky mask, normalization, ground-truth masks and cloudy labels")
+    p.add_argument("store")
+    p.add_argument("--labels", metavar="CSV", help="human labels (source,label) that override the threshold")
+    p.add_argument("--refit", action="store_true", help="fit the models again and recompute every image")
+    p.add_argument("--evaluate", metavar="TRUTH", help="score the masks against a true-mask store (cirrus synth)")
+    p.add_argument("--panel", metavar="PNG", help="with --evaluate: raw / clear sky / residual / mask / truth panel")
+    _common(p)
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("info", help="summarize a store")
     p.add_argument("store")

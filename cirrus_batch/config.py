@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cirrus_batch.errors import ConfigError
+from cirrus_batch.masks import MaskConfig, SkyConfig
 
 
 @dataclass
@@ -29,6 +30,23 @@ class IngestConfig:
     """Expected image shape [ny, nx]; by default a new store takes the most common shape."""
     clevel: int = 3
     """Zstd compression level of ``raw`` (blosc, bit-shuffled)."""
+
+
+@dataclass
+class PrepareConfig:
+    """Sky mask, normalization, ground-truth masks and labels (``cirrus prepare``)."""
+
+    sky: SkyConfig = field(default_factory=SkyConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    fit_images: int = 60
+    """Images spread evenly over the season for fitting the sky mask, normalization and clear-sky model
+    (about 25 MB of memory each at 512x640; 40 and 200 give the same masks on the synthetic seasons)."""
+    ambient_key: str = "AMBTEMP"
+    """FITS keyword of the ambient temperature (deg C) used by the clear-sky model; missing: no temperature term."""
+    cloudy_fraction: float = 0.05
+    """An image is ``cloudy`` when its cloud fraction over sky pixels exceeds this."""
+    labels: str | None = None
+    """CSV ``source,label`` of human labels (cloudy/clear) that override the threshold."""
 
 
 @dataclass
@@ -87,6 +105,7 @@ class JobConfig:
     """One job configuration file (``jobs/*.toml``)."""
 
     ingest: IngestConfig = field(default_factory=IngestConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
