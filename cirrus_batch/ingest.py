@@ -200,8 +200,8 @@ def write_group(
         return bad
     items = checked
     region = slice(start, start + len(items))
-    with zarr.config.set({"array.write_empty_chunks": True}):  # skips a slow all-equal-to-fill check per chunk
-        group["raw"][region] = block
+    # write_empty_chunks skips a slow all-equal-to-fill check per chunk (set when opening: arrays fix their config)
+    group["raw"].with_config({"write_empty_chunks": True})[region] = block
     group["time"][region] = np.array([item.time for item in items], dtype="datetime64[us]").astype("int64")
     group["source"][region] = np.array([item.entry.source for item in items], dtype=object)
     for key in keys:

@@ -145,9 +145,8 @@ def prepare_block(store_url: str, start: int, stop: int) -> int:
     ambient = _ambient(group, models.ambient_key, region)
     quality = masks.quality_flags(raw, models.geometry, models.mask_config.saturated_fraction)
     mask = masks.cloud_masks(raw, ambient, models.geometry, models.clear_sky, models.mask_config)
-    with zarr.config.set({"array.write_empty_chunks": True}):
-        group["norm"][region] = masks.normalize(raw, models.normalization)
-        group["mask"][region] = mask
+    group["norm"].with_config({"write_empty_chunks": True})[region] = masks.normalize(raw, models.normalization)
+    group["mask"][region] = mask
     group["cloud_fraction"][region] = masks.cloud_fraction(mask, models.geometry.sky)
     group["quality"][region] = quality  # written last: marks the block as prepared
     return stop - start
