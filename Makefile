@@ -21,10 +21,13 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/cirrus synth $(DEMO)/archive --nights 5 --per-night 60 --cadence-min 3
 	$(BIN)/cirrus ingest $(DEMO)/archive $(DEMO)/season.zarr --config jobs/default.toml
+	$(BIN)/cirrus prepare $(DEMO)/season.zarr --config jobs/default.toml \
+		--evaluate $(DEMO)/archive_truth.zarr --panel $(DEMO)/prepare-panel.png
 	$(BIN)/cirrus info $(DEMO)/season.zarr
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ingest.py
+	$(BIN)/python benchmarks/bench_prepare.py
 
 clean:
 	rm -rf $(DEMO) bench-out .pytest_cache
