@@ -1,0 +1,89 @@
+"""U-Net for per-pixel cloud segmentation: one logit per pixel, any input size."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ConvBlock", "UNet"]
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 convolutions, each followed by optional batch norm and ReLU, then optional 2-D dropout."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, batch_norm: bool = True):
+        layers: list[nn.Module] = []
+        for c_in in (in_channels, out_channels):
+            layers.append(nn.Conv2d(c_in, out_channels, 3, padding=1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(out_channels))
+            layers.append(nn.ReLU(inplace=True))
+        if dropout > 0:
+            layers.append(nn.Dropout2d(dropout))
+        super().__init__(*layers)
+
+
+def check_params(in_channels: int, base_channels: int, depth: int, dropout: float) -> None:
+    """Raise ValueError for architecture parameters out of range."""
+    if in_channels < 1 or base_channels < 1:
+        raise ValueError(f"in_channels and base_channels must be >= 1, got {in_channels} and {base_channels}")
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+
+
+class UNet(nn.Module):
+    """U-Net with ``depth`` down/up-sampling levels; channels double per level from ``base_channels``.
+
+    Inputs (n, in_channels, h, w) of any size are padded (replicate) to a multiple of ``2**depth`` and the
+    output (n, 1, h, w) logits are cropped back.  Dropout applies in the bottleneck and decoder blocks.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        base_channels: int = 16,
+        depth: int = 4,
+        dropout: float = 0.0,
+        batch_norm: bool = True,
+    ):
+        super().__init__()
+        check_params(in_channels, base_channels, depth, dropout)
+        self.depth = depth
+        chans = [base_channels * 2**i for i in range(depth + 1)]
+        self.down = nn.ModuleList(
+            [ConvBlock(in_channels, chans[0], 0.0, batch_norm)]
+            + [
+                ConvBlock(chans[i], chans[i + 1], dropout if i == depth - 1 else 0.0, batch_norm)
+                for i in range(depth)
+            ]
+        )
+        self.upsample = nn.ModuleList(
+            [nn.ConvTranspose2d(chans[i + 1], chans[i], 2, stride=2) for i in reversed(range(depth))]
+        )
+        self.up = nn.ModuleList(
+            [ConvBlock(2 * chans[i], chans[i], dropout, batch_norm) for i in reversed(range(depth))]
+        )
+        self.head = nn.Conv2d(chans[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"UNet expects (n, c, h, w), got shape {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        m = 2**self.depth
+        x = F.pad(x, (0, -w % m, 0, -h % m), mode="replicate")
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        x = skips.pop()
+        for upsample, block in zip(self.upsample, self.up):
+            x = block(torch.cat([upsample(x), skips.pop()], dim=1))
+        return self.head(x)[..., :h, :w]
+
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-pixel cloud probability (n, 1, h, w); uses the module's current train/eval mode."""
+        return torch.sigmoid(self(x))
