@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 from astropy.io import fits
-from distributed import Client, LocalCluster
+from distributed import Client
 
-from cirrus_batch.config import IngestConfig
+from cirrus_batch.cluster import local_cluster
+from cirrus_batch.config import ClusterConfig, IngestConfig
 from cirrus_batch.ingest import ingest
 from cirrus_batch.synth import write_archive
 
@@ -59,7 +60,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     print(f"{args.images} synthetic images of {args.shape[0]}x{args.shape[1]} uint16, {cores} cores, "
           f"median of {args.repeat} runs")
-    with LocalCluster(n_workers=cores, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
+    with local_cluster(ClusterConfig(n_workers=cores)) as cluster, Client(cluster) as client:
         for fmt in args.formats:
             archive = args.workdir / f"archive-{fmt}-{args.images}-{args.shape[0]}x{args.shape[1]}"
             if not archive.exists():
