@@ -9,33 +9,13 @@ Pure flips (and the identity) take an exact ``torch.flip`` path, so they are los
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from cirrus_batch.config import AugmentConfig
+
 __all__ = ["AugmentConfig", "random_affine", "apply_affine", "augment"]
-
-
-@dataclass
-class AugmentConfig:
-    """Ranges of the random transform; every parameter is drawn independently per sample."""
-
-    rotate_deg: float = 180.0  # rotation uniform in [-r, r]
-    flip: bool = True  # random horizontal and vertical flips
-    shear_deg: float = 10.0  # shear angle uniform in [-s, s]
-    zoom: float = 0.15  # isotropic scale uniform in [1 - z, 1 + z]
-    p: float = 1.0  # probability of augmenting a sample (otherwise identity)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.p <= 1.0:
-            raise ValueError(f"AugmentConfig.p must be in [0, 1], got {self.p}")
-        if not 0.0 <= self.zoom < 1.0:
-            raise ValueError(f"AugmentConfig.zoom must be in [0, 1), got {self.zoom}")
-        if self.rotate_deg < 0 or self.shear_deg < 0:
-            raise ValueError("AugmentConfig.rotate_deg and shear_deg must be >= 0")
-        if self.shear_deg >= 90:
-            raise ValueError(f"AugmentConfig.shear_deg must be < 90, got {self.shear_deg}")
 
 
 def _uniform(

@@ -132,6 +132,31 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from cirrus_batch.train import train
+
+    config = _config(args, **{"train.tracking_uri": args.tracking_uri, "train.epochs": args.epochs})
+    tasks = ["classify", "segment"] if args.task == "both" else [args.task]
+    rows = []
+    for task in tasks:
+        result = train(args.store, task, config.train, resume=args.resume, progress=not args.no_progress,
+                       truth=args.truth)  # fmt: skip
+        t = result.test
+        rows.append([task, result.epochs_run, *(result.split_sizes[k] for k in ("train", "val", "test")),
+                     *(f"{t[k]:.3f}" for k in ("accuracy", "f1", "iou", "roc_auc", "ece")),
+                     f"{result.seconds:.0f} s", result.registered_version or "-"])  # fmt: skip
+        print(f"{task}: MLflow run {result.run_id}, model {result.model_uri}")
+        if args.truth:
+            print(f"  against the true {'masks' if task == 'segment' else 'labels'}: network "
+                  f"IoU {t['truth_iou']:.3f} F1 {t['truth_f1']:.3f} accuracy {t['truth_accuracy']:.3f} "
+                  f"ECE {t['truth_ece']:.3f}; its training labels IoU {t['labels_truth_iou']:.3f} "
+                  f"accuracy {t['labels_truth_accuracy']:.3f}")  # fmt: skip
+    print(table(rows, ["task", "epochs", "train", "val", "test", "accuracy", "F1", "IoU", "AUC", "ECE", "time",
+                       "version"]))  # fmt: skip
+    print(f"compare runs: mlflow ui --backend-store-uri {config.train.tracking_uri} --host 127.0.0.1")
+    return 0
+
+
 def format_scores(scores: dict[str, Any]) -> str:
     """Mask-quality table: overall and per kind of night."""
     import numpy as np
@@ -213,6 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--panel", metavar="PNG", help="with --evaluate: raw / clear sky / residual / mask / truth panel")
     _common(p)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train the clear/cloudy classifier and/or the cloud U-Net (MLflow)")
+    p.add_argument("store")
+    p.add_argument("--task", choices=["classify", "segment", "both"], default="both")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
+    p.add_argument("--epochs", type=int, help="overrides [train] epochs")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db or [train] tracking_uri)")
+    p.add_argument("--truth", metavar="TRUTH", help="also score the test images against a true-mask store")
+    _common(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("info", help="summarize a store")
     p.add_argument("store")

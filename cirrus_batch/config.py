@@ -16,6 +16,7 @@ from typing import Any
 
 from cirrus_batch.errors import ConfigError
 from cirrus_batch.masks import MaskConfig, SkyConfig
+from cirrus_batch.sampling import SamplingConfig
 
 
 @dataclass
@@ -47,6 +48,71 @@ class PrepareConfig:
     """An image is ``cloudy`` when its cloud fraction over sky pixels exceeds this."""
     labels: str | None = None
     """CSV ``source,label`` of human labels (cloudy/clear) that override the threshold."""
+
+
+@dataclass
+class AugmentConfig:
+    """Ranges of the random transform; every parameter is drawn independently per sample."""
+
+    rotate_deg: float = 180.0  # rotation uniform in [-r, r]
+    flip: bool = True  # random horizontal and vertical flips
+    shear_deg: float = 10.0  # shear angle uniform in [-s, s]
+    zoom: float = 0.15  # isotropic scale uniform in [1 - z, 1 + z]
+    p: float = 1.0  # probability of augmenting a sample (otherwise identity)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"AugmentConfig.p must be in [0, 1], got {self.p}")
+        if not 0.0 <= self.zoom < 1.0:
+            raise ValueError(f"AugmentConfig.zoom must be in [0, 1), got {self.zoom}")
+        if self.rotate_deg < 0 or self.shear_deg < 0:
+            raise ValueError("AugmentConfig.rotate_deg and shear_deg must be >= 0")
+        if self.shear_deg >= 90:
+            raise ValueError(f"AugmentConfig.shear_deg must be < 90, got {self.shear_deg}")
+
+
+@dataclass
+class NetConfig:
+    """Architecture of one network (U-Net or CNN classifier)."""
+
+    base_channels: int = 16
+    depth: int = 4
+    dropout: float = 0.1
+    batch_norm: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Training of the classifier and the U-Net (``cirrus train``)."""
+
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    classifier: NetConfig = field(default_factory=NetConfig)
+    unet: NetConfig = field(default_factory=lambda: NetConfig(dropout=0.0))
+    bin: int = 4
+    """Images are averaged over bin x bin pixel blocks (512x640 -> 128x160 with 4)."""
+    batch_size: int = 16
+    lr: float = 1e-3
+    """Adam learning rate."""
+    weight_decay: float = 0.0
+    pos_weight: float = 1.0
+    """Weight of the cloudy class in the binary cross-entropy (loss weighting)."""
+    epochs: int = 20
+    patience: int = 4
+    """Early stopping: epochs without a lower validation loss."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 = load in the training process)."""
+    threads: int = 0
+    """torch CPU threads; 0 = the cores this process may use."""
+    amp: bool = True
+    """Mixed precision on CUDA (ignored on CPU)."""
+    seed: int = 0
+    checkpoint_dir: str = "checkpoints"
+    """One checkpoint per task (``classify.pt``, ``segment.pt``), written every epoch; ``--resume`` reads it."""
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "cirrus"
+    register: bool = True
+    """Register the model as ``cirrus-classifier`` / ``cirrus-unet`` in the MLflow model registry."""
 
 
 @dataclass
@@ -106,6 +172,7 @@ class JobConfig:
 
     ingest: IngestConfig = field(default_factory=IngestConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -156,7 +223,10 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
         )
     hints = typing.get_type_hints(cls)
     kwargs = {name: _check_type(value, hints[name], f"{where}.{name}") for name, value in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a dataclass's own range checks
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:

@@ -148,11 +148,28 @@ def _cut(cum: np.ndarray, start: int, target: float, lo: int, hi: int) -> int:
     return int(candidates[np.argmin(np.abs(cum[candidates] - base - target))])
 
 
-def split_by_block(positions: np.ndarray, times: np.ndarray, cfg: SamplingConfig) -> Split:
+def _block_order(nb: int, block_score: np.ndarray | None, n_front: int, rng: np.random.Generator) -> np.ndarray:
+    """Random order of the blocks; with scores, the first ``n_front`` (test, then val) are one block drawn from
+    each of ``n_front`` score strata, alternating, so test and val span the range of scores."""
+    if block_score is None or n_front >= nb:
+        return rng.permutation(nb)
+    ranked = np.lexsort((rng.random(nb), block_score))
+    strata = np.array_split(ranked, n_front)
+    front = np.array([rng.choice(s) for s in strata])
+    front = np.concatenate([front[0::2], front[1::2]])
+    rest = rng.permutation(np.setdiff1d(np.arange(nb), front))
+    return np.concatenate([front, rest])
+
+
+def split_by_block(
+    positions: np.ndarray, times: np.ndarray, cfg: SamplingConfig, score: np.ndarray | None = None
+) -> Split:
     """Assign whole nights (or days) of ``positions`` at random to test, val and train.
 
     ``times`` is the full time axis that ``positions`` index.  Fractions are met by number of images as
-    closely as whole blocks allow; a split with a non-zero fraction is never empty.
+    closely as whole blocks allow; a split with a non-zero fraction is never empty. ``score`` (one value per
+    time, e.g. the cloud fraction) stratifies: test and val get blocks from across the range of mean scores
+    (so a clear night and a cloudy one both land there when the season has them).
     """
     positions = np.asarray(positions, dtype=np.int64)
     times = np.asarray(times, dtype="datetime64[ns]")
@@ -170,9 +187,13 @@ def split_by_block(positions: np.ndarray, times: np.ndarray, cfg: SamplingConfig
             f"at least {need_test + need_val + 1}: choose more images, a longer period or block='day'"
         )
     rng = np.random.default_rng([cfg.seed, 1])
-    order = rng.permutation(len(blocks))
-    cum = np.concatenate([[0], np.cumsum(counts[order])])
     nb, total = len(blocks), len(positions)
+    block_score = None
+    if score is not None:
+        block_score = np.bincount(inverse, weights=np.asarray(score, dtype=float)[positions], minlength=nb) / counts
+    n_front = max(need_test + need_val, round(nb * (cfg.test_fraction + cfg.val_fraction)))
+    order = _block_order(nb, block_score, n_front, rng)
+    cum = np.concatenate([[0], np.cumsum(counts[order])])
     i = _cut(cum, 0, cfg.test_fraction * total, need_test, nb - 1 - need_val)
     j = _cut(cum, i, cfg.val_fraction * total, i + need_val, nb - 1)
     rank = np.empty(nb, dtype=np.int64)
@@ -192,8 +213,9 @@ def make_split(
     cfg: SamplingConfig,
     task: str,
     sources: np.ndarray | None = None,
+    score: np.ndarray | None = None,
 ) -> Split:
-    """Choose non-consecutive good images for ``task`` and split them by block.
+    """Choose non-consecutive good images for ``task`` and split them by block (stratified by ``score``).
 
     Eligible: ``quality == 0`` and, for "classify", a label (clear or cloudy); for "segment", cloudy only.
     ``labels_cloudy`` is bool, or numeric with 1 = cloudy, 0 = clear and anything else (NaN, -1) = unlabelled.
@@ -219,7 +241,7 @@ def make_split(
         )
     rng = np.random.default_rng([cfg.seed, 0])
     positions = choose_non_consecutive(times, eligible, cfg.n_images, cfg.min_gap, rng)
-    split = split_by_block(positions, times, cfg)  # raises when too few blocks for non-empty splits
+    split = split_by_block(positions, times, cfg, score)  # raises when too few blocks for non-empty splits
     split.task = task
     if sources is not None:
         sources = np.asarray(sources, dtype=str)

@@ -170,3 +170,17 @@ def test_json_round_trip() -> None:
     assert back.config == split.config and back.task == "classify"
     with pytest.raises(ValueError, match="lacks"):
         Split.from_json({"train": []})
+
+
+def test_stratified_split_puts_clear_and_cloudy_nights_in_test_and_val():
+    # 20 nights, every 4th clear; a random split often leaves test or val without a clear night
+    times = np.array([np.datetime64("2026-01-01T20:00") + np.timedelta64(d, "D") + np.timedelta64(m, "m")
+                      for d in range(20) for m in range(0, 300, 30)])  # fmt: skip
+    night = np.repeat(np.arange(20), 10)
+    cloudy = night % 4 != 0
+    for seed in range(10):
+        cfg = SamplingConfig(n_images=200, min_gap_min=30, val_fraction=0.2, test_fraction=0.2, seed=seed)
+        split = make_split(times, np.zeros(200), cloudy, cfg, "classify", score=cloudy.astype(float))
+        for part in (split.val, split.test):
+            assert cloudy[part].any() and (~cloudy[part]).any()
+        assert not set(night[split.test]) & set(night[split.train])

@@ -1,0 +1,353 @@
+"""Training of the clear/cloudy classifier and the cloud U-Net, recorded in MLflow.
+
+One run per training: the split is chosen (non-consecutive images, whole nights per split), the network is
+trained with Adam and binary cross-entropy on augmented images, validated every epoch (early stopping on the
+validation loss), checkpointed every epoch (``--resume`` continues the same MLflow run after a kill), tested,
+and logged with its artifacts and registered as ``cirrus-classifier`` or ``cirrus-unet``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from cirrus_batch import plots
+from cirrus_batch.augment import augment
+from cirrus_batch.config import NetConfig, TrainConfig, to_dict
+from cirrus_batch.data import StoreSamples, bin_image, check_store
+from cirrus_batch.errors import CirrusError
+from cirrus_batch.metrics import MetricAccumulator, binary_metrics, confusion_matrix
+from cirrus_batch.models import build_model, pick_device
+from cirrus_batch.sampling import Split, make_split
+
+log = logging.getLogger(__name__)
+
+REGISTERED = {"classify": "cirrus-classifier", "segment": "cirrus-unet"}
+TASKS = tuple(REGISTERED)
+
+
+@dataclass
+class TrainResult:
+    """What a training produced."""
+
+    task: str
+    run_id: str
+    model_uri: str
+    history: list[dict[str, float]]
+    test: dict[str, float]
+    epochs_run: int
+    seconds: float
+    registered_version: str | None = None
+    split_sizes: dict[str, int] = field(default_factory=dict)
+
+
+def net_config(task: str, cfg: TrainConfig) -> NetConfig:
+    return cfg.classifier if task == "classify" else cfg.unet
+
+
+def _threads(cfg: TrainConfig) -> int:
+    return cfg.threads or len(os.sched_getaffinity(0))
+
+
+def choose_split(store_url: str, task: str, cfg: TrainConfig) -> Split:
+    """The train/val/test split of good (quality 0) images for ``task``; clear error when impossible."""
+    group = check_store(store_url, task).group
+    n = int(group.attrs["committed"])
+    times = np.asarray(group["time"][:n], dtype="int64").astype("datetime64[us]")
+    try:
+        return make_split(times, group["quality"][:n], group["cloudy"][:n], cfg.sampling, task,
+                          np.asarray(group["source"][:n], dtype=object), score=group["cloud_fraction"][:n])  # fmt: skip
+    except ValueError as exc:
+        raise CirrusError(f"cannot split {store_url} for {task}: {exc}") from None
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, pos_weight: float) -> torch.Tensor:
+    """Binary cross-entropy with logits, weighted per pixel/item (0 = ignore), class-weighted by pos_weight."""
+    per = F.binary_cross_entropy_with_logits(
+        logits, target, reduction="none", pos_weight=torch.tensor(pos_weight, device=logits.device)
+    )
+    return (per * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, pos_weight: float) -> dict[str, float]:
+    """Loss and metrics (accuracy, precision, recall, F1, IoU, ROC AUC, ECE, Brier) over a loader."""
+    model.eval()
+    acc, loss_sum, weight_sum = MetricAccumulator(), 0.0, 0.0
+    with torch.no_grad():
+        for x, y, w in loader:
+            x, y, w = x.to(device), y.to(device), w.to(device)
+            logits = model(x).float()
+            loss_sum += float(_loss(logits, y, w, pos_weight)) * float(w.sum())
+            weight_sum += float(w.sum())
+            acc.update(torch.sigmoid(logits).cpu().numpy(), y.cpu().numpy(), w.cpu().numpy())
+    return {"loss": loss_sum / max(weight_sum, 1.0), **acc.compute()}
+
+
+class _Checkpoint:
+    """Atomic per-epoch checkpoint of everything a resumed run needs."""
+
+    def __init__(self, directory: str | Path, task: str):
+        self.path = Path(directory) / f"{task}.pt"
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.path)
+
+    def load(self) -> dict[str, Any]:
+        if not self.path.exists():
+            raise CirrusError(f"--resume: no checkpoint at {self.path}")
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as exc:
+            raise CirrusError(f"cannot read checkpoint {self.path}: {exc}") from None
+
+
+def _restore(model: nn.Module, state: dict[str, Any], task: str, net: NetConfig, path: Path) -> None:
+    if state.get("task") != task or state.get("net") != to_dict(net):
+        raise CirrusError(
+            f"checkpoint {path} was made for task {state.get('task')!r} with network {state.get('net')}, not "
+            f"{task!r} with {to_dict(net)}: delete it or train without --resume"
+        )
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise CirrusError(f"checkpoint {path} does not fit the network: {str(exc).splitlines()[0]}") from None
+
+
+def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: bool = False,
+          progress: bool = True, truth: str | None = None) -> TrainResult:  # fmt: skip
+    """Train the network for ``task`` ("classify" or "segment") on the prepared store at ``store_url``.
+
+    ``truth``: a true-mask store (``cirrus synth``); the test images are then also scored against the true
+    masks/labels (``truth_*`` metrics), and so are the training labels themselves (``labels_truth_*``).
+    """
+    if task not in TASKS:
+        raise CirrusError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    cfg = cfg or TrainConfig()
+    t0 = time.perf_counter()
+    torch.set_num_threads(_threads(cfg))
+    device = pick_device()
+    net = net_config(task, cfg)
+    checkpoint = _Checkpoint(cfg.checkpoint_dir, task)
+    state = checkpoint.load() if resume else None
+
+    split = Split.from_json(state["split"]) if state else choose_split(store_url, task, cfg)
+    sets = {name: StoreSamples(store_url, getattr(split, name), task, cfg.bin) for name in ("train", "val", "test")}
+    sizes = {name: len(ds) for name, ds in sets.items()}
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loaders = {
+        name: DataLoader(ds, batch_size=cfg.batch_size, shuffle=name == "train", generator=generator,
+                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                         pin_memory=device.type == "cuda")  # fmt: skip
+        for name, ds in sets.items()
+    }
+    torch.manual_seed(cfg.seed)
+    model = build_model(task, **to_dict(net)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    history: list[dict[str, float]] = []
+    start_epoch, best, bad_epochs, best_state, run_id = 0, float("inf"), 0, None, None
+    if state:
+        _restore(model, state, task, net, checkpoint.path)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, start_epoch, best, bad_epochs = state["history"], state["epoch"] + 1, state["best"], state["bad"]
+        best_state, run_id = state["best_state"], state["run_id"]
+        log.info("resuming %s from epoch %d (MLflow run %s)", task, start_epoch, run_id)
+
+    stop = {"now": False}
+    previous = _on_signal(signal.SIGUSR1, lambda *_: stop.update(now=True))
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_experiment(cfg.experiment)
+    try:
+        with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{task}-{time.strftime('%Y%m%d-%H%M%S')}",
+                              log_system_metrics=True) as run:  # fmt: skip
+            if not state:
+                _log_setup(store_url, task, cfg, split, sizes, device)
+            augment_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+            if state:
+                augment_gen.set_state(state["augment_generator"])
+            for epoch in range(start_epoch, cfg.epochs):
+                train_loss = _train_epoch(model, loaders["train"], optimizer, scaler, cfg, device, augment_gen,
+                                          use_amp, f"{task} epoch {epoch + 1}/{cfg.epochs}", progress)  # fmt: skip
+                val = evaluate(model, loaders["val"], device, cfg.pos_weight)
+                row = {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}}
+                history.append(row)
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=epoch)
+                if val["loss"] < best:
+                    best, bad_epochs, best_state = val["loss"], 0, copy.deepcopy(model.state_dict())
+                else:
+                    bad_epochs += 1
+                checkpoint.save({
+                    "task": task, "net": to_dict(net), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                    "augment_generator": augment_gen.get_state(),
+                    "epoch": epoch, "history": history, "best": best, "bad": bad_epochs, "best_state": best_state,
+                    "run_id": run.info.run_id, "split": split.to_json(),
+                })  # fmt: skip
+                log.info("%s epoch %d: train loss %.4f, val loss %.4f, val F1 %.3f, val IoU %.3f", task, epoch + 1,
+                         train_loss, val["loss"], val["f1"], val["iou"])  # fmt: skip
+                if stop["now"]:
+                    raise CirrusError(f"stopped by SIGUSR1 after epoch {epoch + 1}; checkpoint {checkpoint.path} "
+                                      "saved: run again with --resume")  # fmt: skip
+                if bad_epochs >= cfg.patience:
+                    log.info("early stopping after epoch %d (no better validation loss for %d epochs)", epoch + 1,
+                             bad_epochs)  # fmt: skip
+                    break
+            if best_state is not None:
+                model.load_state_dict(best_state)
+            test = evaluate(model, loaders["test"], device, cfg.pos_weight)
+            prob, target, weight = predict(model, loaders["test"], device)
+            if truth:
+                test.update(truth_scores(store_url, truth, sets["test"], prob, target))
+            mlflow.log_metrics({f"test_{k}": v for k, v in test.items() if np.isfinite(v)})
+            _log_artifacts(prob, target, weight, sets["test"], history, task)
+            info, version = _log_model(model, sets["test"], task, cfg, device)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGUSR1, previous)
+    return TrainResult(task, run.info.run_id, info.model_uri, history, test, len(history), time.perf_counter() - t0,
+                       version, sizes)  # fmt: skip
+
+
+def _on_signal(signum: int, handler: Any) -> Any:
+    """Install ``handler`` where possible (main thread of the main interpreter); returns the previous one."""
+    try:
+        return signal.signal(signum, handler)
+    except ValueError:  # not the main thread, e.g. inside a Dask worker task
+        return None
+
+
+def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device, gen: torch.Generator,
+                 use_amp: bool, desc: str, progress: bool) -> float:  # fmt: skip
+    model.train()
+    total, count = 0.0, 0
+    for x, y, w in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
+        x, y, w = x.to(device, non_blocking=True), y.to(device, non_blocking=True), w.to(device, non_blocking=True)
+        if y.ndim == 4:  # segmentation: one transform for image, mask and weight
+            x, yw, valid = augment(x, torch.cat([y, w], dim=1), cfg.augment, generator=gen)
+            y, w = yw[:, :1], yw[:, 1:] * valid
+        else:
+            x, _, _ = augment(x, None, cfg.augment, generator=gen)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=use_amp):
+            loss = _loss(model(x).float(), y, w, cfg.pos_weight)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        total += loss.item() * len(x)
+        count += len(x)
+    return total / max(count, 1)
+
+
+def _log_setup(store_url: str, task: str, cfg: TrainConfig, split: Split, sizes: dict[str, int],
+               device: torch.device) -> None:  # fmt: skip
+    params = {"task": task, "store": store_url, "device": str(device), **{f"n_{k}": v for k, v in sizes.items()}}
+    params.update(_flatten(to_dict(cfg)))
+    mlflow.log_params(params)
+    mlflow.set_tags({"task": task, "store": store_url})
+    mlflow.log_dict(split.to_json(), "split.json")
+    mlflow.log_dict(to_dict(cfg), "train_config.json")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, ...]:
+    """Probabilities, targets and weights of every sample of ``loader`` (in order)."""
+    model.eval()
+    probs, targets, weights = [], [], []
+    with torch.no_grad():
+        for x, y, w in loader:
+            probs.append(torch.sigmoid(model(x.to(device)).float()).cpu().numpy())
+            targets.append(y.numpy())
+            weights.append(w.numpy())
+    return tuple(np.concatenate(a) for a in (probs, targets, weights))
+
+
+def truth_scores(store_url: str, truth_url: str, dataset: StoreSamples, prob: np.ndarray,
+                 labels: np.ndarray) -> dict[str, float]:  # fmt: skip
+    """Predictions and training labels of ``dataset`` scored against a true-mask store (binned alike)."""
+    from cirrus_batch.prepare import _truth_index, read_images
+
+    group = zarr.open_group(store_url, mode="r", zarr_format=3)
+    truth = zarr.open_group(truth_url, mode="r", zarr_format=3)
+    sources = np.asarray(group["source"][:], dtype=object)[dataset.positions]
+    index = _truth_index(list(sources), truth_url)
+    if (index < 0).any():
+        raise CirrusError(f"{int((index < 0).sum())} test images are not in the truth store {truth_url}")
+    if dataset.task == "classify":
+        threshold = float(group["cloudy"].attrs.get("threshold", 0.05))
+        true = (np.asarray(truth["cloud_fraction"][:])[index] > threshold).astype(np.float32)
+        weight = None
+    else:
+        true = (bin_image(read_images(truth["mask"], index).astype(np.float32), dataset.bin) > 0.5)[:, None]
+        weight = np.broadcast_to(bin_image(truth["sky"][:].astype(np.float32), dataset.bin) > 0.5, true.shape)
+    ours = binary_metrics(prob, true, weight=weight)
+    theirs = binary_metrics(labels, true, weight=weight)
+    keys = ("accuracy", "precision", "recall", "f1", "iou", "roc_auc", "ece", "brier")
+    return {**{f"truth_{k}": ours[k] for k in keys}, **{f"labels_truth_{k}": theirs[k] for k in keys[:5]}}
+
+
+def _log_artifacts(prob: np.ndarray, target: np.ndarray, weight: np.ndarray, dataset: StoreSamples,
+                   history: list[dict[str, float]], task: str) -> None:  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        plots.learning_curves(history, tmp / "learning_curves.png")
+        plots.confusion_matrix_plot(confusion_matrix(prob, target, weight=weight), ("clear", "cloud"),
+                                    tmp / "confusion_matrix.png", title=f"{task}: test")  # fmt: skip
+        plots.reliability_diagram(prob, target, tmp / "reliability.png", weight=weight)
+        k = min(4, len(dataset))
+        images = np.stack([dataset[i][0][0].numpy() for i in range(k)])
+        if task == "segment":
+            plots.prediction_panel(images, target[:k, 0], prob[:k, 0], tmp / "predictions.png",
+                                   sky=dataset.sky.numpy())  # fmt: skip
+        else:
+            titles = [f"p(cloudy)={p:.2f} label={int(t)}" for p, t in zip(prob[:k], target[:k])]
+            plots.prediction_panel(images, None, np.repeat(prob[:k, None, None], images.shape[1], 1).repeat(
+                images.shape[2], 2), tmp / "predictions.png", titles=titles)  # fmt: skip
+        (tmp / "history.json").write_text(json.dumps(history, indent=1))
+        mlflow.log_artifacts(str(tmp), "report")
+
+
+def _log_model(model: nn.Module, dataset: StoreSamples, task: str, cfg: TrainConfig,
+               device: torch.device) -> tuple[Any, str | None]:  # fmt: skip
+    model = model.to("cpu").eval()
+    # two images: torch.export (MLflow's pt2 format) would fix a batch dimension of 1 as a constant
+    example = np.stack([dataset[i % len(dataset)][0].numpy() for i in range(2)])
+    info = mlflow.pytorch.log_model(
+        model, name="model", input_example=example,
+        registered_model_name=REGISTERED[task] if cfg.register else None,
+    )  # fmt: skip
+    model.to(device)
+    return info, (str(info.registered_model_version) if cfg.register else None)

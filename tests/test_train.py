@@ -1,0 +1,191 @@
+"""Training: both tasks end to end with MLflow (sqlite and a real server), reproducibility, resume after
+kill -9, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from cirrus_batch.config import ConfigError, IngestConfig, PrepareConfig, TrainConfig, load_config
+from cirrus_batch.data import StoreSamples
+from cirrus_batch.errors import CirrusError, StoreError
+from cirrus_batch.ingest import ingest
+from cirrus_batch.prepare import prepare
+from cirrus_batch.synth import write_archive
+from cirrus_batch.train import train
+
+SHAPE = (96, 120)
+TINY = {
+    "train.bin": 2, "train.batch_size": 8, "train.epochs": 2, "train.patience": 5, "train.threads": 1,
+    "train.sampling.n_images": 100, "train.sampling.min_gap_min": 0.0, "train.sampling.val_fraction": 0.2,
+    "train.sampling.test_fraction": 0.2,
+    "train.classifier.base_channels": 4, "train.classifier.depth": 2,
+    "train.unet.base_channels": 4, "train.unet.depth": 2,
+}  # fmt: skip
+
+
+def tiny(tmp: Path, **overrides) -> TrainConfig:
+    return load_config(overrides={**TINY, "train.tracking_uri": f"sqlite:///{tmp}/mlflow.db",
+                                  "train.checkpoint_dir": str(tmp / "ckpt"), **overrides}).train  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, client) -> str:
+    """A prepared 5-night store (8 images a night) and its truth beside it."""
+    tmp = tmp_path_factory.mktemp("train")
+    write_archive(tmp / "archive", nights=5, per_night=8, cadence_min=10, shape=SHAPE, seed=5, progress=False)
+    ingest(str(tmp / "archive"), str(tmp / "s.zarr"), client, IngestConfig(shard_size=8), progress=False)
+    prepare(str(tmp / "s.zarr"), client, PrepareConfig(fit_images=40), progress=False)
+    return str(tmp / "s.zarr")
+
+
+def truth_of(store: str) -> str:
+    return str(Path(store).parent / "archive_truth.zarr")
+
+
+def test_both_tasks_log_register_and_reload(store, tmp_path):
+    cfg = tiny(tmp_path)
+    for task, name in (("classify", "cirrus-classifier"), ("segment", "cirrus-unet")):
+        result = train(store, task, cfg, progress=False, truth=truth_of(store))
+        assert result.epochs_run == 2 and len(result.history) == 2
+        assert sum(result.split_sizes.values()) > 0 and min(result.split_sizes.values()) > 0
+        client = MlflowClient(cfg.tracking_uri)
+        run = client.get_run(result.run_id)
+        assert run.data.params["task"] == task and run.data.params["sampling.min_gap_min"] == "0.0"
+        assert {"val_loss", "val_f1", "val_iou", "val_ece", "test_accuracy", "val_roc_auc", "test_truth_iou",
+                "test_labels_truth_iou", "train_loss"} <= set(run.data.metrics)  # fmt: skip
+        assert len(client.get_metric_history(result.run_id, "val_loss")) == 2
+        artifacts = {a.path for a in client.list_artifacts(result.run_id)} | {
+            a.path for a in client.list_artifacts(result.run_id, "report")}
+        assert {"split.json", "train_config.json", "report/learning_curves.png", "report/confusion_matrix.png",
+                "report/predictions.png", "report/reliability.png"} <= artifacts  # fmt: skip
+        assert result.registered_version == "1"
+        assert client.get_model_version(name, "1").run_id == result.run_id
+        # the registered model is the trained one: it reproduces the logged test accuracy
+        mlflow.set_tracking_uri(cfg.tracking_uri)
+        model = mlflow.pytorch.load_model(f"models:/{name}/1")
+        split = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/split.json")
+        test = StoreSamples(store, np.array(split["test"]), task, cfg.bin)
+        x, y, w = (torch.stack(t) for t in zip(*[test[i] for i in range(len(test))]))
+        with torch.no_grad():
+            prob = torch.sigmoid(model(x)).numpy()
+        accuracy = float((((prob > 0.5) == (y.numpy() > 0.5)) * w.numpy()).sum() / w.numpy().sum())
+        assert accuracy == pytest.approx(result.test["accuracy"], abs=1e-6)
+
+
+def test_reproducible_on_cpu(store, tmp_path):
+    a = train(store, "segment", tiny(tmp_path / "a", **{"train.register": False}), progress=False)
+    b = train(store, "segment", tiny(tmp_path / "b", **{"train.register": False}), progress=False)
+    assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
+    assert a.test["loss"] == b.test["loss"]
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from cirrus_batch import train as T
+    from cirrus_batch.config import load_config
+    save = T._Checkpoint.save
+    def save_then_die(self, state):
+        save(self, state)
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 right after the first epoch's checkpoint
+    T._Checkpoint.save = save_then_die
+    overrides = eval(sys.argv[2])
+    T.train(sys.argv[1], "segment", load_config(overrides=overrides).train, progress=False)
+    """
+)
+
+
+def test_resume_after_kill_continues_the_same_run(store, tmp_path):
+    overrides = {**TINY, "train.epochs": 3, "train.register": False,
+                 "train.tracking_uri": f"sqlite:///{tmp_path}/k/mlflow.db", "train.checkpoint_dir": str(tmp_path / "k")}
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    proc = subprocess.run([sys.executable, str(script), store, repr(overrides)], timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    state = torch.load(tmp_path / "k" / "segment.pt", weights_only=False)
+    assert state["epoch"] == 0
+    resumed = train(store, "segment", load_config(overrides=overrides).train, resume=True, progress=False)
+    assert resumed.run_id == state["run_id"] and resumed.epochs_run == 3
+    straight = train(store, "segment", tiny(tmp_path / "s", **{"train.epochs": 3, "train.register": False}),
+                     progress=False)  # fmt: skip
+    assert [h["val_loss"] for h in resumed.history] == pytest.approx([h["val_loss"] for h in straight.history])
+
+
+def test_bad_inputs_are_clear_errors(store, tmp_path, client):
+    write_archive(tmp_path / "a", nights=1, per_night=3, shape=SHAPE, progress=False)
+    ingest(str(tmp_path / "a"), str(tmp_path / "raw.zarr"), client, IngestConfig(), progress=False)
+    with pytest.raises(StoreError, match="run `cirrus prepare"):
+        train(str(tmp_path / "raw.zarr"), "segment", tiny(tmp_path), progress=False)
+    with pytest.raises(CirrusError, match="cannot split"):
+        train(store, "segment", tiny(tmp_path, **{"train.sampling.min_gap_min": 100000.0}), progress=False)
+    with pytest.raises(CirrusError, match="unknown task"):
+        train(store, "detect", tiny(tmp_path), progress=False)
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(overrides={"train.learning_rate": 0.1})
+    cfg = tiny(tmp_path, **{"train.epochs": 1, "train.register": False})
+    train(store, "segment", cfg, progress=False)
+    other = tiny(tmp_path, **{"train.unet.base_channels": 8, "train.register": False})
+    with pytest.raises(CirrusError, match="made for task 'segment' with network"):
+        train(store, "segment", other, resume=True, progress=False)
+    with pytest.raises(CirrusError, match="no checkpoint"):
+        train(store, "classify", cfg, resume=True, progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback with a SQLite backend and a local artifact store."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination",
+         str(tmp_path / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start within 60 s")
+        yield url
+    finally:
+        import os
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_against_a_real_mlflow_server(store, tmp_path, mlflow_server):
+    cfg = tiny(tmp_path, **{"train.tracking_uri": mlflow_server})
+    result = train(store, "segment", cfg, progress=False)
+    mlflow.set_tracking_uri(mlflow_server)
+    version = MlflowClient().get_latest_versions("cirrus-unet")[0]
+    assert version.run_id == result.run_id
+    model = mlflow.pyfunc.load_model(f"models:/cirrus-unet/{version.version}")
+    image = StoreSamples(store, np.array([0, 1]), "segment", cfg.bin)[0][0][None].numpy()
+    logits = np.asarray(model.predict(image))
+    assert logits.shape == (1, 1, *image.shape[-2:]) and np.isfinite(logits).all()
