@@ -157,6 +157,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster_script(args: argparse.Namespace) -> int:
+    from cirrus_batch.cluster import job_script
+
+    config = _config(args)
+    if args.cluster not in (None, "slurm"):
+        raise CirrusError(f"cluster-script prints the SLURM worker job script; --cluster {args.cluster!r} has none")
+    print(job_script(config.cluster.slurm, **({"scheduler": args.scheduler} if args.scheduler else {})), end="")
+    return 0
+
+
 def format_scores(scores: dict[str, Any]) -> str:
     """Mask-quality table: overall and per kind of night."""
     import numpy as np
@@ -249,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("cluster-script", help="print the SLURM job script of a Dask worker (--cluster slurm)")
+    p.add_argument("--config", metavar="TOML", help="job config ([cluster.slurm]); unset: jobqueue.slurm.* dask config")
+    p.add_argument("--cluster", metavar="KIND", help="only 'slurm' has a job script")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="scheduler address to show (default: a placeholder)")
+    p.set_defaults(func=cmd_cluster_script)
+
     p = sub.add_parser("info", help="summarize a store")
     p.add_argument("store")
     p.add_argument("--rejections", action="store_true", help="list every rejected file")
@@ -263,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    for noisy in ("distributed", "mlflow", "alembic", "urllib3"):  # their INFO chatter hides ours
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return args.func(args)
     except CirrusError as exc:

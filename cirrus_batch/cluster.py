@@ -10,7 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -70,7 +72,79 @@ def slurm_cluster(cfg: SlurmConfig) -> Cluster:
         raise CirrusError("--cluster slurm needs SLURM's sbatch on PATH (not found); use --cluster local")
     from dask_jobqueue import SLURMCluster
 
+    check_slurm_job(cfg)
     return SLURMCluster(**slurm_kwargs(cfg))
+
+
+SCHEDULER_PLACEHOLDER = "tcp://SCHEDULER:8786"
+
+
+def job_script(cfg: SlurmConfig, scheduler: str = SCHEDULER_PLACEHOLDER) -> str:
+    """The worker job script dask-jobqueue would submit for ``cfg`` (job config > ``jobqueue.slurm.*`` dask config).
+
+    Needs neither SLURM nor a running scheduler: the scheduler address is a placeholder unless given, since the
+    real one is known only once the cluster starts.
+    """
+    from dask_jobqueue.slurm import SLURMJob
+
+    try:
+        return SLURMJob(scheduler=scheduler, name="dummy-name", **slurm_kwargs(cfg)).job_script()
+    except ValueError as exc:  # dask-jobqueue: no cores/memory anywhere
+        if "cores and memory" not in str(exc):
+            raise
+        raise CirrusError("--cluster slurm needs cores and memory per job: set [cluster.slurm] cores and memory "
+                          "(or jobqueue.slurm.cores/memory in the dask config)") from None
+
+
+def _slurm_partition(cfg: SlurmConfig) -> str | None:
+    return cfg.queue or dask.config.get("jobqueue.slurm.queue", None)
+
+
+def check_slurm_job(cfg: SlurmConfig) -> None:
+    """Fail early, with SLURM's own reason, where SLURM would reject the worker job (unknown partition,
+    more CPUs, memory or GPUs than any node has, a bad directive) instead of waiting ``wait_timeout`` for
+    workers that can never start. Uses ``sinfo`` and ``sbatch --test-only``; submits nothing."""
+    partition = _slurm_partition(cfg)
+    if partition and shutil.which("sinfo"):
+        found = _run(["sinfo", "-h", "-p", partition, "-o", "%P"])
+        if found is not None and found.returncode == 0 and not found.stdout.strip():
+            listed = _run(["sinfo", "-h", "-o", "%P"])
+            names = sorted({n.strip().rstrip("*") for n in (listed.stdout.split() if listed else []) if n.strip()})
+            raise CirrusError(
+                f"SLURM partition {partition!r} does not exist (partitions: {', '.join(names) or 'none'}); "
+                "fix [cluster.slurm] queue or jobqueue.slurm.queue"
+            )
+    with tempfile.NamedTemporaryFile("w", prefix="cirrus-worker-", suffix=".sh", delete=False) as f:
+        f.write(job_script(cfg))
+    try:
+        test = _run(["sbatch", "--test-only", f.name])
+    finally:
+        os.unlink(f.name)
+    if test is not None and test.returncode != 0:
+        reason = "; ".join(line.strip() for line in (test.stderr or test.stdout).splitlines() if line.strip())
+        raise CirrusError(f"SLURM rejects the Dask worker job ({reason or f'sbatch exit {test.returncode}'}); "
+                          "check [cluster.slurm] (cirrus cluster-script prints the job script)")
+
+
+def _run(cmd: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess | None:
+    """Run a SLURM client command; None where it cannot run at all (then the check is skipped)."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("%s: %s", " ".join(cmd), exc)
+        return None
+
+
+def _slurm_job_states(cluster: Cluster) -> str:
+    """``"12 PENDING (Resources), 13 PENDING (Resources)"`` for the cluster's worker jobs, or ``""``."""
+    try:
+        ids = [str(job.job_id) for job in cluster.workers.values() if getattr(job, "job_id", None)]
+        if not ids:
+            return ""
+        out = _run(["squeue", "-h", "-j", ",".join(ids), "-o", "%i %T (%r)"], timeout=10)
+        return ", ".join(out.stdout.split("\n")).strip(", ") if out is not None and out.returncode == 0 else ""
+    except Exception:  # diagnostics only
+        return ""
 
 
 @contextmanager
@@ -109,7 +183,9 @@ def _start_slurm_workers(cluster: Cluster, client: Client, cfg: SlurmConfig) -> 
     try:
         client.wait_for_workers(1, timeout=cfg.wait_timeout)
     except TimeoutError:
+        states = _slurm_job_states(cluster)
+        cluster.close()  # scancel the worker jobs now (connect() closes again, which is harmless)
         raise CirrusError(
-            f"no SLURM worker started within {cfg.wait_timeout:.0f} s (check squeue, the partition and the "
-            "worker logs); the worker jobs were cancelled"
+            f"no SLURM worker started within {cfg.wait_timeout:.0f} s (wait_timeout; check squeue, the partition "
+            "and the worker logs); the worker jobs were cancelled" + (f"; they were: {states}" if states else "")
         ) from None

@@ -94,6 +94,8 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     """Adam learning rate."""
+    lr_patience: int = 2
+    """Halve the learning rate after this many epochs without a lower validation loss."""
     weight_decay: float = 0.0
     pos_weight: float = 1.0
     """Weight of the cloudy class in the binary cross-entropy (loss weighting)."""

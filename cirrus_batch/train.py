@@ -163,6 +163,7 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
     torch.manual_seed(cfg.seed)
     model = build_model(task, **to_dict(net)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=cfg.lr_patience)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     history: list[dict[str, float]] = []
@@ -170,6 +171,7 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
     if state:
         _restore(model, state, task, net, checkpoint.path)
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -193,7 +195,9 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
                 train_loss = _train_epoch(model, loaders["train"], optimizer, scaler, cfg, device, augment_gen,
                                           use_amp, f"{task} epoch {epoch + 1}/{cfg.epochs}", progress)  # fmt: skip
                 val = evaluate(model, loaders["val"], device, cfg.pos_weight)
-                row = {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}}
+                row = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
+                       **{f"val_{k}": v for k, v in val.items()}}  # fmt: skip
+                scheduler.step(val["loss"])
                 history.append(row)
                 mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=epoch)
                 if val["loss"] < best:
@@ -202,7 +206,8 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
                     bad_epochs += 1
                 checkpoint.save({
                     "task": task, "net": to_dict(net), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                    "scaler": scaler.state_dict(), "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
                     "augment_generator": augment_gen.get_state(),
                     "epoch": epoch, "history": history, "best": best, "bad": bad_epochs, "best_state": best_state,
                     "run_id": run.info.run_id, "split": split.to_json(),
