@@ -19,15 +19,18 @@ test: $(STAMP)
 	$(BIN)/pytest
 
 demo: $(STAMP)
-	$(BIN)/cirrus synth $(DEMO)/archive --nights 5 --per-night 60 --cadence-min 3
+	$(BIN)/cirrus synth $(DEMO)/archive --nights 10 --per-night 60 --cadence-min 3
 	$(BIN)/cirrus ingest $(DEMO)/archive $(DEMO)/season.zarr --config jobs/default.toml
 	$(BIN)/cirrus prepare $(DEMO)/season.zarr --config jobs/default.toml \
 		--evaluate $(DEMO)/archive_truth.zarr --panel $(DEMO)/prepare-panel.png
+	$(BIN)/cirrus train $(DEMO)/season.zarr --task both --config jobs/train.toml --epochs 5 \
+		--truth $(DEMO)/archive_truth.zarr
 	$(BIN)/cirrus info $(DEMO)/season.zarr
+	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ingest.py
 	$(BIN)/python benchmarks/bench_prepare.py
 
 clean:
-	rm -rf $(DEMO) bench-out .pytest_cache
+	rm -rf $(DEMO) bench-out .pytest_cache checkpoints mlflow.db mlruns
