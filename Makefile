@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 test: $(STAMP)
+	@if [ "$$(id -u)" = 0 ]; then bash slurm/local-cluster.sh start; fi
 	$(BIN)/pytest
 
 demo: $(STAMP)
