@@ -895,10 +895,7 @@ def quality_panel(
     titles: list[str] | None, out_png: str | Path,
 ) -> Path:  # fmt: skip
     """PNG with one row per frame: raw, clear-sky model, residual, mask, truth (truth None -> 4 columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from cirrus_batch.plots import new_figure, save
 
     raw = np.asarray(raw)
     raw3 = raw[None] if raw.ndim == 2 else raw
@@ -907,7 +904,8 @@ def quality_panel(
     truth3 = None if truth is None else np.asarray(truth).reshape(raw3.shape)
     cols = ["raw", "clear-sky model", "residual", "mask"] + ([] if truth3 is None else ["truth"])
     n = raw3.shape[0]
-    fig, axes = plt.subplots(n, len(cols), figsize=(2.4 * len(cols), 2.2 * n), squeeze=False)
+    fig = new_figure(2.4 * len(cols), 2.2 * n)
+    axes = fig.subplots(n, len(cols), squeeze=False)
     sky = geom.sky
     for i in range(n):
         r = raw3[i].astype(np.float32)
@@ -933,8 +931,4 @@ def quality_panel(
                 title = (title + "\n" if title else "") + str(titles[i])
             ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=80)
-    plt.close(fig)
-    return out_png
+    return save(fig, out_png, dpi=80)

@@ -19,21 +19,23 @@ from matplotlib.ticker import MaxNLocator
 
 from cirrus_batch.metrics import calibration_bins
 
-__all__ = ["confusion_matrix_plot", "learning_curves", "prediction_panel", "reliability_diagram"]
+__all__ = ["confusion_matrix_plot", "learning_curves", "new_figure", "prediction_panel", "reliability_diagram", "save"]
 
 DPI = 100
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
+    """A figure on the Agg canvas (inches), outside pyplot's global state."""
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, out_png: str | Path) -> Path:
+def save(fig: Figure, out_png: str | Path, dpi: int = DPI) -> Path:
+    """Write ``fig`` as PNG (creating the folder) and return the path."""
     path = Path(out_png)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI)
+    fig.savefig(path, format="png", dpi=dpi)
     return path
 
 
@@ -60,7 +62,7 @@ def learning_curves(history: Sequence[dict[str, float]], out_png: str | Path) ->
     loss_keys = [k for k in keys if k != "epoch" and k.endswith("loss")]
     metric_keys = [k for k in keys if k.startswith("val_") and not k.endswith("loss")]
 
-    fig = _new_figure(11, 4.2)
+    fig = new_figure(11, 4.2)
     ax_loss, ax_met = fig.subplots(1, 2)
     for ax, group, title in ((ax_loss, loss_keys, "Loss"), (ax_met, metric_keys, "Validation metrics")):
         ax.set_title(title)
@@ -82,7 +84,7 @@ def learning_curves(history: Sequence[dict[str, float]], out_png: str | Path) ->
         if ymax > 20 * ymin:
             ax_loss.set_yscale("log")
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save(fig, out_png)
 
 
 def confusion_matrix_plot(
@@ -96,7 +98,7 @@ def confusion_matrix_plot(
     rows = cm.sum(axis=1, keepdims=True)
     frac = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
 
-    fig = _new_figure(5.2, 4.4)
+    fig = new_figure(5.2, 4.4)
     ax = fig.add_subplot()
     im = ax.imshow(frac * 100, cmap="Blues", vmin=0, vmax=100)
     fig.colorbar(im, ax=ax, label="% of true class")
@@ -113,7 +115,7 @@ def confusion_matrix_plot(
     acc = np.trace(cm) / total if total > 0 else math.nan
     ax.set_title(f"{title}{' - ' if title else ''}n={int(total):,}, accuracy={acc:.3f}", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save(fig, out_png)
 
 
 def _stack(a: np.ndarray | None, n_dims: int = 3) -> np.ndarray | None:
@@ -162,7 +164,7 @@ def prediction_panel(
     ncol = len(cols)
     h, w = imgs.shape[1:]
     cell = 2.6
-    fig = _new_figure(cell * ncol + 0.8, max(cell * n * h / w, 2.0) + 0.5)
+    fig = new_figure(cell * ncol + 0.8, max(cell * n * h / w, 2.0) + 0.5)
     axes = np.atleast_2d(fig.subplots(n, ncol, squeeze=False))
     red = ListedColormap([(0, 0, 0, 0), (1.0, 0.15, 0.1, 0.45)])
     prob_cmap = colormaps["viridis"].with_extremes(bad="0.6")
@@ -201,7 +203,7 @@ def prediction_panel(
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save(fig, out_png)
 
 
 def reliability_diagram(
@@ -222,7 +224,7 @@ def reliability_diagram(
     centers = 0.5 * (edges[:-1] + edges[1:])
     width = 1.0 / bins
 
-    fig = _new_figure(5.5, 6.5)
+    fig = new_figure(5.5, 6.5)
     ax, ax_hist = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], ls="--", color="gray", lw=1, label="perfect calibration")
     ax.bar(centers[ok], frac_pos[ok] - mean_p[ok], bottom=mean_p[ok], width=width * 0.9, color="tab:red",
@@ -241,4 +243,4 @@ def reliability_diagram(
     ax_hist.set_ylabel("count")
     ax_hist.grid(True, alpha=0.3)
     fig.tight_layout()
-    return _save(fig, out_png)
+    return save(fig, out_png)

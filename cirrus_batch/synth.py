@@ -613,10 +613,7 @@ def _pick_frames(kinds: np.ndarray, fractions: np.ndarray, n: int) -> list[int]:
 
 def montage(dest: str | Path, out_png: str | Path, n: int = 6, truth: str | Path | None = None) -> Path:
     """PNG of n frames across night kinds: raw image (top, linear stretch) and true mask (bottom)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from cirrus_batch.plots import new_figure, save
     import xarray as xr
 
     dest = Path(dest)
@@ -625,7 +622,8 @@ def montage(dest: str | Path, out_png: str | Path, n: int = 6, truth: str | Path
     kinds = np.array(ds["night_kind"].values.tolist())
     picks = _pick_frames(kinds, ds["cloud_fraction"].values, n)
     sky = ds["sky"].values.astype(bool)
-    fig, axes = plt.subplots(2, len(picks), figsize=(2.6 * len(picks), 5.0), squeeze=False)
+    fig = new_figure(2.6 * len(picks), 5.0)
+    axes = fig.subplots(2, len(picks), squeeze=False)
     for col, i in enumerate(picks):
         raw, _ = read_fits(dest / str(ds["source"].values[i]))
         raw = raw.astype(np.float32)
@@ -639,8 +637,4 @@ def montage(dest: str | Path, out_png: str | Path, n: int = 6, truth: str | Path
         for ax in axes[:, col]:
             ax.set_axis_off()
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=80)
-    plt.close(fig)
-    return out_png
+    return save(fig, out_png, dpi=80)

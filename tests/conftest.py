@@ -77,3 +77,14 @@ def archive(tmp_path: Path) -> Path:
     root = tmp_path / "archive"
     make_archive(root)
     return root
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread avoids oversubscription slowdowns on busy CI cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

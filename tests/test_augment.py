@@ -10,13 +10,7 @@ from cirrus_batch.augment import AugmentConfig, apply_affine, augment, random_af
 H, W = 32, 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription slowdowns on busy CI cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def blob_batch(n: int, seed: int = 0) -> torch.Tensor:
