@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -279,8 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("distributed", "mlflow", "alembic", "urllib3"):  # their INFO chatter hides ours
+    for noisy in ("distributed", "alembic", "urllib3"):  # their INFO chatter hides ours
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if args.verbose else "WARNING")  # set on mlflow import
     try:
         return args.func(args)
     except CirrusError as exc:
