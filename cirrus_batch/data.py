@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import zarr
 from torch.utils.data import Dataset
 
@@ -17,9 +18,10 @@ def bin_image(x: np.ndarray, factor: int) -> np.ndarray:
     """Mean over ``factor`` × ``factor`` blocks of the last two axes (the remainder rows/columns are cut)."""
     if factor == 1:
         return x
-    h, w = x.shape[-2] // factor * factor, x.shape[-1] // factor * factor
-    x = x[..., :h, :w]
-    return x.reshape(*x.shape[:-2], h // factor, factor, w // factor, factor).mean(axis=(-3, -1))
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    lead, (h, w) = t.shape[:-2], t.shape[-2:]
+    out = F.avg_pool2d(t.reshape(-1, 1, h, w), factor)
+    return out.reshape(*lead, *out.shape[-2:]).numpy()
 
 
 def check_store(store_url: str, task: str) -> Store:
@@ -68,5 +70,5 @@ class StoreSamples(Dataset):
         image = torch.from_numpy(np.ascontiguousarray(bin_image(self.group["norm"][p], self.bin)))[None]
         if self.task == "classify":
             return image, torch.tensor(self.cloudy[p]), torch.tensor(1.0)
-        mask = bin_image(self.group["mask"][p].astype(np.float32), self.bin) > 0.5
+        mask = bin_image(self.group["mask"][p], self.bin) > 0.5
         return image, torch.from_numpy(mask.astype(np.float32))[None], self.sky[None]
