@@ -174,3 +174,186 @@ def test_workers_that_never_start_time_out_and_are_cancelled(local_slurm, worker
     job_id = str(err.value).rsplit("they were: ", 1)[1].split()[0]
     assert _wait_gone([job_id]) == []
     assert _our_jobs() == before
+
+
+# -- the driver job and a worker lost mid-run ---------------------------------------------------------
+def _toml(data: dict, prefix: tuple[str, ...] = ()) -> list[str]:
+    """TOML lines for nested dicts of strings, numbers, booleans and lists (JSON literals are TOML here)."""
+    import json
+
+    scalars = [(k, v) for k, v in data.items() if not isinstance(v, dict)]
+    lines = ([f"[{'.'.join(prefix)}]"] if prefix and scalars else []) + [f"{k} = {json.dumps(v)}" for k, v in scalars]
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines += _toml(value, prefix + (key,))
+    return lines
+
+
+def _job_info(job_id: str) -> dict[str, str]:
+    """``scontrol show job -o`` as a dict (kept by slurmctld for MinJobAge=60 s after the job ends)."""
+    out = _sh("scontrol", "show", "job", "-o", job_id)
+    assert out.returncode == 0, out.stderr
+    return dict(tok.split("=", 1) for tok in out.stdout.split() if "=" in tok)
+
+
+@pytest.mark.slurm
+def test_train_sh_driver_job_runs_ingest_prepare_train(local_slurm, tmp_path):
+    """``sbatch slurm/train.sh`` with jobs/ci.toml (only its output paths moved into tmp_path): the driver job
+    completes, ingest and prepare ran on Dask workers that were separate SLURM jobs with a fake GPU each, and
+    both models are registered in MLflow."""
+    import tomllib
+
+    import zarr
+    from mlflow.tracking import MlflowClient
+
+    from cirrus_batch.prepare import UNPREPARED
+    from cirrus_batch.synth import write_archive
+
+    write_archive(tmp_path / "archive", nights=6, per_night=6, cadence_min=10, shape=(64, 80), seed=11,
+                  progress=False)  # fmt: skip
+    logs, uri = tmp_path / "logs", f"sqlite:///{tmp_path}/mlflow.db"
+    data = tomllib.loads((ROOT / "jobs" / "ci.toml").read_text())
+    data["train"].update(tracking_uri=uri, checkpoint_dir=str(tmp_path / "checkpoints"))
+    data["cluster"]["slurm"]["log_directory"] = str(logs)
+    # each worker job writes its SLURM job id and the GPU SLURM gave it into its log
+    data["cluster"]["slurm"]["job_script_prologue"] = [
+        'echo "cirrus-worker job=$SLURM_JOB_ID gpus=${CUDA_VISIBLE_DEVICES:-none}"']
+    config = tmp_path / "ci.toml"
+    config.write_text("\n".join(_toml(data)) + "\n")
+    # artifacts next to the tracking database, not in ./mlruns of the repository the job runs in
+    MlflowClient(uri).create_experiment(data["train"].get("experiment", "cirrus"),
+                                        artifact_location=str(tmp_path / "artifacts"))  # fmt: skip
+    store = tmp_path / "season.zarr"
+    env = {**os.environ, "SOURCE": str(tmp_path / "archive"), "STORE": str(store), "CLUSTER": "slurm", "TASK": "both"}
+    start = time.monotonic()
+    submit = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/driver-%j.out", "slurm/train.sh",
+                             str(config)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    assert submit.returncode == 0, submit.stderr
+    driver = submit.stdout.strip().split(";")[0]
+    seen: dict[str, list[str]] = {}  # this run's dask-worker jobs (by log path) in squeue while the driver ran
+    fields = "JobID:16,Name:16,State:16,tres-per-node:32,StdOut:1000"
+    try:
+        while time.monotonic() - start < 300:
+            rows = [line.split() for line in _sh("squeue", "-h", "-O", fields).stdout.splitlines()]
+            if not any(row and row[0] == driver for row in rows):
+                break
+            seen.update({row[0]: row for row in rows if len(row) == 5 and row[1] == "dask-worker"
+                         and row[4].startswith(f"{logs}/")})  # fmt: skip
+            time.sleep(0.3)
+        else:
+            pytest.fail(f"driver job {driver} still queued or running after 300 s")
+    finally:
+        if any(row[0] == driver for row in _squeue()):
+            _sh("scancel", driver)
+    elapsed = time.monotonic() - start
+    info = _job_info(driver)
+    out = tmp_path / f"driver-{driver}.out"
+    log = out.read_text() if out.exists() else "(no driver log)"
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert "train.sh: " in log and "done (exit 0)" in log
+
+    # the Dask work ran on worker jobs: job ids from the worker logs, each with a GPU and a connected worker
+    workers = {}
+    for path in sorted(logs.glob("dask-worker-*.out")):
+        job = path.name.removeprefix("dask-worker-").removesuffix(".out")
+        err = logs / f"dask-worker-{job}.err"
+        if err.exists() and "Registered to:" in err.read_text():
+            workers[job] = path.read_text()
+    assert len(workers) >= 2, f"expected ingest and prepare workers, got {sorted(workers)}:\n{log[-3000:]}"
+    assert driver not in workers
+    for job, text in workers.items():
+        assert f"cirrus-worker job={job} gpus=" in text, text
+        assert text.split(f"cirrus-worker job={job} gpus=")[1].split()[0] in ("0", "1"), text
+    assert set(workers) & set(seen), (sorted(workers), seen)  # seen in squeue while the driver ran
+    assert seen and all(row[3] == "gres:gpu:1" for row in seen.values()), seen  # squeue: each asked for a GPU
+    assert _wait_gone(list(seen)) == []  # every worker job (started or still pending) is cancelled
+
+    # the store is ingested and prepared, and both models are registered
+    group = zarr.open_group(str(store), mode="r")
+    assert group.attrs["committed"] == 36
+    assert (group["quality"][:] != UNPREPARED).all()
+    client = MlflowClient(uri)
+    for name in ("cirrus-classifier", "cirrus-unet"):
+        versions = client.search_model_versions(f"name='{name}'")
+        assert [(str(v.version), v.status) for v in versions] == [("1", "READY")], (name, versions)
+        assert client.get_run(versions[0].run_id).info.status == "FINISHED"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["classify.pt", "segment.pt"]
+    print(f"train.sh driver job {driver}: {elapsed:.0f} s, worker jobs {sorted(workers)}")
+
+
+class _Transitions:
+    """Scheduler plugin that records every task transition (the story survives the tasks being forgotten)."""
+
+    name = "cirrus-test-transitions"
+
+    def __init__(self):
+        self.log: list[tuple[str, str, str, str | None]] = []
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        self.log.append((str(key), start, finish, kwargs.get("worker")))
+
+
+@pytest.mark.slurm
+def test_prepare_survives_a_worker_job_killed_mid_run(local_slurm, worker_logs, tmp_path, client):
+    """scancel one of two worker jobs while prepare runs: the tasks it held are rescheduled on the other
+    worker, and the result equals a prepare of the same store on a LocalCluster."""
+    import numpy as np
+    import zarr
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    from cirrus_batch.config import IngestConfig, PrepareConfig
+    from cirrus_batch.ingest import ingest
+    from cirrus_batch.prepare import UNPREPARED, prepare
+    from cirrus_batch.synth import write_archive
+
+    # 8 blocks of 16 images, large enough (~0.5 s a block) that the killed worker still holds work
+    write_archive(tmp_path / "archive", nights=8, per_night=16, cadence_min=5, shape=(480, 640), seed=21,
+                  progress=False)  # fmt: skip
+    store, reference = str(tmp_path / "s.zarr"), str(tmp_path / "ref.zarr")
+    ingest(str(tmp_path / "archive"), store, client, IngestConfig(shard_size=16), progress=False)
+    shutil.copytree(store, reference)
+    cfg = PrepareConfig(fit_images=30)
+    prepare(reference, client, cfg, progress=False)  # on the LocalCluster
+
+    killed: dict = {}
+    with connect("slurm", _config(worker_logs)) as slurm:
+        slurm.wait_for_workers(2, timeout=120)
+        jobs = slurm.run(lambda: os.environ["SLURM_JOB_ID"])  # worker address -> SLURM job id
+        assert len(set(jobs.values())) == 2 and set(jobs.values()) <= set(_our_jobs())
+        recorder = type("Recorder", (_Transitions, SchedulerPlugin), {})()
+        slurm.run_on_scheduler(lambda dask_scheduler: dask_scheduler.add_plugin(recorder))  # gets a copy
+
+        def on_block(done: int) -> None:
+            if killed:
+                return
+            processing = slurm.processing()
+            victim = max(jobs, key=lambda addr: len(processing.get(addr, ())))
+            killed.update(job=jobs[victim], address=victim, keys={str(k) for k in processing.get(victim, ())},
+                          done=done)  # fmt: skip
+            assert _sh("scancel", jobs[victim]).returncode == 0
+
+        report = prepare(store, slurm, cfg, progress=False, on_block=on_block)
+        assert _wait_gone([killed["job"]]) == []
+        assert killed["address"] not in slurm.scheduler_info()["workers"]
+        log = slurm.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins[_Transitions.name].log)
+    survivor = next(job for job in jobs.values() if job != killed["job"])
+    assert _wait_gone([survivor]) == []
+
+    n = 8 * 16
+    assert killed["done"] < n and killed["keys"], killed  # the kill came while the victim held blocks
+    assert report.prepared_now == n and report.fitted
+    # a block the victim held was taken back (processing -> released) and then finished on the survivor
+    rescheduled = {key for key, start, finish, _ in log if key in killed["keys"] and start == "processing"
+                   and finish not in ("memory", "erred")}  # fmt: skip
+    assert rescheduled, (killed, [entry for entry in log if entry[0] in killed["keys"]])
+    finished_on = {key: worker for key, start, finish, worker in log if finish == "memory" and worker}
+    assert all(finished_on.get(key) not in (None, killed["address"]) for key in rescheduled), finished_on
+
+    got, want = zarr.open_group(store, mode="r"), zarr.open_group(reference, mode="r")
+    assert (got["quality"][:] != UNPREPARED).all()
+    assert got.attrs["prepare"] == want.attrs["prepare"]
+    for name in ("sky", "mask", "norm", "cloud_fraction", "quality", "cloudy"):
+        np.testing.assert_array_equal(got[name][:], want[name][:], err_msg=name)
+    survivors = {finished_on[key] for key in rescheduled}
+    print(f"scancel {killed['job']} after {killed['done']}/{n} images; rescheduled {len(rescheduled)} blocks "
+          f"on {survivors}; prepare {report.seconds:.1f} s")
