@@ -66,14 +66,14 @@ def slurm_kwargs(cfg: SlurmConfig) -> dict[str, Any]:
     return kwargs
 
 
-def slurm_cluster(cfg: SlurmConfig) -> Cluster:
+def slurm_cluster(cfg: SlurmConfig, dashboard_address: str = ":0") -> Cluster:
     """A dask-jobqueue SLURMCluster (not yet scaled); a clear error where SLURM is not installed."""
     if shutil.which("sbatch") is None:
         raise CirrusError("--cluster slurm needs SLURM's sbatch on PATH (not found); use --cluster local")
     from dask_jobqueue import SLURMCluster
 
     check_slurm_job(cfg)
-    return SLURMCluster(**slurm_kwargs(cfg))
+    return SLURMCluster(**slurm_kwargs(cfg), scheduler_options={"dashboard_address": dashboard_address})
 
 
 SCHEDULER_PLACEHOLDER = "tcp://SCHEDULER:8786"
@@ -155,7 +155,7 @@ def connect(spec: str | None = None, config: ClusterConfig | None = None) -> Ite
     if kind == "local":
         cluster = local_cluster(config)
     elif kind == "slurm":
-        cluster = slurm_cluster(config.slurm)
+        cluster = slurm_cluster(config.slurm, config.dashboard_address)
     elif "://" in kind:
         cluster = None
     else:
