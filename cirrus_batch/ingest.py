@@ -87,10 +87,6 @@ class IngestReport:
     seconds: float = 0.0
     total: int = 0
 
-    def reasons(self) -> Counter[str]:
-        """Rejections of this run counted by reason (file-specific details stripped)."""
-        return Counter(r.reason.split(":")[0] for r in self.rejected)
-
 
 # -- discovery ------------------------------------------------------------------------------------
 def discover(source: str) -> tuple[fsspec.AbstractFileSystem, list[FileEntry]]:
