@@ -245,7 +245,7 @@ def prepare(
 
 
 # -- evaluation against true masks ------------------------------------------------------------------
-def _truth_index(store_sources: list[str], truth_url: str) -> np.ndarray:
+def truth_index(store_sources: list[str], truth_url: str) -> np.ndarray:
     """Position in the truth store of every store image (-1 where the truth has none)."""
     try:
         truth = zarr.open_group(truth_url, mode="r", zarr_format=3)
@@ -284,7 +284,7 @@ def evaluate_store(
     group, n, shard = store.group, store.committed, store.shard_size
     if "mask" not in group:
         raise StoreError(f"{store_url} has no masks: run `cirrus prepare {store_url}` first")
-    index = _truth_index(group["source"][:n].tolist(), truth_url)
+    index = truth_index(group["source"][:n].tolist(), truth_url)
     if not (index >= 0).any():
         raise CirrusError(f"no image of {store_url} is in the truth store {truth_url}")
     starts = range(0, n, shard)

@@ -303,12 +303,12 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
 def truth_scores(store_url: str, truth_url: str, dataset: StoreSamples, prob: np.ndarray,
                  labels: np.ndarray) -> dict[str, float]:  # fmt: skip
     """Predictions and training labels of ``dataset`` scored against a true-mask store (binned alike)."""
-    from cirrus_batch.prepare import _truth_index, read_images
+    from cirrus_batch.prepare import truth_index, read_images
 
     group = zarr.open_group(store_url, mode="r", zarr_format=3)
     truth = zarr.open_group(truth_url, mode="r", zarr_format=3)
     sources = np.asarray(group["source"][:], dtype=object)[dataset.positions]
-    index = _truth_index(list(sources), truth_url)
+    index = truth_index(list(sources), truth_url)
     if (index < 0).any():
         raise CirrusError(f"{int((index < 0).sum())} test images are not in the truth store {truth_url}")
     if dataset.task == "classify":
