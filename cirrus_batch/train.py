@@ -35,6 +35,7 @@ from cirrus_batch.data import StoreSamples, bin_image, check_store
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.metrics import MetricAccumulator, binary_metrics, confusion_matrix
 from cirrus_batch.models import build_model, pick_device
+from cirrus_batch.prepare import read_images, truth_index
 from cirrus_batch.sampling import Split, make_split
 
 log = logging.getLogger(__name__)
@@ -303,8 +304,6 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
 def truth_scores(store_url: str, truth_url: str, dataset: StoreSamples, prob: np.ndarray,
                  labels: np.ndarray) -> dict[str, float]:  # fmt: skip
     """Predictions and training labels of ``dataset`` scored against a true-mask store (binned alike)."""
-    from cirrus_batch.prepare import truth_index, read_images
-
     group = zarr.open_group(store_url, mode="r", zarr_format=3)
     truth = zarr.open_group(truth_url, mode="r", zarr_format=3)
     sources = np.asarray(group["source"][:], dtype=object)[dataset.positions]
