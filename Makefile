@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/cirrus ingest $(DEMO)/archive $(DEMO)/season.zarr --config jobs/default.toml
 	$(BIN)/cirrus prepare $(DEMO)/season.zarr --config jobs/default.toml \
 		--evaluate $(DEMO)/archive_truth.zarr --panel $(DEMO)/prepare-panel.png
-	$(BIN)/cirrus train $(DEMO)/season.zarr --task both --config jobs/train.toml --epochs 5 \
+	$(BIN)/cirrus train $(DEMO)/season.zarr --task both --config jobs/train.toml --epochs 15 \
 		--truth $(DEMO)/archive_truth.zarr
 	$(BIN)/cirrus info $(DEMO)/season.zarr
 	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1"
