@@ -87,18 +87,25 @@ def _loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, pos_
     return (per * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, pos_weight: float) -> dict[str, float]:
-    """Loss and metrics (accuracy, precision, recall, F1, IoU, ROC AUC, ECE, Brier) over a loader."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, pos_weight: float,
+             keep: bool = False) -> tuple[dict[str, float], tuple[np.ndarray, ...] | None]:  # fmt: skip
+    """Loss and metrics (accuracy, precision, recall, F1, IoU, ROC AUC, ECE, Brier) over a loader; with ``keep``
+    also the probabilities, targets and weights of every sample (in order), from the same pass."""
     model.eval()
     acc, loss_sum, weight_sum = MetricAccumulator(), 0.0, 0.0
+    kept: list[tuple[np.ndarray, ...]] = []
     with torch.no_grad():
         for x, y, w in loader:
             x, y, w = x.to(device), y.to(device), w.to(device)
             logits = model(x).float()
             loss_sum += float(_loss(logits, y, w, pos_weight)) * float(w.sum())
             weight_sum += float(w.sum())
-            acc.update(torch.sigmoid(logits).cpu().numpy(), y.cpu().numpy(), w.cpu().numpy())
-    return {"loss": loss_sum / max(weight_sum, 1.0), **acc.compute()}
+            batch = (torch.sigmoid(logits).cpu().numpy(), y.cpu().numpy(), w.cpu().numpy())
+            acc.update(*batch)
+            if keep:
+                kept.append(batch)
+    arrays = tuple(np.concatenate(a) for a in zip(*kept)) if keep else None
+    return {"loss": loss_sum / max(weight_sum, 1.0), **acc.compute()}, arrays
 
 
 class _Checkpoint:
@@ -195,7 +202,7 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
             for epoch in range(start_epoch, cfg.epochs):
                 train_loss = _train_epoch(model, loaders["train"], optimizer, scaler, cfg, device, augment_gen,
                                           use_amp, f"{task} epoch {epoch + 1}/{cfg.epochs}", progress)  # fmt: skip
-                val = evaluate(model, loaders["val"], device, cfg.pos_weight)
+                val, _ = evaluate(model, loaders["val"], device, cfg.pos_weight)
                 row = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                        **{f"val_{k}": v for k, v in val.items()}}  # fmt: skip
                 scheduler.step(val["loss"])
@@ -224,8 +231,7 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
                     break
             if best_state is not None:
                 model.load_state_dict(best_state)
-            test = evaluate(model, loaders["test"], device, cfg.pos_weight)
-            prob, target, weight = predict(model, loaders["test"], device)
+            test, (prob, target, weight) = evaluate(model, loaders["test"], device, cfg.pos_weight, keep=True)
             if truth:
                 test.update(truth_scores(store_url, truth, sets["test"], prob, target))
             mlflow.log_metrics({f"test_{k}": v for k, v in test.items() if np.isfinite(v)})
@@ -287,18 +293,6 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, ...]:
-    """Probabilities, targets and weights of every sample of ``loader`` (in order)."""
-    model.eval()
-    probs, targets, weights = [], [], []
-    with torch.no_grad():
-        for x, y, w in loader:
-            probs.append(torch.sigmoid(model(x.to(device)).float()).cpu().numpy())
-            targets.append(y.numpy())
-            weights.append(w.numpy())
-    return tuple(np.concatenate(a) for a in (probs, targets, weights))
 
 
 def truth_scores(store_url: str, truth_url: str, dataset: StoreSamples, prob: np.ndarray,
