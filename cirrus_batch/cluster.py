@@ -49,6 +49,15 @@ def local_cluster(config: ClusterConfig) -> LocalCluster:
         )
 
 
+def gpu_resources(client: Client) -> dict[str, float] | None:
+    """``{"GPU": 1}`` when some worker advertises the ``GPU`` resource (GPU workers on SLURM), else ``None``.
+
+    Pass it as ``resources=`` of ``client.submit``: one GPU task per GPU at a time there, any worker elsewhere.
+    """
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return {"GPU": 1} if any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers) else None
+
+
 def slurm_kwargs(cfg: SlurmConfig) -> dict[str, Any]:
     """``SLURMCluster`` keyword arguments from the job config; unset keys are left to the dask config."""
     keys = ("queue", "account", "cores", "memory", "processes", "walltime", "interface", "local_directory",

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from distributed import Client, LocalCluster
 
-from cirrus_batch.cluster import connect
+from cirrus_batch.cluster import connect, gpu_resources
 from cirrus_batch.config import ClusterConfig
 from cirrus_batch.errors import CirrusError
 
@@ -20,6 +21,14 @@ def test_scheduler_address_connects_to_running_cluster(client):
     with connect(client.scheduler.address) as other:
         assert other.submit(lambda: 41 + 1).result() == 42
     assert client.status == "running"  # the shared cluster stays up
+
+
+def test_gpu_resources_only_where_a_worker_has_a_gpu(client):
+    assert gpu_resources(client) is None  # plain local workers: GPU tasks may run anywhere
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, resources={"GPU": 1},
+                      dashboard_address=":0") as cluster, Client(cluster) as gpu_client:  # fmt: skip
+        assert gpu_resources(gpu_client) == {"GPU": 1}
+        assert gpu_client.submit(lambda: 7, resources=gpu_resources(gpu_client)).result() == 7
 
 
 def test_unknown_kind_and_unreachable_scheduler():
