@@ -4,7 +4,7 @@ The training step must not be starved by reading the store: the same model (``bu
 Adam, ``cirrus_batch.train._train_epoch``: same loss and augmentation, same seeds, same shuffle order) is
 trained for ``--epochs`` on N prepared cloudy images (quality 0):
 
-(a) store: ``StoreSamples(store, positions, task, bin)`` through a ``DataLoader`` set up exactly as
+(a) store: ``StoreSamples(store, positions, input_spec(task, cfg))`` through a ``DataLoader`` set up exactly as
     ``cirrus_batch.train.train`` does (batch 16, shuffle, ``--num-workers`` persistent workers);
 (b) memory: the tensors ``StoreSamples`` returns for those images, read beforehand into a ``TensorDataset``,
     through a ``DataLoader`` with ``num_workers=0``.
@@ -44,7 +44,7 @@ from cirrus_batch.config import TrainConfig, to_dict
 from cirrus_batch.data import StoreSamples
 from cirrus_batch.models import build_model, pick_device
 from cirrus_batch.store import Store
-from cirrus_batch.train import _threads, _train_epoch, net_config
+from cirrus_batch.train import _threads, _train_epoch, input_spec, net_config
 
 MIB = 2**20
 BUSY = ("cirrus train", "bench_prepare|bench_ingest")
@@ -125,7 +125,7 @@ def make_loader(dataset, cfg: TrainConfig, num_workers: int, device: torch.devic
 
 def warm_up(dataset, task: str, cfg: TrainConfig, device: torch.device) -> None:
     """One untimed training batch on a throw-away model (lazy initialisation, allocator, kernels)."""
-    model = build_model(task, **to_dict(net_config(task, cfg))).to(device)
+    model = build_model(task, in_channels=input_spec(task, cfg).in_channels, **to_dict(net_config(task, cfg))).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     loader = DataLoader(Subset(dataset, range(min(cfg.batch_size, len(dataset)))), batch_size=cfg.batch_size)
@@ -140,7 +140,7 @@ def run(dataset, task: str, cfg: TrainConfig, epochs: int, num_workers: int,
     warm_up(dataset, task, cfg, device)
     loader = make_loader(dataset, cfg, num_workers, device)
     torch.manual_seed(cfg.seed)
-    model = build_model(task, **to_dict(net_config(task, cfg))).to(device)
+    model = build_model(task, in_channels=input_spec(task, cfg).in_channels, **to_dict(net_config(task, cfg))).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -178,7 +178,7 @@ def main() -> None:
     committed = Store.open(url).committed
     shape = zarr.open_group(url, mode="r", zarr_format=3)["norm"].shape[1:]
 
-    store_ds = StoreSamples(url, positions, args.task, args.bin)
+    store_ds = StoreSamples(url, positions, input_spec(args.task, cfg))
     print(f"{quiet}; {os.cpu_count()} cores, torch {torch.__version__} on {device}, {threads} torch threads")
     print(f"store {url}: {committed} images of {shape[0]}x{shape[1]}, {len(positions)} prepared cloudy ones "
           f"used, bin {args.bin} -> {tuple(store_ds[0][0].shape)}, task {args.task}, batch {cfg.batch_size}, "

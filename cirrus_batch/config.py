@@ -91,6 +91,8 @@ class TrainConfig:
     unet: NetConfig = field(default_factory=lambda: NetConfig(dropout=0.0))
     bin: int = 4
     """Images are averaged over bin x bin pixel blocks (512x640 -> 128x160 with 4)."""
+    zenith_channel: bool = True
+    """Give the networks the zenith angle as a second input channel (see ``data.InputSpec``)."""
     batch_size: int = 16
     lr: float = 1e-3
     """Adam learning rate."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -9,6 +12,7 @@ import zarr
 from torch.utils.data import Dataset
 
 from cirrus_batch.errors import StoreError
+from cirrus_batch.masks import zenith_map
 from cirrus_batch.store import Store
 
 NEEDS = {"classify": ("norm", "cloudy", "quality", "sky"), "segment": ("norm", "mask", "cloudy", "quality", "sky")}
@@ -22,6 +26,52 @@ def bin_image(x: np.ndarray, factor: int) -> np.ndarray:
     lead, (h, w) = t.shape[:-2], t.shape[-2:]
     out = F.avg_pool2d(t.reshape(-1, 1, h, w), factor)
     return out.reshape(*lead, *out.shape[-2:]).numpy()
+
+
+def store_zenith(group: zarr.Group) -> np.ndarray:
+    """(y, x) zenith angle (deg) of the prepared store's fisheye geometry."""
+    attrs = group.attrs.get("prepare")
+    if not attrs:
+        raise StoreError("the store is not prepared yet: run `cirrus prepare STORE` first")
+    geometry = attrs["geometry"]
+    return zenith_map(tuple(group["raw"].shape[1:]), tuple(geometry["center"]), float(geometry["radius"]))
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a network reads: ``norm`` binned by ``bin`` and, with ``zenith``, the zenith angle / 90° as a
+    second channel (the clear sky brightens towards the horizon; a small network cannot see where it is).
+
+    Saved with the model (MLflow model metadata), so inference builds exactly the training inputs.
+    """
+
+    task: str
+    bin: int = 4
+    zenith: bool = True
+
+    @property
+    def in_channels(self) -> int:
+        return 1 + int(self.zenith)
+
+    def to_metadata(self) -> dict[str, Any]:
+        return {"task": self.task, "bin": self.bin, "zenith_channel": self.zenith}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any] | None) -> InputSpec:
+        if not metadata or "task" not in metadata:
+            raise ValueError("the model has no cirrus input metadata (task, bin, zenith_channel): "
+                             "was it logged by `cirrus train`?")  # fmt: skip
+        return cls(str(metadata["task"]), int(metadata["bin"]), bool(metadata["zenith_channel"]))
+
+    def inputs(self, norm: np.ndarray, zenith: np.ndarray | None = None) -> np.ndarray:
+        """(n, c, h, w) float32 network input of ``norm`` images (n, y, x); ``zenith``: :func:`store_zenith`."""
+        x = bin_image(np.asarray(norm, dtype=np.float32), self.bin)[:, None]
+        if not self.zenith:
+            return np.ascontiguousarray(x)
+        if zenith is None:
+            raise ValueError("this input has a zenith-angle channel: pass the store's zenith map")
+        z = bin_image(np.clip(zenith / 90.0, 0.0, 1.25).astype(np.float32), self.bin)
+        return np.concatenate([x, np.broadcast_to(z, x.shape)], axis=1)
 
 
 def check_store(store_url: str, task: str) -> Store:
@@ -38,20 +88,30 @@ def check_store(store_url: str, task: str) -> Store:
 class StoreSamples(Dataset):
     """``(image, target, weight)`` of the store images at ``positions``.
 
-    image: ``norm`` binned by ``bin``, shape (1, h, w) float32. Segment: target = ``mask`` binned (majority)
+    image: :meth:`InputSpec.inputs`, shape (c, h, w) float32. Segment: target = ``mask`` binned (majority)
     and weight = the binned sky mask, both (1, h, w). Classify: target = ``cloudy`` and weight 1, scalars.
     The zarr group opens lazily in each DataLoader worker.
     """
 
-    def __init__(self, store_url: str, positions: np.ndarray, task: str, bin: int = 1):
-        if task not in NEEDS:
-            raise ValueError(f"task must be one of {sorted(NEEDS)}, got {task!r}")
-        self.store_url, self.task, self.bin = store_url, task, bin
+    def __init__(self, store_url: str, positions: np.ndarray, spec: InputSpec):
+        if spec.task not in NEEDS:
+            raise ValueError(f"task must be one of {sorted(NEEDS)}, got {spec.task!r}")
+        self.store_url, self.spec = store_url, spec
         self.positions = np.asarray(positions, dtype=np.int64)
-        group = check_store(store_url, task).group
+        group = check_store(store_url, spec.task).group
         self.cloudy = group["cloudy"][:].astype(np.float32)
-        self.sky = torch.from_numpy((bin_image(group["sky"][:].astype(np.float32), bin) > 0.5).astype(np.float32))
+        self.zenith = store_zenith(group) if spec.zenith else None
+        sky = bin_image(group["sky"][:].astype(np.float32), spec.bin) > 0.5
+        self.sky = torch.from_numpy(sky.astype(np.float32))
         self._group: zarr.Group | None = None
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
+
+    @property
+    def bin(self) -> int:
+        return self.spec.bin
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -67,7 +127,7 @@ class StoreSamples(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = int(self.positions[i])
-        image = torch.from_numpy(np.ascontiguousarray(bin_image(self.group["norm"][p], self.bin)))[None]
+        image = torch.from_numpy(self.spec.inputs(self.group["norm"][p][None], self.zenith)[0])
         if self.task == "classify":
             return image, torch.tensor(self.cloudy[p]), torch.tensor(1.0)
         mask = bin_image(self.group["mask"][p], self.bin) > 0.5

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from cirrus_batch import plots
 from cirrus_batch.augment import augment
 from cirrus_batch.config import NetConfig, TrainConfig, to_dict
-from cirrus_batch.data import StoreSamples, bin_image, check_store
+from cirrus_batch.data import InputSpec, StoreSamples, bin_image, check_store
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.metrics import MetricAccumulator, binary_metrics, confusion_matrix
 from cirrus_batch.models import build_model, pick_device
@@ -61,6 +61,10 @@ class TrainResult:
 
 def net_config(task: str, cfg: TrainConfig) -> NetConfig:
     return cfg.classifier if task == "classify" else cfg.unet
+
+
+def input_spec(task: str, cfg: TrainConfig) -> InputSpec:
+    return InputSpec(task, cfg.bin, cfg.zenith_channel)
 
 
 def _threads(cfg: TrainConfig) -> int:
@@ -129,11 +133,15 @@ class _Checkpoint:
             raise CirrusError(f"cannot read checkpoint {self.path}: {exc}") from None
 
 
-def _restore(model: nn.Module, state: dict[str, Any], task: str, net: NetConfig, path: Path) -> None:
-    if state.get("task") != task or state.get("net") != to_dict(net):
+def _network_id(net: NetConfig, spec: InputSpec) -> dict[str, Any]:
+    return {**to_dict(net), **spec.to_metadata()}
+
+
+def _restore(model: nn.Module, state: dict[str, Any], task: str, network: dict[str, Any], path: Path) -> None:
+    if state.get("task") != task or state.get("net") != network:
         raise CirrusError(
             f"checkpoint {path} was made for task {state.get('task')!r} with network {state.get('net')}, not "
-            f"{task!r} with {to_dict(net)}: delete it or train without --resume"
+            f"{task!r} with {network}: delete it or train without --resume"
         )
     try:
         model.load_state_dict(state["model"])
@@ -159,7 +167,8 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
     state = checkpoint.load() if resume else None
 
     split = Split.from_json(state["split"]) if state else choose_split(store_url, task, cfg)
-    sets = {name: StoreSamples(store_url, getattr(split, name), task, cfg.bin) for name in ("train", "val", "test")}
+    spec = input_spec(task, cfg)
+    sets = {name: StoreSamples(store_url, getattr(split, name), spec) for name in ("train", "val", "test")}
     sizes = {name: len(ds) for name, ds in sets.items()}
     generator = torch.Generator().manual_seed(cfg.seed)
     loaders = {
@@ -169,7 +178,7 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
         for name, ds in sets.items()
     }
     torch.manual_seed(cfg.seed)
-    model = build_model(task, **to_dict(net)).to(device)
+    model = build_model(task, in_channels=spec.in_channels, **to_dict(net)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=cfg.lr_patience)
     use_amp = cfg.amp and device.type == "cuda"
@@ -177,7 +186,7 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
     history: list[dict[str, float]] = []
     start_epoch, best, bad_epochs, best_state, run_id = 0, float("inf"), 0, None, None
     if state:
-        _restore(model, state, task, net, checkpoint.path)
+        _restore(model, state, task, _network_id(net, spec), checkpoint.path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -213,7 +222,7 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
                 else:
                     bad_epochs += 1
                 checkpoint.save({
-                    "task": task, "net": to_dict(net), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "task": task, "net": _network_id(net, spec), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(), "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                     "torch_rng": torch.get_rng_state(),
                     "augment_generator": augment_gen.get_state(),
@@ -344,7 +353,7 @@ def _log_model(model: nn.Module, dataset: StoreSamples, task: str, cfg: TrainCon
     # two images: torch.export (MLflow's pt2 format) would fix a batch dimension of 1 as a constant
     example = np.stack([dataset[i % len(dataset)][0].numpy() for i in range(2)])
     info = mlflow.pytorch.log_model(
-        model, name="model", input_example=example,
+        model, name="model", input_example=example, metadata=dataset.spec.to_metadata(),
         registered_model_name=REGISTERED[task] if cfg.register else None,
     )  # fmt: skip
     model.to(device)

@@ -24,7 +24,7 @@ from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.ingest import ingest
 from cirrus_batch.prepare import prepare
 from cirrus_batch.synth import write_archive
-from cirrus_batch.train import train
+from cirrus_batch.train import input_spec, train
 
 SHAPE = (96, 120)
 TINY = {
@@ -76,8 +76,10 @@ def test_both_tasks_log_register_and_reload(store, tmp_path):
         # the registered model is the trained one: it reproduces the logged test accuracy
         mlflow.set_tracking_uri(cfg.tracking_uri)
         model = mlflow.pytorch.load_model(f"models:/{name}/1")
+        info = mlflow.models.get_model_info(f"models:/{name}/1")
+        assert info.metadata == {"task": task, "bin": 2, "zenith_channel": True}  # what inference needs
         split = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/split.json")
-        test = StoreSamples(store, np.array(split["test"]), task, cfg.bin)
+        test = StoreSamples(store, np.array(split["test"]), input_spec(task, cfg))
         x, y, w = (torch.stack(t) for t in zip(*[test[i] for i in range(len(test))]))
         with torch.no_grad():
             prob = torch.sigmoid(model(x)).numpy()
@@ -186,6 +188,6 @@ def test_against_a_real_mlflow_server(store, tmp_path, mlflow_server):
     (version,) = MlflowClient().search_model_versions("name='cirrus-unet'")
     assert version.run_id == result.run_id
     model = mlflow.pyfunc.load_model(f"models:/cirrus-unet/{version.version}")
-    image = StoreSamples(store, np.array([0, 1]), "segment", cfg.bin)[0][0][None].numpy()
+    image = StoreSamples(store, np.array([0, 1]), input_spec("segment", cfg))[0][0][None].numpy()
     logits = np.asarray(model.predict(image))
     assert logits.shape == (1, 1, *image.shape[-2:]) and np.isfinite(logits).all()
