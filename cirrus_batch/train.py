@@ -17,6 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import mlflow
@@ -57,6 +58,10 @@ class TrainResult:
     seconds: float
     registered_version: str | None = None
     split_sizes: dict[str, int] = field(default_factory=dict)
+    pruned: bool = False
+
+
+EpochCallback = Callable[[int, dict[str, float]], bool | None]
 
 
 def net_config(task: str, cfg: TrainConfig) -> NetConfig:
@@ -150,11 +155,17 @@ def _restore(model: nn.Module, state: dict[str, Any], task: str, network: dict[s
 
 
 def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: bool = False,
-          progress: bool = True, truth: str | None = None) -> TrainResult:  # fmt: skip
+          progress: bool = True, truth: str | None = None, *, on_epoch: EpochCallback | None = None,
+          should_stop: Callable[[], bool] | None = None, parent_run_id: str | None = None,
+          run_name: str | None = None) -> TrainResult:  # fmt: skip
     """Train the network for ``task`` ("classify" or "segment") on the prepared store at ``store_url``.
 
     ``truth``: a true-mask store (``cirrus synth``); the test images are then also scored against the true
     masks/labels (``truth_*`` metrics), and so are the training labels themselves (``labels_truth_*``).
+    ``on_epoch(epoch, row)`` sees each epoch's metrics (``val_loss``, ``val_iou``, ...); when it returns True
+    training ends there (e.g. an Optuna pruner): the MLflow run ends as KILLED, nothing is tested or logged
+    as a model, and the result has ``pruned=True``. ``should_stop()`` is polled after every epoch like SIGUSR1:
+    the checkpoint is kept and a :class:`CirrusError` says to resume. ``parent_run_id`` nests the MLflow run.
     """
     if task not in TASKS:
         raise CirrusError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
@@ -201,8 +212,9 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
     mlflow.set_tracking_uri(cfg.tracking_uri)
     mlflow.set_experiment(cfg.experiment)
     try:
-        with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"{task}-{time.strftime('%Y%m%d-%H%M%S')}",
-                              log_system_metrics=True) as run:  # fmt: skip
+        with mlflow.start_run(run_id=run_id, log_system_metrics=True, parent_run_id=None if run_id else parent_run_id,
+                              run_name=None if run_id else run_name or f"{task}-{time.strftime('%Y%m%d-%H%M%S')}",
+                              ) as run:  # fmt: skip
             if not state:
                 _log_setup(store_url, task, cfg, split, sizes, device)
             augment_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
@@ -231,9 +243,15 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
                 })  # fmt: skip
                 log.info("%s epoch %d: train loss %.4f, val loss %.4f, val F1 %.3f, val IoU %.3f", task, epoch + 1,
                          train_loss, val["loss"], val["f1"], val["iou"])  # fmt: skip
-                if stop["now"]:
-                    raise CirrusError(f"stopped by SIGUSR1 after epoch {epoch + 1}; checkpoint {checkpoint.path} "
-                                      "saved: run again with --resume")  # fmt: skip
+                if stop["now"] or (should_stop is not None and should_stop()):
+                    raise CirrusError(f"stopped after epoch {epoch + 1} (SIGUSR1 or a stop request); checkpoint "
+                                      f"{checkpoint.path} saved: run again with --resume")  # fmt: skip
+                if on_epoch is not None and on_epoch(epoch, row):
+                    log.info("%s stopped after epoch %d by its epoch callback (pruned)", task, epoch + 1)
+                    mlflow.set_tag("pruned", "true")
+                    mlflow.end_run("KILLED")
+                    return TrainResult(task, run.info.run_id, "", history, {}, len(history),
+                                       time.perf_counter() - t0, None, sizes, pruned=True)  # fmt: skip
                 if bad_epochs >= cfg.patience:
                     log.info("early stopping after epoch %d (no better validation loss for %d epochs)", epoch + 1,
                              bad_epochs)  # fmt: skip

@@ -94,6 +94,24 @@ def test_reproducible_on_cpu(store, tmp_path):
     assert a.test["loss"] == b.test["loss"]
 
 
+def test_epoch_callback_prunes_and_runs_nest(store, tmp_path):
+    cfg = tiny(tmp_path, **{"train.epochs": 3, "train.register": False})
+    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_experiment(cfg.experiment)
+    with mlflow.start_run(run_name="study") as parent:
+        pass
+    seen = []
+    result = train(store, "segment", cfg, progress=False, parent_run_id=parent.info.run_id, run_name="trial-0",
+                   on_epoch=lambda epoch, row: seen.append((epoch, row["val_loss"])) or epoch == 1)  # fmt: skip
+    assert result.pruned and result.epochs_run == 2 and [e for e, _ in seen] == [0, 1] and not result.test
+    run = MlflowClient(cfg.tracking_uri).get_run(result.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["pruned"] == "true"
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.info.run_name == "trial-0"
+    assert "test_loss" not in run.data.metrics
+    with pytest.raises(CirrusError, match="stopped after epoch 1 .*--resume"):
+        train(store, "segment", cfg, progress=False, should_stop=lambda: True)
+
+
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
