@@ -134,14 +134,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cirrus_batch.train import train
+    from cirrus_batch.train import train, train_on_cluster
 
     config = _config(args, **{"train.tracking_uri": args.tracking_uri, "train.epochs": args.epochs})
     tasks = ["classify", "segment"] if args.task == "both" else [args.task]
+    on_cluster = config.cluster.kind != "local"  # local: train in this process (progress bars, Ctrl-C)
     rows = []
-    for task in tasks:
-        result = train(args.store, task, config.train, resume=args.resume, progress=not args.no_progress,
-                       truth=args.truth)  # fmt: skip
+    with _client(config) if on_cluster else nullcontext() as client:
+        results = [
+            train_on_cluster(client, args.store, task, config.train, resume=args.resume, truth=args.truth)
+            if on_cluster else train(args.store, task, config.train, resume=args.resume,
+                                     progress=not args.no_progress, truth=args.truth)
+            for task in tasks
+        ]  # fmt: skip
+    for task, result in zip(tasks, results):
         t = result.test
         rows.append([task, result.epochs_run, *(result.split_sizes[k] for k in ("train", "val", "test")),
                      *(f"{t[k]:.3f}" for k in ("accuracy", "f1", "iou", "roc_auc", "ece")),

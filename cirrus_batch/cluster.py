@@ -68,8 +68,10 @@ def slurm_kwargs(cfg: SlurmConfig) -> dict[str, Any]:
     if cfg.gpus_per_job:
         directives.append(f"--gres=gpu:{cfg.gpus_per_job}")
         worker_args += ["--resources", f"GPU={cfg.gpus_per_job}"]
+    # training may start DataLoader worker processes, which a daemonic Dask worker cannot
+    prologue = ["export DASK_DISTRIBUTED__WORKER__DAEMON=False", *cfg.job_script_prologue]
     for key, value in (("job_extra_directives", directives), ("worker_extra_args", worker_args),
-                       ("job_script_prologue", cfg.job_script_prologue), ("job_directives_skip", cfg.job_directives_skip)):
+                       ("job_script_prologue", prologue), ("job_directives_skip", cfg.job_directives_skip)):
         if value:
             kwargs[key] = value
     return kwargs

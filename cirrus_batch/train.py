@@ -9,13 +9,18 @@ and logged with its artifacts and registered as ``cirrus-classifier`` or ``cirru
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
+import multiprocessing
 import signal
+import socket
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -26,11 +31,13 @@ import torch
 import torch.nn.functional as F
 import zarr
 from torch import nn
+from distributed import Client, Event
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cirrus_batch import plots
 from cirrus_batch.augment import augment
+from cirrus_batch.cluster import gpu_resources
 from cirrus_batch.config import NetConfig, TrainConfig, to_dict
 from cirrus_batch.data import InputSpec, StoreSamples, bin_image, check_store
 from cirrus_batch.errors import CirrusError
@@ -181,6 +188,11 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
     spec = input_spec(task, cfg)
     sets = {name: StoreSamples(store_url, getattr(split, name), spec) for name in ("train", "val", "test")}
     sizes = {name: len(ds) for name, ds in sets.items()}
+    if cfg.num_workers and multiprocessing.current_process().daemon:
+        log.warning("num_workers=%d: this is a daemonic process (a Dask worker?) that cannot start DataLoader "
+                    "workers; loading in the training process (DASK_DISTRIBUTED__WORKER__DAEMON=False allows them)",
+                    cfg.num_workers)  # fmt: skip
+        cfg = dataclasses.replace(cfg, num_workers=0)
     generator = torch.Generator().manual_seed(cfg.seed)
     loaders = {
         name: DataLoader(ds, batch_size=cfg.batch_size, shuffle=name == "train", generator=generator,
@@ -271,6 +283,29 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
                        version, sizes)  # fmt: skip
 
 
+def train_on_cluster(client: Client, store_url: str, task: str, cfg: TrainConfig, resume: bool = False,
+                     truth: str | None = None) -> TrainResult:  # fmt: skip
+    """:func:`train` as one Dask task on a GPU worker (any worker where none has a GPU), waiting for it.
+
+    SIGUSR1 here (the driver job near its walltime) is passed on: the task stops after its epoch and keeps
+    its checkpoint, as in-process training does.
+    """
+    stop = Event(f"cirrus-stop-{uuid.uuid4().hex}", client=client)
+    previous = _on_signal(signal.SIGUSR1, lambda *_: stop.set())
+    try:
+        future = client.submit(train, store_url, task, cfg, resume, False, truth, should_stop=partial(_is_set, stop.name),
+                               resources=gpu_resources(client), pure=False, key=f"train-{task}-{uuid.uuid4().hex[:8]}")  # fmt: skip
+        log.info("training %s on the Dask cluster (task %s)", task, future.key)
+        return future.result()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGUSR1, previous)
+
+
+def _is_set(name: str) -> bool:
+    return Event(name).is_set()
+
+
 def _on_signal(signum: int, handler: Any) -> Any:
     """Install ``handler`` where possible (main thread of the main interpreter); returns the previous one."""
     try:
@@ -307,7 +342,8 @@ def _log_setup(store_url: str, task: str, cfg: TrainConfig, split: Split, sizes:
     params = {"task": task, "store": store_url, "device": str(device), **{f"n_{k}": v for k, v in sizes.items()}}
     params.update(_flatten(to_dict(cfg)))
     mlflow.log_params(params)
-    mlflow.set_tags({"task": task, "store": store_url})
+    mlflow.set_tags({"task": task, "store": store_url, "host": socket.gethostname(), "pid": os.getpid(),
+                     **({"slurm_job_id": os.environ["SLURM_JOB_ID"]} if "SLURM_JOB_ID" in os.environ else {})})
     mlflow.log_dict(split.to_json(), "split.json")
     mlflow.log_dict(to_dict(cfg), "train_config.json")
 

@@ -52,7 +52,7 @@ def test_slurm_job_script_from_config():
         script = cluster.job_script()
     assert "#SBATCH -p gpu" in script and "#SBATCH --cpus-per-task=4" in script
     assert "#SBATCH --gres=gpu:1" in script and "#SBATCH -t 01:00:00" in script
-    assert "module load cuda" in script
+    assert "module load cuda" in script and "export DASK_DISTRIBUTED__WORKER__DAEMON=False" in script
     assert "/opt/venv/bin/python -m distributed.cli.dask_worker" in script and "--resources GPU=1" in script
 
 

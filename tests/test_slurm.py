@@ -276,7 +276,9 @@ def test_train_sh_driver_job_runs_ingest_prepare_train(local_slurm, tmp_path):
     for name in ("cirrus-classifier", "cirrus-unet"):
         versions = client.search_model_versions(f"name='{name}'")
         assert [(str(v.version), v.status) for v in versions] == [("1", "READY")], (name, versions)
-        assert client.get_run(versions[0].run_id).info.status == "FINISHED"
+        run = client.get_run(versions[0].run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["slurm_job_id"] in workers, (name, run.data.tags)  # trained on a GPU worker job
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["classify.pt", "segment.pt"]
     print(f"train.sh driver job {driver}: {elapsed:.0f} s, worker jobs {sorted(workers)}")
 
