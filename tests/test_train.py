@@ -3,11 +3,13 @@ kill -9, and clear errors for bad input."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -24,7 +26,7 @@ from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.ingest import ingest
 from cirrus_batch.prepare import prepare
 from cirrus_batch.synth import write_archive
-from cirrus_batch.train import input_spec, train
+from cirrus_batch.train import input_spec, train, train_on_cluster
 
 SHAPE = (96, 120)
 TINY = {
@@ -110,6 +112,26 @@ def test_epoch_callback_prunes_and_runs_nest(store, tmp_path):
     assert "test_loss" not in run.data.metrics
     with pytest.raises(CirrusError, match="stopped after epoch 1 .*--resume"):
         train(store, "segment", cfg, progress=False, should_stop=lambda: True)
+
+
+def test_on_the_cluster_sigusr1_stops_the_worker_task_with_a_checkpoint(store, tmp_path, client):
+    """Training as a Dask task (SLURM path): SIGUSR1 to the driver stops it after an epoch; --resume goes on."""
+    cfg = tiny(tmp_path, **{"train.epochs": 40, "train.patience": 40, "train.register": False})
+    checkpoint = tmp_path / "ckpt" / "segment.pt"
+
+    def signal_after_first_epoch():
+        while not checkpoint.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    threading.Thread(target=signal_after_first_epoch, daemon=True).start()
+    with pytest.raises(CirrusError, match=r"stopped after epoch \d+ .*--resume"):
+        train_on_cluster(client, store, "segment", cfg)
+    stopped = torch.load(checkpoint, weights_only=False)
+    assert stopped["epoch"] < 39
+    done = train_on_cluster(client, store, "segment", tiny(tmp_path, **{"train.epochs": stopped["epoch"] + 2,
+                            "train.register": False}), resume=True)  # fmt: skip
+    assert done.run_id == stopped["run_id"] and done.epochs_run == stopped["epoch"] + 2
 
 
 KILLER = textwrap.dedent(
