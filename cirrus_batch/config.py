@@ -101,6 +101,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     pos_weight: float = 1.0
     """Weight of the cloudy class in the binary cross-entropy (loss weighting)."""
+    calibrate: bool = True
+    """After training, fit the temperature of the logits on the validation set (temperature scaling)."""
     epochs: int = 20
     patience: int = 4
     """Early stopping: epochs without a lower validation loss."""

@@ -124,6 +124,32 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, pos_wei
     return {"loss": loss_sum / max(weight_sum, 1.0), **acc.compute()}, arrays
 
 
+def fit_temperature(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Temperature T minimizing the binary cross-entropy of ``logits / T`` on ``loader`` (weighted like the
+    metrics, no class weighting): temperature scaling, which calibrates without changing any decision."""
+    model.eval()
+    parts: list[tuple[torch.Tensor, ...]] = []
+    with torch.no_grad():
+        for x, y, w in loader:
+            z = (model(x.to(device)).float() * model.temperature).cpu()
+            keep = w > 0
+            parts.append((z[keep], y[keep].float(), w[keep].float()))
+    if not parts or sum(len(p[0]) for p in parts) == 0:
+        return 1.0
+    z, y, w = (torch.cat(t) for t in zip(*parts))
+    log_t = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=50, line_search_fn="strong_wolfe")
+
+    def nll() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = (F.binary_cross_entropy_with_logits(z / log_t.exp(), y, reduction="none") * w).sum() / w.sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(nll)
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
 class _Checkpoint:
     """Atomic per-epoch checkpoint of everything a resumed run needs."""
 
@@ -270,6 +296,9 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
                     break
             if best_state is not None:
                 model.load_state_dict(best_state)
+            if cfg.calibrate:
+                model.temperature.fill_(fit_temperature(model, loaders["val"], device))
+                mlflow.log_metric("temperature", float(model.temperature))
             test, (prob, target, weight) = evaluate(model, loaders["test"], device, cfg.pos_weight, keep=True)
             if truth:
                 test.update(truth_scores(store_url, truth, sets["test"], prob, target))

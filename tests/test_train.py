@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from cirrus_batch.config import ConfigError, IngestConfig, PrepareConfig, TrainConfig, load_config
 from cirrus_batch.data import StoreSamples
@@ -26,7 +28,7 @@ from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.ingest import ingest
 from cirrus_batch.prepare import prepare
 from cirrus_batch.synth import write_archive
-from cirrus_batch.train import input_spec, train, train_on_cluster
+from cirrus_batch.train import fit_temperature, input_spec, train, train_on_cluster
 
 SHAPE = (96, 120)
 TINY = {
@@ -80,6 +82,7 @@ def test_both_tasks_log_register_and_reload(store, tmp_path):
         model = mlflow.pytorch.load_model(f"models:/{name}/1")
         info = mlflow.models.get_model_info(f"models:/{name}/1")
         assert info.metadata == {"task": task, "bin": 2, "zenith_channel": True}  # what inference needs
+        assert float(model.temperature) == pytest.approx(run.data.metrics["temperature"]) != 1.0  # calibrated
         split = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/split.json")
         test = StoreSamples(store, np.array(split["test"]), input_spec(task, cfg))
         x, y, w = (torch.stack(t) for t in zip(*[test[i] for i in range(len(test))]))
@@ -87,6 +90,23 @@ def test_both_tasks_log_register_and_reload(store, tmp_path):
             prob = torch.sigmoid(model(x)).numpy()
         accuracy = float((((prob > 0.5) == (y.numpy() > 0.5)) * w.numpy()).sum() / w.numpy().sum())
         assert accuracy == pytest.approx(result.test["accuracy"], abs=1e-6)
+
+
+def test_fit_temperature_undoes_overconfidence():
+    g = torch.Generator().manual_seed(0)
+    logit = torch.randn(4000, generator=g) * 2
+    y = (torch.rand(4000, generator=g) < torch.sigmoid(logit)).float()
+
+    class ThreeTimesTooSure(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("temperature", torch.ones(()))
+
+        def forward(self, x):
+            return 3 * x[:, 0, 0, 0] / self.temperature
+
+    loader = DataLoader(TensorDataset(logit[:, None, None, None], y, torch.ones(4000)), batch_size=500)
+    assert fit_temperature(ThreeTimesTooSure(), loader, torch.device("cpu")) == pytest.approx(3.0, rel=0.1)
 
 
 def test_reproducible_on_cpu(store, tmp_path):

@@ -14,7 +14,8 @@ __all__ = ["CloudClassifier"]
 class CloudClassifier(nn.Module):
     """``depth`` conv blocks (max-pooled between), global average pooling, dropout and a linear layer.
 
-    Takes (n, in_channels, h, w) of any size >= 1 pixel and returns logits of shape (n,).
+    Takes (n, in_channels, h, w) of any size >= 1 pixel and returns logits of shape (n,), divided by the
+    ``temperature`` buffer (1 until training calibrates it).
     """
 
     def __init__(
@@ -33,6 +34,7 @@ class CloudClassifier(nn.Module):
         )
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(chans[-1], 1)
+        self.register_buffer("temperature", torch.ones(()))  # logits / temperature: calibration after training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
@@ -40,7 +42,7 @@ class CloudClassifier(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x if i == 0 else F.max_pool2d(x, 2, ceil_mode=True))
         x = x.mean(dim=(-2, -1))
-        return self.head(self.dropout(x)).squeeze(-1)
+        return self.head(self.dropout(x)).squeeze(-1) / self.temperature
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ class UNet(nn.Module):
 
     Inputs (n, in_channels, h, w) of any size are padded (replicate) to a multiple of ``2**depth`` and the
     output (n, 1, h, w) logits are cropped back.  Dropout applies in the bottleneck and decoder blocks.
+    The logits are divided by the ``temperature`` buffer (1 until training calibrates it).
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class UNet(nn.Module):
             [ConvBlock(2 * chans[i], chans[i], dropout, batch_norm) for i in reversed(range(depth))]
         )
         self.head = nn.Conv2d(chans[0], 1, 1)
+        self.register_buffer("temperature", torch.ones(()))  # logits / temperature: calibration after training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
@@ -81,7 +83,7 @@ class UNet(nn.Module):
         x = skips.pop()
         for upsample, block in zip(self.upsample, self.up):
             x = block(torch.cat([upsample(x), skips.pop()], dim=1))
-        return self.head(x)[..., :h, :w]
+        return self.head(x)[..., :h, :w] / self.temperature
 
     @torch.no_grad()
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
