@@ -101,6 +101,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     pos_weight: float = 1.0
     """Weight of the cloudy class in the binary cross-entropy (loss weighting)."""
+    ema: float = 0.98
+    """Decay of the exponential moving average of the weights (updated every step), which is what is validated,
+    kept and logged; 0 = the plain weights."""
     calibrate: bool = True
     """After training, fit the temperature of the logits on the validation set (temperature scaling)."""
     epochs: int = 20

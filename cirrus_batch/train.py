@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import zarr
 from torch import nn
 from distributed import Client, Event
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -150,6 +151,18 @@ def fit_temperature(model: nn.Module, loader: DataLoader, device: torch.device) 
     return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
+def _ema_update(decay: float, averaged: list[torch.Tensor], current: list[torch.Tensor],
+                num_averaged: torch.Tensor) -> None:  # fmt: skip
+    """Exponential moving average whose decay ramps up to ``decay`` ((1 + n) / (10 + n) after n updates), so
+    that short trainings are not averaged with their random initial weights."""
+    d = min(decay, (1.0 + float(num_averaged)) / (10.0 + float(num_averaged)))
+    for a, c in zip(averaged, current):
+        if a.is_floating_point():
+            a.lerp_(c, 1.0 - d)
+        else:  # BatchNorm's num_batches_tracked
+            a.copy_(c)
+
+
 class _Checkpoint:
     """Atomic per-epoch checkpoint of everything a resumed run needs."""
 
@@ -230,6 +243,9 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
     model = build_model(task, in_channels=spec.in_channels, **to_dict(net)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=cfg.lr_patience)
+    # validated, kept and logged: the moving average of the weights (smoother than the last step's weights)
+    ema = AveragedModel(model, multi_avg_fn=partial(_ema_update, cfg.ema), use_buffers=True) if cfg.ema else None
+    judged = ema.module if ema is not None else model
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     history: list[dict[str, float]] = []
@@ -239,6 +255,8 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         history, start_epoch, best, bad_epochs = state["history"], state["epoch"] + 1, state["best"], state["bad"]
@@ -260,20 +278,20 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
                 augment_gen.set_state(state["augment_generator"])
             for epoch in range(start_epoch, cfg.epochs):
                 train_loss = _train_epoch(model, loaders["train"], optimizer, scaler, cfg, device, augment_gen,
-                                          use_amp, f"{task} epoch {epoch + 1}/{cfg.epochs}", progress)  # fmt: skip
-                val, _ = evaluate(model, loaders["val"], device, cfg.pos_weight)
+                                          use_amp, f"{task} epoch {epoch + 1}/{cfg.epochs}", progress, ema)  # fmt: skip
+                val, _ = evaluate(judged, loaders["val"], device, cfg.pos_weight)
                 row = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                        **{f"val_{k}": v for k, v in val.items()}}  # fmt: skip
                 scheduler.step(val["loss"])
                 history.append(row)
                 mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=epoch)
                 if val["loss"] < best:
-                    best, bad_epochs, best_state = val["loss"], 0, copy.deepcopy(model.state_dict())
+                    best, bad_epochs, best_state = val["loss"], 0, copy.deepcopy(judged.state_dict())
                 else:
                     bad_epochs += 1
                 checkpoint.save({
                     "task": task, "net": _network_id(net, spec), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                    "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None, "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                     "torch_rng": torch.get_rng_state(),
                     "augment_generator": augment_gen.get_state(),
                     "epoch": epoch, "history": history, "best": best, "bad": bad_epochs, "best_state": best_state,
@@ -345,7 +363,7 @@ def _on_signal(signum: int, handler: Any) -> Any:
 
 def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device, gen: torch.Generator,
-                 use_amp: bool, desc: str, progress: bool) -> float:  # fmt: skip
+                 use_amp: bool, desc: str, progress: bool, ema: AveragedModel | None = None) -> float:  # fmt: skip
     model.train()
     total, count = 0.0, 0
     for x, y, w in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
@@ -361,6 +379,8 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update_parameters(model)
         total += loss.item() * len(x)
         count += len(x)
     return total / max(count, 1)
