@@ -164,6 +164,57 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    from cirrus_batch.reprocess import models_by_task, reprocess, resolve_model
+
+    config = _config(args, **{"train.tracking_uri": args.tracking_uri, "reprocess.classifier": args.classifier,
+                              "reprocess.unet": args.unet})  # fmt: skip
+    tracking = config.train.tracking_uri
+    chosen = models_by_task(args.model or [], tracking)
+    for task, option in (("classify", args.classifier), ("segment", args.unet)):
+        if task in chosen and option:
+            flag = "--classifier" if task == "classify" else "--unet"
+            raise CirrusError(f"--model {chosen[task]} and {flag} {option} both give the {flag[2:]}: give one")
+    classifier = chosen.get("classify", config.reprocess.classifier)
+    unet = chosen.get("segment", config.reprocess.unet)
+    for uri in (classifier, unet):
+        resolve_model(uri, tracking)  # a bad URI fails before a cluster starts
+    with _client(config) as client:
+        report = reprocess(args.store, client, classifier, unet, config.reprocess, force=args.force,
+                           progress=not args.no_progress, tracking_uri=tracking)  # fmt: skip
+    print(
+        table(
+            [
+                ["images in the store", report.images],
+                ["processed now", report.processed],
+                ["already done by these models", report.skipped],
+                ["classified cloudy", f"{report.cloudy} ({report.cloudy / report.images:.0%})"],
+                ["classifier", f"{report.classifier.label} (run {report.classifier.run_id})"],
+                ["U-Net", f"{report.unet.label} (run {report.unet.run_id})"],
+            ],
+            ["reprocess", "count"],
+        )
+    )
+    rate = report.processed / report.seconds if report.seconds else 0.0
+    print(f"{args.store}: reprocessed {report.processed} images in {report.seconds:.1f} s ({rate:.1f} images/s)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cirrus_batch.report import report
+
+    config = load_config(args.config, {"train.tracking_uri": args.tracking_uri})
+    out = args.out or f"{args.store.rstrip('/').removesuffix('.zarr')}-report"
+    result = report(args.store, out, tracking_uri=config.train.tracking_uri, experiment=config.train.experiment)
+    rows = [[r.night, r.images, r.clear_images, f"{r.clear_hours:.2f}", f"{r.mean_cloud_fraction:.3f}"]
+            for r in result.nights]  # fmt: skip
+    print(table(rows, ["night", "images", "clear images", "clear hours", "mean cloud fraction"]))
+    if result.processed < result.images:
+        print(f"({result.images - result.processed} images not reprocessed yet: run `cirrus reprocess {args.store}`)")
+    print(f"report: {result.out_dir / 'report.md'} ({len(result.files)} files); MLflow run {result.run_id}")
+    return 0
+
+
 def cmd_cluster_script(args: argparse.Namespace) -> int:
     from cirrus_batch.cluster import job_script
 
@@ -265,6 +316,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truth", metavar="TRUTH", help="also score the test images against a true-mask store")
     _common(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("reprocess", help="classify and segment every image with the trained models (MLflow)")
+    p.add_argument("store")
+    p.add_argument("--classifier", metavar="URI", help="classifier model URI (default [reprocess] classifier: "
+                   "models:/cirrus-classifier/latest); also models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model")
+    p.add_argument("--unet", metavar="URI", help="U-Net model URI (default [reprocess] unet: "
+                   "models:/cirrus-unet/latest)")
+    p.add_argument("--model", metavar="URI", action="append",
+                   help="a model URI used as classifier or U-Net by the task in its metadata (repeatable)")
+    p.add_argument("--force", action="store_true", help="recompute every image, also those done by these models")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db or [train] tracking_uri)")
+    _common(p)
+    p.set_defaults(func=cmd_reprocess)
+
+    p = sub.add_parser("report", help="season report: cloud fraction per night, clear hours, example frames (MLflow)")
+    p.add_argument("store")
+    p.add_argument("--out", metavar="DIR", help="report folder (default: STORE without .zarr, plus -report)")
+    p.add_argument("--config", metavar="TOML", help="job config ([train] tracking_uri and experiment)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db or [train] tracking_uri)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("cluster-script", help="print the SLURM job script of a Dask worker (--cluster slurm)")
     p.add_argument("--config", metavar="TOML", help="job config ([cluster.slurm]); unset: jobqueue.slurm.* dask config")

@@ -125,6 +125,27 @@ class TrainConfig:
 
 
 @dataclass
+class ReprocessConfig:
+    """Season reprocessing with the trained models (``cirrus reprocess``); MLflow tracking is ``[train]``'s."""
+
+    classifier: str = "models:/cirrus-classifier/latest"
+    """MLflow URI of the classifier: ``models:/NAME/VERSION``, ``models:/NAME/latest``, ``models:/NAME@ALIAS``
+    or ``runs:/RUN_ID/model``."""
+    unet: str = "models:/cirrus-unet/latest"
+    """MLflow URI of the U-Net (same forms)."""
+    batch_size: int = 16
+    """Images per forward pass."""
+    threshold: float = 0.5
+    """An image is ``cloudy_pred`` (and segmented) when ``p_cloudy`` >= this."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"ReprocessConfig.batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"ReprocessConfig.threshold must be in (0, 1], got {self.threshold}")
+
+
+@dataclass
 class SlurmConfig:
     """dask-jobqueue ``SLURMCluster`` settings; unset (None) keys fall back to ``jobqueue.slurm.*`` dask config."""
 
@@ -182,6 +203,7 @@ class JobConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    reprocess: ReprocessConfig = field(default_factory=ReprocessConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 

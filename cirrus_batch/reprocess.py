@@ -1,0 +1,387 @@
+"""Season reprocessing: the trained classifier and U-Net applied to every image of the store as Dask tasks.
+
+The client resolves both MLflow model URIs once to a concrete identity (registered name and version, run,
+logged model, artifact location) and records the pair in ``pred_model.attrs["models"]``. Then one task per
+shard-aligned block of images (on GPU workers where there are some) builds the network inputs from ``raw``
+exactly as training did, classifies every image, segments those classified cloudy, and writes
+``p_cloudy``, ``cloudy_pred``, ``cloud_prob``, ``cloud_fraction_pred`` and, last, ``pred_model`` (the index
+of the model pair): an image is done once its ``pred_model`` is the current pair, so a killed run resumes where
+it stopped, a second run does nothing, a new night is processed alone and a new model version (or a refitted
+normalization) reprocesses the season. Each worker loads each model once. Images that ``cirrus prepare``
+flagged (``quality``) are predicted like the others; the season report leaves them out of the clear hours.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+import torch.nn.functional as F
+import zarr
+from distributed import Client, as_completed, get_worker
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from tqdm.auto import tqdm
+from zarr.codecs import BloscCodec
+
+from cirrus_batch import masks
+from cirrus_batch.cluster import gpu_resources
+from cirrus_batch.config import ReprocessConfig
+from cirrus_batch.data import InputSpec, store_zenith
+from cirrus_batch.errors import CirrusError, StoreError
+from cirrus_batch.models import pick_device
+from cirrus_batch.prepare import Models
+from cirrus_batch.store import Store
+
+log = logging.getLogger(__name__)
+
+TASKS = {"classify": "classifier", "segment": "U-Net"}
+PROB_SCALE = 250
+"""``cloud_prob`` = round(probability × PROB_SCALE)."""
+NOT_COMPUTED = 255
+"""``cloud_prob`` value of pixels without a probability: not sky, image classified clear, or not processed."""
+UNPROCESSED = -1
+"""``pred_model`` fill value: the image has not been reprocessed."""
+IMAGE_VARS = {"cloud_prob": ("uint8", NOT_COMPUTED)}
+VECTOR_VARS = {"p_cloudy": ("float32", np.nan), "cloudy_pred": ("bool", False),
+               "cloud_fraction_pred": ("float32", np.nan), "pred_model": ("int16", UNPROCESSED)}  # fmt: skip
+ATTRS = {
+    "p_cloudy": {"long_name": "classifier probability that the image is cloudy", "units": "1",
+                 "comment": "NaN: not reprocessed"},
+    "cloudy_pred": {"long_name": "classified cloudy (p_cloudy >= threshold of the pred_model entry)"},
+    "cloud_prob": {"long_name": "U-Net cloud probability", "probability_scale": PROB_SCALE,
+                   "not_computed": NOT_COMPUTED,
+                   "comment": f"round(probability * {PROB_SCALE}) at full resolution (bilinear upsampling of the "
+                              f"binned U-Net output); {NOT_COMPUTED}: not sky, image classified clear, or not "
+                              "reprocessed"},
+    "cloud_fraction_pred": {"long_name": "fraction of sky pixels with U-Net probability > 0.5", "units": "1",
+                            "comment": "0 for images classified clear; NaN: not reprocessed"},
+    "pred_model": {"long_name": "index into attrs['models'] of the model pair that produced the predictions",
+                   "comment": f"{UNPROCESSED}: not reprocessed"},
+}  # fmt: skip
+
+
+class ModelError(CirrusError):
+    """A model URI that cannot be resolved, or a model that is not the cirrus model a step needs."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """A model URI resolved on the client: what it is, where it is stored, and the inputs it reads."""
+
+    uri: str
+    task: str
+    run_id: str
+    model_id: str
+    source: str
+    """The model's artifact location: what the workers load."""
+    bin: int
+    zenith: bool
+    name: str | None = None
+    version: str | None = None
+
+    @property
+    def spec(self) -> InputSpec:
+        return InputSpec(self.task, self.bin, self.zenith)
+
+    @property
+    def label(self) -> str:
+        """``cirrus-unet v3`` for a registered version, else the URI."""
+        return f"{self.name} v{self.version}" if self.name else self.uri
+
+    def to_attrs(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ReprocessReport:
+    """What one reprocess run did."""
+
+    images: int
+    processed: int
+    skipped: int
+    seconds: float
+    classifier: ModelIdentity
+    unet: ModelIdentity
+    model_index: int
+    cloudy: int = 0
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a block task needs (small: pickled with every task)."""
+
+    store_url: str
+    tracking_uri: str
+    classifier: ModelIdentity
+    unet: ModelIdentity
+    index: int
+    threshold: float
+    batch_size: int
+    force: bool
+
+
+# -- model resolution (client) --------------------------------------------------------------------
+def absolute_tracking_uri(uri: str) -> str:
+    """``uri`` with a relative SQLite or file path made absolute, so that workers elsewhere find it."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    if "://" not in uri and ":" not in uri[:3]:
+        return os.path.abspath(uri)
+    return uri
+
+
+def _registered(uri: str, client: MlflowClient) -> tuple[str | None, str | None]:
+    """(name, version) of a ``models:/NAME/VERSION|latest`` or ``models:/NAME@ALIAS`` URI; (None, None) else."""
+    if m := re.fullmatch(r"models:/([^/@]+)@([^/]+)", uri):
+        return m[1], str(client.get_model_version_by_alias(m[1], m[2]).version)
+    m = re.fullmatch(r"models:/([^/@]+)/([^/]+)", uri)
+    if not m:
+        return None, None
+    name, version = m[1], m[2]
+    if version.isdigit():
+        return name, version
+    if version != "latest":
+        raise ModelError(f"{uri}: use a version number, 'latest' or an alias (models:/{name}@ALIAS), not a stage")
+    versions = client.search_model_versions(f"name='{name}'")
+    if not versions:
+        raise ModelError(f"{uri}: the registered model {name!r} has no version")
+    return name, str(max(int(v.version) for v in versions))
+
+
+def resolve_model(uri: str, tracking_uri: str, image_shape: tuple[int, int] | None = None) -> ModelIdentity:
+    """The concrete model behind ``uri`` (``latest`` and aliases pinned to a version) and its input spec;
+    with ``image_shape``, a clear error where the model was exported for other inputs than such images give."""
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        name, version = _registered(uri, MlflowClient(tracking_uri))
+        info = mlflow.models.get_model_info(f"models:/{name}/{version}" if name else uri)
+    except MlflowException as exc:
+        raise ModelError(f"no model {uri} in {tracking_uri}: {str(exc).splitlines()[0]}") from None
+    try:
+        spec = InputSpec.from_metadata(info.metadata)
+    except ValueError as exc:
+        raise ModelError(f"{uri} is not a cirrus model: {exc}") from None
+    if spec.task not in TASKS:
+        raise ModelError(f"{uri} has the unknown task {spec.task!r} in its metadata")
+    if image_shape is not None:
+        _check_shape(uri, info.signature, spec, image_shape)
+    return ModelIdentity(uri, spec.task, info.run_id, info.model_id, info.artifact_path, spec.bin, spec.zenith,
+                         name, version)  # fmt: skip
+
+
+def _check_shape(uri: str, signature: Any, spec: InputSpec, image_shape: tuple[int, int]) -> None:
+    """Exported (pt2) models take one input size: the (c, h, w) of their signature."""
+    inputs = signature.inputs.inputs if signature is not None else []
+    if not inputs or getattr(inputs[0], "shape", None) is None:
+        return
+    expected = tuple(int(s) for s in inputs[0].shape[1:])
+    ny, nx = image_shape
+    got = (spec.in_channels, ny // spec.bin, nx // spec.bin)
+    if expected != got:
+        raise ModelError(f"{uri} takes inputs of {'x'.join(map(str, expected))} but this store's {ny}x{nx} "
+                         f"images give {'x'.join(map(str, got))} (bin {spec.bin})")
+
+
+def models_by_task(uris: list[str], tracking_uri: str) -> dict[str, str]:
+    """``{"classify": uri, "segment": uri}`` for the given URIs, each by the task in its model metadata."""
+    out: dict[str, str] = {}
+    for uri in uris:
+        task = resolve_model(uri, tracking_uri).task
+        if task in out:
+            raise ModelError(f"--model {out[task]} and --model {uri} are both {TASKS[task]}s")
+        out[task] = uri
+    return out
+
+
+def _expect(model: ModelIdentity, task: str) -> ModelIdentity:
+    if model.task != task:
+        raise ModelError(f"{model.uri} is a {TASKS[model.task]} ({model.task} model), not a {TASKS[task]}")
+    return model
+
+
+# -- the block task (workers) ---------------------------------------------------------------------
+_LOADED: dict[tuple[str, str], torch.nn.Module] = {}
+"""Models loaded in this process, by (artifact location, device): each worker loads each model once."""
+
+
+def _load(model: ModelIdentity, tracking_uri: str, device: torch.device) -> torch.nn.Module:
+    key = (model.source, str(device))
+    if key not in _LOADED:
+        mlflow.set_tracking_uri(tracking_uri)
+        _LOADED[key] = mlflow.pytorch.load_model(model.source).to(device)
+        log.info("loaded %s on %s", model.label, device)
+    return _LOADED[key]
+
+
+def _torch_threads() -> int:
+    """Intra-op threads per task: the worker's threads shared by the tasks it runs at once (one per GPU)."""
+    try:
+        state = get_worker().state
+    except ValueError:  # not in a worker
+        return len(os.sched_getaffinity(0))
+    at_once = min(state.nthreads, int(state.total_resources.get("GPU", 0)) or state.nthreads)
+    return max(1, state.nthreads // at_once)
+
+
+@torch.inference_mode()
+def classify(model: torch.nn.Module, x: np.ndarray, device: torch.device) -> np.ndarray:
+    """(n,) float32 cloudy probability of the inputs ``x`` (n, c, h, w)."""
+    return torch.sigmoid(model(torch.from_numpy(x).to(device)).float()).cpu().numpy()
+
+
+@torch.inference_mode()
+def segment(model: torch.nn.Module, x: np.ndarray, sky: torch.Tensor, bin: int) -> tuple[np.ndarray, np.ndarray]:
+    """``cloud_prob`` (n, y, x) uint8 at the full resolution of ``sky`` and the predicted cloud fractions."""
+    p = torch.sigmoid(model(torch.from_numpy(x).to(sky.device)).float())
+    if bin > 1:
+        p = F.interpolate(p, scale_factor=bin, mode="bilinear", align_corners=False)
+    ny, nx = sky.shape
+    p = F.pad(p, (0, nx - p.shape[-1], 0, ny - p.shape[-2]), mode="replicate")[:, 0]
+    fraction = torch.logical_and(p > 0.5, sky).sum((1, 2), dtype=torch.int32) / sky.sum().clamp_min(1)
+    outside = (~sky).to(torch.uint8) * NOT_COMPUTED  # OR-ing 255 is 4x faster than masked_fill_ here
+    q = (p * PROB_SCALE).round_().to(torch.uint8).bitwise_or_(outside)
+    return q.cpu().numpy(), fraction.float().cpu().numpy()
+
+
+def reprocess_block(job: Job, start: int, stop: int) -> int:
+    """Task: predict the images of block ``start:stop`` not yet done by the job's models; returns how many."""
+    group = zarr.open_group(job.store_url, mode="r+", zarr_format=3)
+    marker = group["pred_model"][start:stop]
+    todo = np.arange(stop - start) if job.force else np.flatnonzero(marker != job.index)
+    if not len(todo):
+        return 0
+    torch.set_num_threads(_torch_threads())
+    device = pick_device()
+    classifier = _load(job.classifier, job.tracking_uri, device)
+    unet = _load(job.unet, job.tracking_uri, device)
+    normalization = Models.from_store(group).normalization
+    zenith = store_zenith(group)
+    sky = torch.from_numpy(group["sky"][:].astype(bool)).to(device)
+    out = {name: group[name][start:stop] for name in ("p_cloudy", "cloudy_pred", "cloud_fraction_pred")}
+    probs = (np.full((stop - start, *sky.shape), NOT_COMPUTED, np.uint8) if len(todo) == stop - start
+             else group["cloud_prob"][start:stop])  # fmt: skip
+    for batch in np.array_split(todo, -(-len(todo) // job.batch_size)):
+        raw = group["raw"][start + batch[0] : start + batch[-1] + 1][batch - batch[0]]
+        norm = masks.normalize(raw, normalization)
+        p = classify(classifier, job.classifier.spec.inputs(norm, zenith), device)
+        cloudy = p >= job.threshold
+        out["p_cloudy"][batch], out["cloudy_pred"][batch] = p, cloudy
+        out["cloud_fraction_pred"][batch], probs[batch] = 0.0, NOT_COMPUTED
+        if cloudy.any():
+            x = job.unet.spec.inputs(norm[cloudy], zenith)
+            probs[batch[cloudy]], out["cloud_fraction_pred"][batch[cloudy]] = segment(unet, x, sky, job.unet.bin)
+    region = slice(start, stop)
+    group["cloud_prob"][region] = probs
+    for name, values in out.items():
+        group[name][region] = values
+    marker[todo] = job.index
+    group["pred_model"][region] = marker  # written last: marks the images as done
+    return len(todo)
+
+
+# -- the run (client) -----------------------------------------------------------------------------
+def _create_arrays(group: zarr.Group, n: int, shard: int) -> None:
+    ny, nx = group["raw"].shape[1:]
+    for name, (dtype, fill) in IMAGE_VARS.items():
+        if name not in group:
+            group.create_array(
+                name, shape=(n, ny, nx), chunks=(1, ny, nx), shards=(shard, ny, nx), dtype=dtype, fill_value=fill,
+                compressors=BloscCodec(cname="lz4", clevel=3, shuffle="bitshuffle"), dimension_names=("time", "y", "x"),
+                attributes=ATTRS[name],
+            )  # fmt: skip
+    for name, (dtype, fill) in VECTOR_VARS.items():
+        if name not in group:
+            group.create_array(name, shape=(n,), chunks=(shard,), dtype=dtype, fill_value=fill,
+                               dimension_names=("time",), attributes=ATTRS[name])  # fmt: skip
+
+
+def _entry_key(entry: dict[str, Any]) -> tuple:
+    """What makes two provenance entries the same predictions (not when or by which URI they were asked for)."""
+    return (
+        {k: v for k, v in entry["classifier"].items() if k != "uri"},
+        {k: v for k, v in entry["unet"].items() if k != "uri"},
+        entry["threshold"],
+        entry["normalization"],
+    )
+
+
+def model_index(group: zarr.Group, classifier: ModelIdentity, unet: ModelIdentity, threshold: float) -> int:
+    """Index of this model pair in ``pred_model.attrs["models"]``, appended when new."""
+    entry = {
+        "classifier": classifier.to_attrs(),
+        "unet": unet.to_attrs(),
+        "threshold": float(threshold),
+        "normalization": group.attrs["prepare"]["normalization"],
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    entries = list(group["pred_model"].attrs.get("models", []))
+    for i, old in enumerate(entries):
+        if _entry_key(old) == _entry_key(entry):
+            return i
+    if len(entries) >= np.iinfo(np.int16).max:
+        raise StoreError("pred_model: too many model pairs recorded")
+    group["pred_model"].attrs["models"] = [*entries, entry]
+    return len(entries)
+
+
+def reprocess(
+    store_url: str,
+    client: Client,
+    classifier_uri: str | None = None,
+    unet_uri: str | None = None,
+    cfg: ReprocessConfig | None = None,
+    force: bool = False,
+    progress: bool = True,
+    *,
+    tracking_uri: str | None = None,
+    on_block: Callable[[int], None] | None = None,
+) -> ReprocessReport:
+    """Predict every image of the store not yet predicted by these models (all of them with ``force``).
+
+    URIs default to ``cfg.classifier`` / ``cfg.unet``; ``tracking_uri`` to MLflow's current one.
+    ``on_block`` is called with the number of images processed so far after each finished block.
+    """
+    cfg = cfg or ReprocessConfig()
+    t0 = time.perf_counter()
+    store = Store.open(store_url)
+    group, n, shard = store.group, store.committed, store.shard_size
+    if n == 0:
+        raise StoreError(f"{store_url} holds no image yet: run `cirrus ingest SOURCE {store_url}` first")
+    Models.from_store(group)  # a clear error when the store is not prepared
+    tracking = absolute_tracking_uri(tracking_uri or mlflow.get_tracking_uri())
+    classifier = _expect(resolve_model(classifier_uri or cfg.classifier, tracking, store.image_shape), "classify")
+    unet = _expect(resolve_model(unet_uri or cfg.unet, tracking, store.image_shape), "segment")
+    store.repair()
+    _create_arrays(group, n, shard)
+    index = model_index(group, classifier, unet, cfg.threshold)
+    job = Job(store.url, tracking, classifier, unet, index, cfg.threshold, cfg.batch_size, force)
+    marker = group["pred_model"][:n]
+    counts = {(a, min(a + shard, n)): (min(shard, n - a) if force else int((marker[a : a + shard] != index).sum()))
+              for a in range(0, n, shard)}  # fmt: skip
+    blocks = [block for block, count in counts.items() if count]
+    report = ReprocessReport(n, 0, n - sum(counts.values()), 0.0, classifier, unet, index)
+    log.info("reprocess %d of %d images with %s + %s (model pair %d)", n - report.skipped, n, classifier.label,
+             unet.label, index)  # fmt: skip
+    resources = gpu_resources(client)
+    with tqdm(total=n - report.skipped, desc="reprocess", unit="img", disable=not progress, dynamic_ncols=True,
+              mininterval=0.5) as bar:  # fmt: skip
+        futures = [client.submit(reprocess_block, job, a, b, resources=resources, pure=False) for a, b in blocks]
+        for fut in as_completed(futures):
+            done = fut.result()
+            bar.update(done)
+            report.processed += done
+            if on_block:
+                on_block(report.processed)
+    report.cloudy = int(group["cloudy_pred"][:n].sum())
+    report.seconds = time.perf_counter() - t0
+    return report
