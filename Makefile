@@ -26,12 +26,18 @@ demo: $(STAMP)
 		--evaluate $(DEMO)/archive_truth.zarr --panel $(DEMO)/prepare-panel.png
 	$(BIN)/cirrus train $(DEMO)/season.zarr --task both --config jobs/train.toml --epochs 15 \
 		--truth $(DEMO)/archive_truth.zarr
+	$(BIN)/cirrus reprocess $(DEMO)/season.zarr --config jobs/default.toml
+	$(BIN)/cirrus report $(DEMO)/season.zarr --out $(DEMO)/report
 	$(BIN)/cirrus info $(DEMO)/season.zarr
+	@echo "season report: $(DEMO)/report/report.md (also in MLflow)"
 	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ingest.py
 	$(BIN)/python benchmarks/bench_prepare.py
+	$(BIN)/python benchmarks/bench_train_io.py
+	$(BIN)/python benchmarks/bench_reprocess.py
+	$(BIN)/python benchmarks/bench_reprocess.py --memory
 
 clean:
 	rm -rf $(DEMO) bench-out .pytest_cache checkpoints mlflow.db mlruns
