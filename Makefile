@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train_io.py
 	$(BIN)/python benchmarks/bench_reprocess.py
 	$(BIN)/python benchmarks/bench_reprocess.py --memory
+	$(BIN)/python benchmarks/bench_tune.py
 
 clean:
-	rm -rf $(DEMO) bench-out .pytest_cache checkpoints mlflow.db mlruns
+	rm -rf $(DEMO) bench-out .pytest_cache checkpoints mlflow.db mlruns optuna.db optuna.log

@@ -215,6 +215,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    import optuna
+
+    from cirrus_batch.tune import TRIAL_HEADER, best_summary, trial_rows, tune
+
+    optuna.logging.set_verbosity(optuna.logging.DEBUG if args.verbose else optuna.logging.WARNING)
+    config = _config(args, **{"tune.trials": args.trials, "tune.study_name": args.study, "tune.storage": args.storage,
+                              "tune.timeout": args.timeout, "tune.retrain_best": False if args.no_retrain else None,
+                              "train.tracking_uri": args.tracking_uri})  # fmt: skip
+    with _client(config) as client:
+        result = tune(args.store, args.task, config.train, config.tune, client, progress=not args.no_progress)
+    print(table(trial_rows(result.trials), TRIAL_HEADER))
+    print(f"study {result.study_name} in {result.storage}: {result.ran} trials run now in {result.seconds:.0f} s; "
+          f"{result.direction} {result.metric}")  # fmt: skip
+    print(best_summary(result))
+    print(f"compare runs: mlflow ui --backend-store-uri {config.train.tracking_uri} --host 127.0.0.1")
+    return 0 if result.best is not None else 1
+
+
 def cmd_cluster_script(args: argparse.Namespace) -> int:
     from cirrus_batch.cluster import job_script
 
@@ -336,6 +355,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="TOML", help="job config ([train] tracking_uri and experiment)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db or [train] tracking_uri)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("tune", help="Optuna hyperparameter search on the Dask workers (MLflow), best model registered")
+    p.add_argument("store")
+    p.add_argument("--task", choices=["segment", "classify"], default="segment")
+    p.add_argument("--trials", type=int, help="finished trials wanted in the study, earlier runs' included ([tune] trials)")
+    p.add_argument("--study", help="study name (default [tune] study_name, else cirrus-TASK); the same name continues it")
+    p.add_argument("--storage", help="Optuna storage: sqlite:///optuna.db (default), postgresql+psycopg2://..., journal:PATH")
+    p.add_argument("--timeout", type=float, metavar="S", help="start no new trial after S seconds")
+    p.add_argument("--no-retrain", action="store_true", help="register the best trial's model instead of retraining it")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db or [train] tracking_uri)")
+    _common(p)
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("cluster-script", help="print the SLURM job script of a Dask worker (--cluster slurm)")
     p.add_argument("--config", metavar="TOML", help="job config ([cluster.slurm]); unset: jobqueue.slurm.* dask config")

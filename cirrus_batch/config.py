@@ -146,6 +146,113 @@ class ReprocessConfig:
 
 
 @dataclass
+class ParamSpec:
+    """One dimension of the search space: an Optuna distribution over a ``[train]`` key."""
+
+    type: str
+    """``"float"``, ``"int"`` or ``"categorical"``."""
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    """Sample on a log scale (float, int)."""
+    step: float | None = None
+    """Grid step (float, int; not with ``log``)."""
+    choices: list[Any] | None = None
+    """The values of a categorical parameter."""
+
+    def __post_init__(self) -> None:
+        if self.type not in ("float", "int", "categorical"):
+            raise ValueError(f"type must be 'float', 'int' or 'categorical', got {self.type!r}")
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs a non-empty list of choices")
+        elif self.low is None or self.high is None or self.low > self.high:
+            raise ValueError(f"a {self.type} parameter needs low <= high, got low={self.low} high={self.high}")
+        elif self.log and (self.step is not None or self.low <= 0):
+            raise ValueError("log = true needs low > 0 and no step")
+
+
+TUNE_METRICS = tuple(f"val_{k}" for k in ("loss", "accuracy", "precision", "recall", "f1", "iou", "roc_auc", "ece",
+                                          "brier"))  # fmt: skip
+"""Per-epoch validation metrics a study can optimize; ``val_loss``, ``val_ece`` and ``val_brier`` are minimized."""
+
+
+@dataclass
+class TuneConfig:
+    """Hyperparameter search (``cirrus tune``): one Optuna study whose trials train on the Dask workers."""
+
+    study_name: str = ""
+    """Name of the study in the storage; empty: ``cirrus-<task>``. Running again continues it."""
+    storage: str = "sqlite:///optuna.db"
+    """Optuna storage: an SQLAlchemy URL (``sqlite:///optuna.db``, ``postgresql+psycopg2://user:pw@host/db``) or
+    ``journal:PATH`` (a journal file, e.g. on a cluster's shared filesystem). Workers open it themselves."""
+    metric: str = ""
+    """Validation metric to optimize (one of ``TUNE_METRICS``); empty: ``val_iou`` (segment), ``val_f1``
+    (classify). A trial's value is its best epoch's; every epoch's value is reported for pruning."""
+    trials: int = 20
+    """Finished trials wanted in the study, counting those of earlier runs."""
+    timeout: float = 0.0
+    """Seconds after which no new trial starts (running ones finish); 0: none."""
+    sampler: str = "tpe"
+    """``"tpe"`` or ``"random"``."""
+    seed: int = 0
+    """Seed of the sampler."""
+    pruner: str = "median"
+    """``"median"``, ``"hyperband"`` or ``"none"``; trials report every epoch."""
+    n_startup_trials: int = 2
+    """Median pruner: no pruning before this many trials have finished."""
+    n_warmup_steps: int = 1
+    """Median pruner: epochs of a trial before it can be pruned."""
+    min_resource: int = 1
+    """Hyperband: epochs every trial gets (the maximum is ``[train] epochs``)."""
+    reduction_factor: int = 3
+    """Hyperband: the fraction 1/reduction_factor of trials goes on at each rung."""
+    heartbeat_interval: float = 30.0
+    """Seconds between the tuner's heartbeats for each trial it runs (a trial system attribute)."""
+    grace_period: float = 120.0
+    """A RUNNING trial without heartbeat for this long (its tuner died) is failed and retried."""
+    max_retries: int = 1
+    """Times an orphaned trial is queued again with the same parameters."""
+    retrain_best: bool = True
+    """Retrain the best configuration (and register it); False: register the best trial's own model."""
+    retrain_epochs: int = 0
+    """Epochs of that retraining; 0: ``[train] epochs``."""
+    space: dict[str, Any] = field(default_factory=dict)
+    """The search space: dotted ``[train]`` keys (``lr``, ``unet.depth``, ``augment.zoom``) mapped to
+    ``{type, low, high, log, step, choices}`` tables (see ``ParamSpec`` and ``jobs/tune.toml``)."""
+
+    def __post_init__(self) -> None:
+        if self.metric and self.metric not in TUNE_METRICS:
+            raise ValueError(f"metric must be one of {', '.join(TUNE_METRICS)}, got {self.metric!r}")
+        for key, valid in (("sampler", ("tpe", "random")), ("pruner", ("median", "hyperband", "none"))):
+            if getattr(self, key) not in valid:
+                raise ValueError(f"{key} must be one of {', '.join(valid)}, got {getattr(self, key)!r}")
+        if self.trials < 1 or self.max_retries < 0 or self.heartbeat_interval <= 0:
+            raise ValueError("trials must be >= 1, max_retries >= 0 and heartbeat_interval > 0")
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(f"grace_period ({self.grace_period}) must exceed heartbeat_interval "
+                             f"({self.heartbeat_interval})")  # fmt: skip
+        self.space = _search_space(self.space)
+
+
+def _search_space(node: dict[str, Any], prefix: str = "") -> dict[str, ParamSpec]:
+    """``{"unet": {"depth": {"type": ...}}}`` or ``{"unet.depth": {...}}`` -> ``{"unet.depth": ParamSpec}``."""
+    space: dict[str, ParamSpec] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ParamSpec):
+            space[name] = value
+        elif isinstance(value, dict) and "type" in value:
+            space[name] = from_dict(ParamSpec, value, f"tune.space.{name}")
+        elif isinstance(value, dict):
+            space.update(_search_space(value, f"{name}."))
+        else:
+            raise ConfigError(f'tune.space.{name}: expected a table like {{type = "float", low = 0.0001, high = 0.01}}, '
+                              f"got {value!r}")  # fmt: skip
+    return space
+
+
+@dataclass
 class SlurmConfig:
     """dask-jobqueue ``SLURMCluster`` settings; unset (None) keys fall back to ``jobqueue.slurm.*`` dask config."""
 
@@ -203,6 +310,7 @@ class JobConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     reprocess: ReprocessConfig = field(default_factory=ReprocessConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
