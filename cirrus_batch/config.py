@@ -120,6 +120,8 @@ class TrainConfig:
     """One checkpoint per task (``classify.pt``, ``segment.pt``), written every epoch; ``--resume`` reads it."""
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "cirrus"
+    log_model: bool = True
+    """Log the trained model to MLflow (with an input example); needed to register it."""
     register: bool = True
     """Register the model as ``cirrus-classifier`` / ``cirrus-unet`` in the MLflow model registry."""
 

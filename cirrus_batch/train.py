@@ -216,6 +216,8 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
     if task not in TASKS:
         raise CirrusError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     cfg = cfg or TrainConfig()
+    if cfg.register and not cfg.log_model:
+        raise CirrusError("[train] register = true needs log_model = true (only a logged model can be registered)")
     t0 = time.perf_counter()
     torch.set_num_threads(_threads(cfg))
     device = pick_device()
@@ -322,11 +324,11 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
                 test.update(truth_scores(store_url, truth, sets["test"], prob, target))
             mlflow.log_metrics({f"test_{k}": v for k, v in test.items() if np.isfinite(v)})
             _log_artifacts(prob, target, weight, sets["test"], history, task)
-            info, version = _log_model(model, sets["test"], task, cfg, device)
+            model_uri, version = _log_model(model, sets["test"], task, cfg, device) if cfg.log_model else ("", None)
     finally:
         if previous is not None:
             signal.signal(signal.SIGUSR1, previous)
-    return TrainResult(task, run.info.run_id, info.model_uri, history, test, len(history), time.perf_counter() - t0,
+    return TrainResult(task, run.info.run_id, model_uri, history, test, len(history), time.perf_counter() - t0,
                        version, sizes)  # fmt: skip
 
 
@@ -451,7 +453,7 @@ def _log_artifacts(prob: np.ndarray, target: np.ndarray, weight: np.ndarray, dat
 
 
 def _log_model(model: nn.Module, dataset: StoreSamples, task: str, cfg: TrainConfig,
-               device: torch.device) -> tuple[Any, str | None]:  # fmt: skip
+               device: torch.device) -> tuple[str, str | None]:  # fmt: skip
     model = model.to("cpu").eval()
     # two images: torch.export (MLflow's pt2 format) would fix a batch dimension of 1 as a constant
     example = np.stack([dataset[i % len(dataset)][0].numpy() for i in range(2)])
@@ -460,4 +462,4 @@ def _log_model(model: nn.Module, dataset: StoreSamples, task: str, cfg: TrainCon
         registered_model_name=REGISTERED[task] if cfg.register else None,
     )  # fmt: skip
     model.to(device)
-    return info, (str(info.registered_model_version) if cfg.register else None)
+    return info.model_uri, (str(info.registered_model_version) if cfg.register else None)

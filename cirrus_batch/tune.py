@@ -223,7 +223,9 @@ def run_trial(study: StudySpec, trial_id: int, params: dict[str, Any]) -> float 
     trial = optuna.Trial(optuna_study, trial_id)
     trial.set_user_attr("worker", get_worker().address)
     trial.set_user_attr("host", f"{socket.gethostname()}:{os.getpid()}")
-    cfg = _worker_config(study, params, f"trial-{trial.number}", register=False)
+    # the retrained best is what gets registered: trials then log no model (most of a tiny trial's time)
+    cfg = _worker_config(study, params, f"trial-{trial.number}", register=False,
+                         log_model=not study.tune.retrain_best)  # fmt: skip
 
     def on_epoch(epoch: int, row: dict[str, float]) -> bool:
         if epoch == 0:

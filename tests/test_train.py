@@ -150,8 +150,11 @@ def test_on_the_cluster_sigusr1_stops_the_worker_task_with_a_checkpoint(store, t
     stopped = torch.load(checkpoint, weights_only=False)
     assert stopped["epoch"] < 39
     done = train_on_cluster(client, store, "segment", tiny(tmp_path, **{"train.epochs": stopped["epoch"] + 2,
-                            "train.register": False}), resume=True)  # fmt: skip
+                            "train.register": False, "train.log_model": False}), resume=True)  # fmt: skip
     assert done.run_id == stopped["run_id"] and done.epochs_run == stopped["epoch"] + 2
+    assert done.model_uri == "" and not MlflowClient(tiny(tmp_path).tracking_uri).get_run(done.run_id).outputs.model_outputs
+    with pytest.raises(CirrusError, match="register = true needs log_model"):
+        train(store, "segment", tiny(tmp_path, **{"train.log_model": False}), progress=False)
 
 
 KILLER = textwrap.dedent(
