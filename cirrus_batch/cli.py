@@ -391,13 +391,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("distributed", "alembic", "urllib3"):  # their INFO chatter hides ours
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if args.verbose else "WARNING")  # set on mlflow import
+    # distributed sets its loggers from the dask config when it is imported (later, lazily)
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "debug" if args.verbose else "warning")
     try:
         return args.func(args)
     except CirrusError as exc:
         print(f"cirrus: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("cirrus: interrupted; the store keeps every committed image, run again to continue", file=sys.stderr)
+        print("cirrus: interrupted; what was committed is kept (images, blocks, checkpoints, finished trials): "
+              "run again to continue", file=sys.stderr)  # fmt: skip
         return 130
 
 
