@@ -195,9 +195,7 @@ def prepare(
     cfg = cfg or PrepareConfig()
     t0 = time.perf_counter()
     store = Store.open(store_url)
-    group, n, shard = store.group, store.committed, store.shard_size
-    if n == 0:
-        raise StoreError(f"{store_url} holds no image yet: run `cirrus ingest SOURCE {store_url}` first")
+    group, n, shard = store.group, store.require_images(), store.shard_size
     store.repair()
     report = PrepareReport(images=n)
     labels = read_labels(cfg.labels) if cfg.labels else {}  # fail early on a bad label file

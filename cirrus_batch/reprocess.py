@@ -354,9 +354,7 @@ def reprocess(
     cfg = cfg or ReprocessConfig()
     t0 = time.perf_counter()
     store = Store.open(store_url)
-    group, n, shard = store.group, store.committed, store.shard_size
-    if n == 0:
-        raise StoreError(f"{store_url} holds no image yet: run `cirrus ingest SOURCE {store_url}` first")
+    group, n, shard = store.group, store.require_images(), store.shard_size
     Models.from_store(group)  # a clear error when the store is not prepared
     tracking = absolute_tracking_uri(tracking_uri or mlflow.get_tracking_uri())
     classifier = _expect(resolve_model(classifier_uri or cfg.classifier, tracking, store.image_shape), "classify")

@@ -158,6 +158,12 @@ class Store:
             a for _, a in self.group.arrays() if (a.metadata.dimension_names or (None,))[0] == "time"
         ]
 
+    def require_images(self) -> int:
+        """The number of committed images; a clear error when there is none yet."""
+        if not self.committed:
+            raise StoreError(f"{self.url} holds no image yet: run `cirrus ingest SOURCE {self.url}` first")
+        return self.committed
+
     # -- commit protocol ---------------------------------------------------------------------------
     def resize(self, n: int) -> None:
         """Give every time array length ``n`` (new positions hold fill values until written)."""

@@ -11,6 +11,11 @@ import pytest
 from astropy.io import fits
 from distributed import Client, LocalCluster
 
+from cirrus_batch.config import IngestConfig, PrepareConfig
+from cirrus_batch.ingest import ingest
+from cirrus_batch.prepare import prepare
+from cirrus_batch.synth import write_archive
+
 SHAPE = (32, 40)
 
 
@@ -88,3 +93,13 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, client) -> str:
+    """A prepared 5-night store of 96x120 images (8 a night) and its truth beside it (training, tuning)."""
+    tmp = tmp_path_factory.mktemp("prepared")
+    write_archive(tmp / "archive", nights=5, per_night=8, cadence_min=10, shape=(96, 120), seed=5, progress=False)
+    ingest(str(tmp / "archive"), str(tmp / "s.zarr"), client, IngestConfig(shard_size=8), progress=False)
+    prepare(str(tmp / "s.zarr"), client, PrepareConfig(fit_images=40), progress=False)
+    return str(tmp / "s.zarr")

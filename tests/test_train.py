@@ -22,11 +22,10 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cirrus_batch.config import ConfigError, IngestConfig, PrepareConfig, TrainConfig, load_config
+from cirrus_batch.config import ConfigError, IngestConfig, TrainConfig, load_config
 from cirrus_batch.data import StoreSamples
 from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.ingest import ingest
-from cirrus_batch.prepare import prepare
 from cirrus_batch.synth import write_archive
 from cirrus_batch.train import fit_temperature, input_spec, train, train_on_cluster
 
@@ -43,16 +42,6 @@ TINY = {
 def tiny(tmp: Path, **overrides) -> TrainConfig:
     return load_config(overrides={**TINY, "train.tracking_uri": f"sqlite:///{tmp}/mlflow.db",
                                   "train.checkpoint_dir": str(tmp / "ckpt"), **overrides}).train  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, client) -> str:
-    """A prepared 5-night store (8 images a night) and its truth beside it."""
-    tmp = tmp_path_factory.mktemp("train")
-    write_archive(tmp / "archive", nights=5, per_night=8, cadence_min=10, shape=SHAPE, seed=5, progress=False)
-    ingest(str(tmp / "archive"), str(tmp / "s.zarr"), client, IngestConfig(shard_size=8), progress=False)
-    prepare(str(tmp / "s.zarr"), client, PrepareConfig(fit_images=40), progress=False)
-    return str(tmp / "s.zarr")
 
 
 def truth_of(store: str) -> str:

@@ -16,13 +16,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from pg import Unavailable, postgres_server
-from test_train import SHAPE, TINY
+from test_train import TINY
 
 from cirrus_batch.cli import main
-from cirrus_batch.config import ConfigError, IngestConfig, PrepareConfig, load_config
-from cirrus_batch.ingest import ingest
-from cirrus_batch.prepare import prepare
-from cirrus_batch.synth import write_archive
+from cirrus_batch.config import ConfigError, load_config
 from cirrus_batch.tune import HEARTBEAT, counted, open_storage, tune
 
 SPACE = {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
@@ -40,16 +37,6 @@ def job(tmp: Path, **overrides):
 def runs(tracking_uri: str) -> list:
     ml = MlflowClient(tracking_uri)
     return ml.search_runs([ml.get_experiment_by_name("cirrus").experiment_id])
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, client) -> str:
-    """A prepared 5-night store (8 images a night), as test_train's."""
-    tmp = tmp_path_factory.mktemp("tune")
-    write_archive(tmp / "archive", nights=5, per_night=8, cadence_min=10, shape=SHAPE, seed=5, progress=False)
-    ingest(str(tmp / "archive"), str(tmp / "s.zarr"), client, IngestConfig(shard_size=8), progress=False)
-    prepare(str(tmp / "s.zarr"), client, PrepareConfig(fit_images=40), progress=False)
-    return str(tmp / "s.zarr")
 
 
 def test_two_workers_run_trials_recorded_in_mlflow_and_best_retrained(store, client, tmp_path):
