@@ -391,8 +391,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("distributed", "alembic", "urllib3"):  # their INFO chatter hides ours
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if args.verbose else "WARNING")  # set on mlflow import
-    # distributed sets its loggers from the dask config when it is imported (later, lazily)
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "debug" if args.verbose else "warning")
+    # distributed sets its loggers from the dask config when it is imported (later, lazily); not an environment
+    # variable, which SLURM would pass on to the worker jobs
+    import dask
+
+    dask.config.set({"logging.distributed": "debug" if args.verbose else "warning"})
     try:
         return args.func(args)
     except CirrusError as exc:

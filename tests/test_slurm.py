@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 
 from cirrus_batch.cli import main
@@ -200,7 +201,8 @@ def _job_info(job_id: str) -> dict[str, str]:
 def test_train_sh_driver_job_runs_ingest_prepare_train(local_slurm, tmp_path):
     """``sbatch slurm/train.sh`` with jobs/ci.toml (only its output paths moved into tmp_path): the driver job
     completes, ingest and prepare ran on Dask workers that were separate SLURM jobs with a fake GPU each, and
-    both models are registered in MLflow."""
+    both models are registered in MLflow, trained on those worker jobs. Then ``slurm/reprocess.sh`` predicts
+    every image with them and writes the report, and ``slurm/tune.sh`` runs a 2-trial study on worker jobs."""
     import tomllib
 
     import zarr
@@ -214,6 +216,7 @@ def test_train_sh_driver_job_runs_ingest_prepare_train(local_slurm, tmp_path):
     logs, uri = tmp_path / "logs", f"sqlite:///{tmp_path}/mlflow.db"
     data = tomllib.loads((ROOT / "jobs" / "ci.toml").read_text())
     data["train"].update(tracking_uri=uri, checkpoint_dir=str(tmp_path / "checkpoints"))
+    data["tune"]["storage"] = f"sqlite:///{tmp_path}/optuna.db"
     data["cluster"]["slurm"]["log_directory"] = str(logs)
     # each worker job writes its SLURM job id and the GPU SLURM gave it into its log
     data["cluster"]["slurm"]["job_script_prologue"] = [
@@ -281,6 +284,37 @@ def test_train_sh_driver_job_runs_ingest_prepare_train(local_slurm, tmp_path):
         assert run.data.tags["slurm_job_id"] in workers, (name, run.data.tags)  # trained on a GPU worker job
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.pt")) == ["classify.pt", "segment.pt"]
     print(f"train.sh driver job {driver}: {elapsed:.0f} s, worker jobs {sorted(workers)}")
+
+    # slurm/reprocess.sh on the same store: predictions for every image from the registered models, the report
+    report = tmp_path / "report"
+    info, log = _driver("slurm/reprocess.sh", config, {**env, "SOURCE": "", "REPORT": str(report)}, tmp_path)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    group = zarr.open_group(str(store), mode="r")
+    assert (group["pred_model"][:] == 0).all() and group["pred_model"].attrs["models"][0]["unet"]["version"] == "1"
+    assert (report / "report.md").exists() and (report / "clear_hours.csv").exists()
+
+    # slurm/tune.sh: a 2-trial study whose trials ran on the Dask worker jobs
+    info, log = _driver("slurm/tune.sh", config, {**env, "TASK": "segment", "TRIALS": "2"}, tmp_path)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    study = optuna.load_study(study_name="cirrus-segment", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"], log[-3000:]
+    assert all(t.user_attrs["worker"].startswith("tcp://") for t in study.trials)
+
+
+def _driver(script: str, config: Path, env: dict[str, str], tmp_path: Path, timeout: float = 300) -> tuple[dict, str]:
+    """Submit a driver job script from the repository root, wait for it to leave the queue; (job info, its log)."""
+    submit = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/driver-%j.out", script, str(config)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + timeout
+    while any(row[0] == job for row in _squeue()):
+        if time.monotonic() > deadline:
+            _sh("scancel", job)
+            pytest.fail(f"{script} job {job} still queued or running after {timeout:.0f} s")
+        time.sleep(0.5)
+    out = tmp_path / f"driver-{job}.out"
+    return _job_info(job), out.read_text() if out.exists() else "(no driver log)"
 
 
 class _Transitions:
