@@ -266,6 +266,7 @@ def reprocess_block(job: Job, start: int, stop: int) -> int:
     unet = _load(job.unet, job.tracking_uri, device)
     normalization = Models.from_store(group).normalization
     zenith = store_zenith(group)
+    channels = {model.task: model.spec.zenith_input(zenith) for model in (job.classifier, job.unet) if model.zenith}
     sky = torch.from_numpy(group["sky"][:].astype(bool)).to(device)
     out = {name: group[name][start:stop] for name in ("p_cloudy", "cloudy_pred", "cloud_fraction_pred")}
     probs = (np.full((stop - start, *sky.shape), NOT_COMPUTED, np.uint8) if len(todo) == stop - start
@@ -273,12 +274,12 @@ def reprocess_block(job: Job, start: int, stop: int) -> int:
     for batch in np.array_split(todo, -(-len(todo) // job.batch_size)):
         raw = group["raw"][start + batch[0] : start + batch[-1] + 1][batch - batch[0]]
         norm = masks.normalize(raw, normalization)
-        p = classify(classifier, job.classifier.spec.inputs(norm, zenith), device)
+        p = classify(classifier, job.classifier.spec.inputs(norm, zenith_input=channels.get("classify")), device)
         cloudy = p >= job.threshold
         out["p_cloudy"][batch], out["cloudy_pred"][batch] = p, cloudy
         out["cloud_fraction_pred"][batch], probs[batch] = 0.0, NOT_COMPUTED
         if cloudy.any():
-            x = job.unet.spec.inputs(norm[cloudy], zenith)
+            x = job.unet.spec.inputs(norm[cloudy], zenith_input=channels.get("segment"))
             probs[batch[cloudy]], out["cloud_fraction_pred"][batch[cloudy]] = segment(unet, x, sky, job.unet.bin)
     region = slice(start, stop)
     group["cloud_prob"][region] = probs
