@@ -7,6 +7,7 @@ the defaults below. Unknown sections or keys are errors, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import types
 import typing
@@ -368,6 +369,16 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
         return cls(**kwargs)
     except ValueError as exc:  # a dataclass's own range checks
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def absolute_url(url: str) -> str:
+    """A relative ``sqlite:///`` or ``journal:`` path (a tracking or storage URL) made absolute: Dask workers
+    may run in another directory."""
+    if url.startswith("journal:"):
+        return "journal:" + os.path.abspath(url.removeprefix("journal:"))
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and ":memory:" not in url:
+        return "sqlite:///" + os.path.abspath(url.removeprefix("sqlite:///"))
+    return url
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:

@@ -28,6 +28,7 @@ from cirrus_batch import masks, plots
 from cirrus_batch.errors import StoreError
 from cirrus_batch.prepare import QUALITY_BITS, UNPREPARED, Models, read_images
 from cirrus_batch.reprocess import NOT_COMPUTED, PROB_SCALE, UNPROCESSED
+from cirrus_batch.sampling import block_keys
 from cirrus_batch.store import Store
 
 PANEL_COLUMNS = 4
@@ -89,11 +90,6 @@ class Season:
         return self.processed & ~self.cloudy & ~self.flagged
 
 
-def night_of(times: np.ndarray) -> np.ndarray:
-    """Night of each time: the date of ``time − 12 h`` (a night's images share it)."""
-    return (np.asarray(times, "datetime64[us]") - np.timedelta64(12, "h")).astype("datetime64[D]")
-
-
 def load_season(group: zarr.Group, store_url: str) -> Season:
     """The season's vectors; a clear error when it was never reprocessed."""
     n = int(group.attrs["committed"])
@@ -102,7 +98,7 @@ def load_season(group: zarr.Group, store_url: str) -> Season:
     times = np.asarray(group["time"][:n], "int64").astype("datetime64[us]")
     pred_model = group["pred_model"][:n]
     return Season(
-        times, np.asarray(group["source"][:n], dtype=object), night_of(times), pred_model != UNPROCESSED,
+        times, np.asarray(group["source"][:n], dtype=object), block_keys(times, "night"), pred_model != UNPROCESSED,
         group["p_cloudy"][:n], group["cloudy_pred"][:n], group["cloud_fraction_pred"][:n],
         group["cloud_fraction"][:n] if "cloud_fraction" in group else None,
         group["quality"][:n] if "quality" in group else None,

@@ -35,7 +35,7 @@ from zarr.codecs import BloscCodec
 
 from cirrus_batch import masks
 from cirrus_batch.cluster import gpu_resources
-from cirrus_batch.config import ReprocessConfig
+from cirrus_batch.config import ReprocessConfig, absolute_url
 from cirrus_batch.data import InputSpec, store_zenith
 from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.models import pick_device
@@ -131,15 +131,6 @@ class Job:
 
 
 # -- model resolution (client) --------------------------------------------------------------------
-def absolute_tracking_uri(uri: str) -> str:
-    """``uri`` with a relative SQLite or file path made absolute, so that workers elsewhere find it."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
-    if "://" not in uri and ":" not in uri[:3]:
-        return os.path.abspath(uri)
-    return uri
-
-
 def _registered(uri: str, client: MlflowClient) -> tuple[str | None, str | None]:
     """(name, version) of a ``models:/NAME/VERSION|latest`` or ``models:/NAME@ALIAS`` URI; (None, None) else."""
     if m := re.fullmatch(r"models:/([^/@]+)@([^/]+)", uri):
@@ -357,7 +348,7 @@ def reprocess(
     store = Store.open(store_url)
     group, n, shard = store.group, store.require_images(), store.shard_size
     Models.from_store(group)  # a clear error when the store is not prepared
-    tracking = absolute_tracking_uri(tracking_uri or mlflow.get_tracking_uri())
+    tracking = absolute_url(tracking_uri or mlflow.get_tracking_uri())
     classifier = _expect(resolve_model(classifier_uri or cfg.classifier, tracking, store.image_shape), "classify")
     unet = _expect(resolve_model(unet_uri or cfg.unet, tracking, store.image_shape), "segment")
     store.repair()

@@ -42,7 +42,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
 from cirrus_batch.cluster import gpu_resources
-from cirrus_batch.config import ConfigError, ParamSpec, TrainConfig, TuneConfig, from_dict, to_dict
+from cirrus_batch.config import ConfigError, ParamSpec, TrainConfig, TuneConfig, absolute_url, from_dict, to_dict
 from cirrus_batch.data import check_store
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.train import REGISTERED, TASKS, TrainResult, train
@@ -138,15 +138,6 @@ def search_space(base: TrainConfig, space: dict[str, ParamSpec]) -> dict[str, Ba
             except ConfigError as exc:
                 raise ConfigError(f"tune.space.{name} = {value!r}: {exc}") from None
     return dists
-
-
-def absolute_url(url: str) -> str:
-    """A relative ``sqlite:///`` or ``journal:`` path made absolute (the workers may run elsewhere)."""
-    if url.startswith("journal:"):
-        return "journal:" + os.path.abspath(url.removeprefix("journal:"))
-    if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and ":memory:" not in url:
-        return "sqlite:///" + os.path.abspath(url.removeprefix("sqlite:///"))
-    return url
 
 
 def redact(url: str) -> str:
@@ -539,5 +530,5 @@ def best_summary(result: TuneResult) -> str:
             f"study parent run {result.parent_run_id})")
 
 
-__all__ = ["StudySpec", "TuneResult", "absolute_url", "best_summary", "counted", "open_storage", "run_trial",
+__all__ = ["StudySpec", "TuneResult", "best_summary", "counted", "open_storage", "run_trial",
            "search_space", "trial_config", "trial_rows", "tune"]

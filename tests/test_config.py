@@ -47,3 +47,13 @@ def test_bad_configs_name_the_problem(tmp_path, text, message):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("nope.toml")
+
+
+def test_absolute_url_makes_relative_local_paths_absolute(tmp_path, monkeypatch):
+    from cirrus_batch.config import absolute_url
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_url("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
+    assert absolute_url("journal:optuna.log") == f"journal:{tmp_path}/optuna.log"
+    for url in ("sqlite:////abs/x.db", "sqlite:///:memory:", "postgresql+psycopg2://u@h/db", "http://127.0.0.1:5000"):
+        assert absolute_url(url) == url

@@ -16,7 +16,8 @@ from test_reprocess import Trained, build_trained
 
 from cirrus_batch.errors import StoreError
 from cirrus_batch.masks import QUALITY_CONSTANT
-from cirrus_batch.report import image_hours, night_of, report
+from cirrus_batch.report import image_hours, report
+from cirrus_batch.sampling import block_keys
 from cirrus_batch.reprocess import UNPROCESSED, reprocess
 from cirrus_batch.store import Rejection, Store
 
@@ -45,10 +46,10 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def test_image_hours_use_the_cadence_and_skip_gaps():
     t = np.datetime64("2026-01-05T20:00", "us") + np.array([0, 10, 20, 30, 90, 100], "timedelta64[m]")
     t = np.append(t, np.datetime64("2026-01-06T21:00", "us"))  # a night of one image
-    nights = night_of(t)
+    nights = block_keys(t, "night")
     assert [str(n) for n in np.unique(nights)] == ["2026-01-05", "2026-01-06"]
     np.testing.assert_allclose(image_hours(t, nights) * 60, [10, 10, 10, 20, 10, 10, 10])
-    assert str(night_of(np.array(["2026-01-06T05:00"], "datetime64[us]"))[0]) == "2026-01-05"  # after midnight
+    assert str(block_keys(np.array(["2026-01-06T05:00"], "datetime64[us]"), "night")[0]) == "2026-01-05"  # after midnight
 
 
 def test_report_writes_the_files_and_logs_an_mlflow_run(season, trained, tmp_path):
