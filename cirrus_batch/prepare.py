@@ -23,7 +23,6 @@ import numpy as np
 import zarr
 from distributed import Client, as_completed
 from tqdm.auto import tqdm
-from zarr.codecs import BloscCodec
 
 from cirrus_batch import masks
 from cirrus_batch.config import PrepareConfig, to_dict
@@ -115,18 +114,9 @@ def fit_models(store_url: str, n: int, cfg: PrepareConfig) -> Models:
     return Models(geometry, normalization, clear, cfg.mask, cfg.ambient_key)
 
 
-def _create_arrays(group: zarr.Group, n: int, shard: int, models: Models) -> None:
-    ny, nx = group["raw"].shape[1:]
-    for name, (dtype, fill) in IMAGE_VARS.items():
-        if name not in group:
-            group.create_array(
-                name, shape=(n, ny, nx), chunks=(1, ny, nx), shards=(shard, ny, nx), dtype=dtype, fill_value=fill,
-                compressors=BloscCodec(cname="lz4", clevel=3, shuffle="bitshuffle"), dimension_names=("time", "y", "x"),
-            )  # fmt: skip
-    for name, (dtype, fill) in VECTOR_VARS.items():
-        if name not in group:
-            group.create_array(name, shape=(n,), chunks=(shard,), dtype=dtype, fill_value=fill,
-                               dimension_names=("time",))
+def _create_arrays(store: Store, n: int, models: Models) -> None:
+    store.add_time_arrays(n, IMAGE_VARS, VECTOR_VARS)
+    group = store.group
     group["norm"].attrs.update({"long_name": "normalized raw", **models.normalization.to_attrs()})
     group["mask"].attrs.update({"long_name": "cloud mask (clear-sky model + astropy stretch + threshold)",
                                 "flag_values": [0, 1], "flag_meanings": "clear cloud"})
@@ -206,7 +196,7 @@ def prepare(
                                   dimension_names=("y", "x"))  # fmt: skip
         sky[:] = models.geometry.sky.astype(np.uint8)
         sky.attrs.update({"long_name": "valid sky pixels", "flag_values": [0, 1], "flag_meanings": "not_sky sky"})
-        _create_arrays(group, n, shard, models)
+        _create_arrays(store, n, models)
         if refit:
             group["quality"][:] = np.full(n, UNPREPARED, np.uint8)
         group.attrs["prepare"] = models.to_attrs()

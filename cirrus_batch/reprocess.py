@@ -31,7 +31,6 @@ from distributed import Client, as_completed, get_worker
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
-from zarr.codecs import BloscCodec
 
 from cirrus_batch import masks
 from cirrus_batch.cluster import gpu_resources
@@ -282,21 +281,6 @@ def reprocess_block(job: Job, start: int, stop: int) -> int:
 
 
 # -- the run (client) -----------------------------------------------------------------------------
-def _create_arrays(group: zarr.Group, n: int, shard: int) -> None:
-    ny, nx = group["raw"].shape[1:]
-    for name, (dtype, fill) in IMAGE_VARS.items():
-        if name not in group:
-            group.create_array(
-                name, shape=(n, ny, nx), chunks=(1, ny, nx), shards=(shard, ny, nx), dtype=dtype, fill_value=fill,
-                compressors=BloscCodec(cname="lz4", clevel=3, shuffle="bitshuffle"), dimension_names=("time", "y", "x"),
-                attributes=ATTRS[name],
-            )  # fmt: skip
-    for name, (dtype, fill) in VECTOR_VARS.items():
-        if name not in group:
-            group.create_array(name, shape=(n,), chunks=(shard,), dtype=dtype, fill_value=fill,
-                               dimension_names=("time",), attributes=ATTRS[name])  # fmt: skip
-
-
 def _entry_key(entry: dict[str, Any]) -> tuple:
     """What makes two provenance entries the same predictions (not when or by which URI they were asked for)."""
     return (
@@ -352,7 +336,7 @@ def reprocess(
     classifier = _expect(resolve_model(classifier_uri or cfg.classifier, tracking, store.image_shape), "classify")
     unet = _expect(resolve_model(unet_uri or cfg.unet, tracking, store.image_shape), "segment")
     store.repair()
-    _create_arrays(group, n, shard)
+    store.add_time_arrays(n, IMAGE_VARS, VECTOR_VARS, ATTRS)
     index = model_index(group, classifier, unet, cfg.threshold)
     job = Job(store.url, tracking, classifier, unet, index, cfg.threshold, cfg.batch_size, force)
     marker = group["pred_model"][:n]

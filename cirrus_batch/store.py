@@ -164,6 +164,24 @@ class Store:
             raise StoreError(f"{self.url} holds no image yet: run `cirrus ingest SOURCE {self.url}` first")
         return self.committed
 
+    def add_time_arrays(self, n: int, images: dict[str, tuple[str, Any]], vectors: dict[str, tuple[str, Any]],
+                        attributes: dict[str, dict[str, Any]] | None = None) -> None:  # fmt: skip
+        """Create the missing derived arrays of length ``n``: ``images`` (time, y, x) one image per chunk in
+        shards like ``raw``, ``vectors`` (time) chunked by shard; each given as ``name: (dtype, fill value)``."""
+        ny, nx = self.image_shape
+        shard, attributes = self.shard_size, attributes or {}
+        for name, (dtype, fill) in images.items():
+            if name not in self.group:
+                self.group.create_array(
+                    name, shape=(n, ny, nx), chunks=(1, ny, nx), shards=(shard, ny, nx), dtype=dtype,
+                    fill_value=fill, compressors=BloscCodec(cname="lz4", clevel=3, shuffle="bitshuffle"),
+                    dimension_names=("time", "y", "x"), attributes=attributes.get(name),
+                )  # fmt: skip
+        for name, (dtype, fill) in vectors.items():
+            if name not in self.group:
+                self.group.create_array(name, shape=(n,), chunks=(shard,), dtype=dtype, fill_value=fill,
+                                        dimension_names=("time",), attributes=attributes.get(name))  # fmt: skip
+
     # -- commit protocol ---------------------------------------------------------------------------
     def resize(self, n: int) -> None:
         """Give every time array length ``n`` (new positions hold fill values until written)."""
