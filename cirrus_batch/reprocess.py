@@ -37,7 +37,7 @@ from cirrus_batch.cluster import gpu_resources
 from cirrus_batch.config import ReprocessConfig, absolute_url
 from cirrus_batch.data import InputSpec, store_zenith
 from cirrus_batch.errors import CirrusError, StoreError
-from cirrus_batch.models import pick_device
+from cirrus_batch.models import MEMORY_FORMAT, autocast_dtype, pick_device
 from cirrus_batch.prepare import Models
 from cirrus_batch.store import Store
 
@@ -126,6 +126,7 @@ class Job:
     index: int
     threshold: float
     batch_size: int
+    amp: bool
     force: bool
 
 
@@ -204,11 +205,12 @@ _LOADED: dict[tuple[str, str], torch.nn.Module] = {}
 """Models loaded in this process, by (artifact location, device): each worker loads each model once."""
 
 
-def _load(model: ModelIdentity, tracking_uri: str, device: torch.device) -> torch.nn.Module:
+def load_model(model: ModelIdentity, tracking_uri: str, device: torch.device) -> torch.nn.Module:
+    """The model as reprocess runs it: on ``device``, weights channels-last; loaded once per process."""
     key = (model.source, str(device))
     if key not in _LOADED:
         mlflow.set_tracking_uri(tracking_uri)
-        _LOADED[key] = mlflow.pytorch.load_model(model.source).to(device)
+        _LOADED[key] = mlflow.pytorch.load_model(model.source).to(device, memory_format=MEMORY_FORMAT)
         log.info("loaded %s on %s", model.label, device)
     return _LOADED[key]
 
@@ -224,15 +226,22 @@ def _torch_threads() -> int:
 
 
 @torch.inference_mode()
-def classify(model: torch.nn.Module, x: np.ndarray, device: torch.device) -> np.ndarray:
-    """(n,) float32 cloudy probability of the inputs ``x`` (n, c, h, w)."""
-    return torch.sigmoid(model(torch.from_numpy(x).to(device)).float()).cpu().numpy()
+def classify(model: torch.nn.Module, x: np.ndarray, device: torch.device,
+             dtype: torch.dtype | None = None) -> np.ndarray:  # fmt: skip
+    """(n,) float32 cloudy probability of the inputs ``x`` (n, c, h, w); ``dtype``: autocast to it."""
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        logits = model(torch.from_numpy(x).to(device))
+    return torch.sigmoid(logits.float()).cpu().numpy()
 
 
 @torch.inference_mode()
-def segment(model: torch.nn.Module, x: np.ndarray, sky: torch.Tensor, bin: int) -> tuple[np.ndarray, np.ndarray]:
-    """``cloud_prob`` (n, y, x) uint8 at the full resolution of ``sky`` and the predicted cloud fractions."""
-    p = torch.sigmoid(model(torch.from_numpy(x).to(sky.device)).float())
+def segment(model: torch.nn.Module, x: np.ndarray, sky: torch.Tensor, bin: int,
+            dtype: torch.dtype | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """``cloud_prob`` (n, y, x) uint8 at the full resolution of ``sky`` and the predicted cloud fractions;
+    ``dtype``: autocast the forward pass to it."""
+    with torch.autocast(sky.device.type, dtype=dtype, enabled=dtype is not None):
+        logits = model(torch.from_numpy(x).to(sky.device))
+    p = torch.sigmoid(logits.float())
     if bin > 1:
         p = F.interpolate(p, scale_factor=bin, mode="bilinear", align_corners=False)
     ny, nx = sky.shape
@@ -252,11 +261,13 @@ def reprocess_block(job: Job, start: int, stop: int) -> int:
         return 0
     torch.set_num_threads(_torch_threads())
     device = pick_device()
-    classifier = _load(job.classifier, job.tracking_uri, device)
-    unet = _load(job.unet, job.tracking_uri, device)
+    dtype = autocast_dtype(device) if job.amp else None
+    classifier = load_model(job.classifier, job.tracking_uri, device)
+    unet = load_model(job.unet, job.tracking_uri, device)
     normalization = Models.from_store(group).normalization
     zenith = store_zenith(group)
     channels = {model.task: model.spec.zenith_input(zenith) for model in (job.classifier, job.unet) if model.zenith}
+    same_inputs = (job.classifier.bin, job.classifier.zenith) == (job.unet.bin, job.unet.zenith)
     sky = torch.from_numpy(group["sky"][:].astype(bool)).to(device)
     out = {name: group[name][start:stop] for name in ("p_cloudy", "cloudy_pred", "cloud_fraction_pred")}
     probs = (np.full((stop - start, *sky.shape), NOT_COMPUTED, np.uint8) if len(todo) == stop - start
@@ -264,13 +275,16 @@ def reprocess_block(job: Job, start: int, stop: int) -> int:
     for batch in np.array_split(todo, -(-len(todo) // job.batch_size)):
         raw = group["raw"][start + batch[0] : start + batch[-1] + 1][batch - batch[0]]
         norm = masks.normalize(raw, normalization)
-        p = classify(classifier, job.classifier.spec.inputs(norm, zenith_input=channels.get("classify")), device)
+        x = job.classifier.spec.inputs(norm, zenith_input=channels.get("classify"))
+        p = classify(classifier, x, device, dtype)
         cloudy = p >= job.threshold
         out["p_cloudy"][batch], out["cloudy_pred"][batch] = p, cloudy
         out["cloud_fraction_pred"][batch], probs[batch] = 0.0, NOT_COMPUTED
         if cloudy.any():
-            x = job.unet.spec.inputs(norm[cloudy], zenith_input=channels.get("segment"))
-            probs[batch[cloudy]], out["cloud_fraction_pred"][batch[cloudy]] = segment(unet, x, sky, job.unet.bin)
+            if not same_inputs:
+                x = job.unet.spec.inputs(norm, zenith_input=channels.get("segment"))
+            done = batch[cloudy]
+            probs[done], out["cloud_fraction_pred"][done] = segment(unet, x[cloudy], sky, job.unet.bin, dtype)
     region = slice(start, stop)
     group["cloud_prob"][region] = probs
     for name, values in out.items():
@@ -288,15 +302,18 @@ def _entry_key(entry: dict[str, Any]) -> tuple:
         {k: v for k, v in entry["unet"].items() if k != "uri"},
         entry["threshold"],
         entry["normalization"],
+        entry.get("amp", False),
     )
 
 
-def model_index(group: zarr.Group, classifier: ModelIdentity, unet: ModelIdentity, threshold: float) -> int:
-    """Index of this model pair in ``pred_model.attrs["models"]``, appended when new."""
+def model_index(group: zarr.Group, classifier: ModelIdentity, unet: ModelIdentity, cfg: ReprocessConfig) -> int:
+    """Index of this model pair (with ``cfg``'s threshold and precision) in ``pred_model.attrs["models"]``,
+    appended when new."""
     entry = {
         "classifier": classifier.to_attrs(),
         "unet": unet.to_attrs(),
-        "threshold": float(threshold),
+        "threshold": float(cfg.threshold),
+        "amp": cfg.amp,
         "normalization": group.attrs["prepare"]["normalization"],
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -337,8 +354,8 @@ def reprocess(
     unet = _expect(resolve_model(unet_uri or cfg.unet, tracking, store.image_shape), "segment")
     store.repair()
     store.add_time_arrays(n, IMAGE_VARS, VECTOR_VARS, ATTRS)
-    index = model_index(group, classifier, unet, cfg.threshold)
-    job = Job(store.url, tracking, classifier, unet, index, cfg.threshold, cfg.batch_size, force)
+    index = model_index(group, classifier, unet, cfg)
+    job = Job(store.url, tracking, classifier, unet, index, cfg.threshold, cfg.batch_size, cfg.amp, force)
     marker = group["pred_model"][:n]
     counts = {(a, min(a + shard, n)): (min(shard, n - a) if force else int((marker[a : a + shard] != index).sum()))
               for a in range(0, n, shard)}  # fmt: skip

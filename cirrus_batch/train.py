@@ -43,7 +43,7 @@ from cirrus_batch.config import NetConfig, TrainConfig, to_dict
 from cirrus_batch.data import InputSpec, StoreSamples, bin_image, check_store
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.metrics import MetricAccumulator, binary_metrics, confusion_matrix
-from cirrus_batch.models import build_model, pick_device
+from cirrus_batch.models import MEMORY_FORMAT, build_model, pick_device
 from cirrus_batch.prepare import read_images, truth_index
 from cirrus_batch.sampling import Split, make_split
 
@@ -454,12 +454,14 @@ def _log_artifacts(prob: np.ndarray, target: np.ndarray, weight: np.ndarray, dat
 
 def _log_model(model: nn.Module, dataset: StoreSamples, task: str, cfg: TrainConfig,
                device: torch.device) -> tuple[str, str | None]:  # fmt: skip
-    model = model.to("cpu").eval()
+    # exported with contiguous weights (pt2 packaging warns about channels-last ones); the graph keeps the
+    # channels-last activations and reprocess converts the weights back on loading
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     # two images: torch.export (MLflow's pt2 format) would fix a batch dimension of 1 as a constant
     example = np.stack([dataset[i % len(dataset)][0].numpy() for i in range(2)])
     info = mlflow.pytorch.log_model(
         model, name="model", input_example=example, metadata=dataset.spec.to_metadata(),
         registered_model_name=REGISTERED[task] if cfg.register else None,
     )  # fmt: skip
-    model.to(device)
+    model.to(device, memory_format=MEMORY_FORMAT)
     return info.model_uri, (str(info.registered_model_version) if cfg.register else None)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cirrus_batch.models import CloudClassifier, UNet, build_model, pick_device
+from cirrus_batch.models import MEMORY_FORMAT, CloudClassifier, UNet, autocast_dtype, build_model, pick_device
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -118,3 +118,23 @@ def test_pick_device() -> None:
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     model = UNet(base_channels=2, depth=1).to(device)
     assert model(torch.rand(1, 1, 9, 7, device=device)).device.type == device.type
+
+
+@pytest.mark.parametrize("cls", [UNet, CloudClassifier])
+def test_channels_last_layout_gives_the_same_outputs(cls: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    model = cls(in_channels=2, base_channels=4, depth=2).eval()
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=MEMORY_FORMAT) and not conv.weight.is_contiguous()
+    x = torch.rand(3, 2, 20, 24)
+    with torch.no_grad():
+        got = model(x)
+        model.to(memory_format=torch.contiguous_format)
+        assert conv.weight.is_contiguous()
+        torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_autocast_dtype() -> None:
+    assert autocast_dtype(torch.device("cuda")) == torch.float16
+    assert autocast_dtype(torch.device("cpu")) in (torch.bfloat16, None)
+    assert autocast_dtype(torch.device("meta")) is None

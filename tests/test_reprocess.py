@@ -129,7 +129,7 @@ def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
 
 def test_reprocess_writes_the_schema_and_matches_a_direct_model_call(trained, tmp_path, client, one_torch_thread):
     store = trained.copy(tmp_path)
-    report = reprocess(store, client, cfg=trained.cfg(), progress=False, tracking_uri=trained.tracking)
+    report = reprocess(store, client, cfg=trained.cfg(amp=False), progress=False, tracking_uri=trained.tracking)
     assert (report.images, report.processed, report.skipped, report.model_index) == (32, 32, 0, 0)
     assert report.classifier.label == "cirrus-classifier v1" and report.unet.label == "cirrus-unet v1"
     ds = open_dataset(store)
@@ -157,6 +157,21 @@ def test_reprocess_writes_the_schema_and_matches_a_direct_model_call(trained, tm
     np.testing.assert_allclose(got, prob[cloudy][:, sky], atol=0.5 / PROB_SCALE + 1e-5)  # the uint8 quantization
     fraction = (prob[cloudy][:, sky] > 0.5).mean(axis=1)
     np.testing.assert_allclose(ds["cloud_fraction_pred"].values[cloudy], fraction, atol=1e-3)
+
+
+def test_mixed_precision_is_recorded_and_close_to_float32(trained, tmp_path, client, one_torch_thread):
+    store = trained.copy(tmp_path)
+    exact = reprocess(store, client, cfg=trained.cfg(amp=False), progress=False, tracking_uri=trained.tracking)
+    fp32 = outputs(store)
+    amp = reprocess(store, client, cfg=trained.cfg(), progress=False, tracking_uri=trained.tracking)
+    assert (exact.model_index, amp.model_index, amp.processed) == (0, 1, 32)  # another precision: redone
+    assert [e["amp"] for e in zarr.open_group(store, mode="r")["pred_model"].attrs["models"]] == [False, True]
+    got = outputs(store)
+    np.testing.assert_allclose(got["p_cloudy"], fp32["p_cloudy"], atol=0.01)
+    both = got["cloudy_pred"] & fp32["cloudy_pred"]
+    assert both.sum() >= fp32["cloudy_pred"].sum() - 1
+    steps = np.abs(got["cloud_prob"][both].astype(int) - fp32["cloud_prob"][both])
+    assert np.percentile(steps, 99) <= 2 and steps.max() <= 6  # in 1/250 probability steps
 
 
 def test_second_run_does_nothing_force_and_a_new_version_redo_all(trained, tmp_path, client):

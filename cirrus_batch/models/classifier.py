@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import ConvBlock, check_params
+from .unet import MEMORY_FORMAT, ConvBlock, check_params
 
 __all__ = ["CloudClassifier"]
 
@@ -15,7 +15,7 @@ class CloudClassifier(nn.Module):
     """``depth`` conv blocks (max-pooled between), global average pooling, dropout and a linear layer.
 
     Takes (n, in_channels, h, w) of any size >= 1 pixel and returns logits of shape (n,), divided by the
-    ``temperature`` buffer (1 until training calibrates it).
+    ``temperature`` buffer (1 until training calibrates it). Channels-last like :class:`UNet`.
     """
 
     def __init__(
@@ -35,10 +35,12 @@ class CloudClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(chans[-1], 1)
         self.register_buffer("temperature", torch.ones(()))  # logits / temperature: calibration after training
+        self.to(memory_format=MEMORY_FORMAT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4:
             raise ValueError(f"CloudClassifier expects (n, c, h, w), got shape {tuple(x.shape)}")
+        x = x.contiguous(memory_format=MEMORY_FORMAT)
         for i, block in enumerate(self.blocks):
             x = block(x if i == 0 else F.max_pool2d(x, 2, ceil_mode=True))
         x = x.mean(dim=(-2, -1))
