@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from cirrus_batch.config import IngestConfig
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.fitsio import ImageHeader, Layout, Rejected, find_image, header_values, observation_time, read_raw
-from cirrus_batch.store import Rejection, Store, header_var
+from cirrus_batch.store import Rejection, Store, header_var, write_images
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +196,7 @@ def write_group(
         return bad
     items = checked
     region = slice(start, start + len(items))
-    # write_empty_chunks skips a slow all-equal-to-fill check per chunk (set when opening: arrays fix their config)
-    group["raw"].with_config({"write_empty_chunks": True})[region] = block
+    write_images(group, "raw", region, block)
     group["time"][region] = np.array([item.time for item in items], dtype="datetime64[us]").astype("int64")
     group["source"][region] = np.array([item.entry.source for item in items], dtype=object)
     for key in keys:

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from cirrus_batch import masks
 from cirrus_batch.config import PrepareConfig, to_dict
 from cirrus_batch.errors import CirrusError, StoreError
-from cirrus_batch.store import Store, header_var
+from cirrus_batch.store import Store, header_var, write_images
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +137,8 @@ def prepare_block(store_url: str, start: int, stop: int) -> int:
     ambient = _ambient(group, models.ambient_key, region)
     quality = masks.quality_flags(raw, models.geometry, models.mask_config.saturated_fraction)
     mask = masks.cloud_masks(raw, ambient, models.geometry, models.clear_sky, models.mask_config)
-    group["norm"].with_config({"write_empty_chunks": True})[region] = masks.normalize(raw, models.normalization)
-    group["mask"][region] = mask
+    write_images(group, "norm", region, masks.normalize(raw, models.normalization))
+    write_images(group, "mask", region, mask)
     group["cloud_fraction"][region] = masks.cloud_fraction(mask, models.geometry.sky)
     group["quality"][region] = quality  # written last: marks the block as prepared
     return stop - start

@@ -39,7 +39,7 @@ from cirrus_batch.data import InputSpec, store_zenith
 from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.models import MEMORY_FORMAT, autocast_dtype, pick_device
 from cirrus_batch.prepare import Models
-from cirrus_batch.store import Store
+from cirrus_batch.store import Store, write_images
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def reprocess_block(job: Job, start: int, stop: int) -> int:
             done = batch[cloudy]
             probs[done], out["cloud_fraction_pred"][done] = segment(unet, x[cloudy], sky, job.unet.bin, dtype)
     region = slice(start, stop)
-    group["cloud_prob"][region] = probs
+    write_images(group, "cloud_prob", region, probs)
     for name, values in out.items():
         group[name][region] = values
     marker[todo] = job.index
