@@ -12,7 +12,8 @@ with the architecture of ``jobs/train.toml``; quality is irrelevant here):
     with one thread per core, batches of ``batch_size``): the classifier on every image, the U-Net on the
     images (a) classified cloudy. The compute limit. Target: a/b >= 0.8;
 (c) a naive serial loop over the FITS files: ``astropy.io.fits.getdata`` -> normalize -> classify one image ->
-    segment it when cloudy -> ``np.save`` its results; the models as ``mlflow.pytorch.load_model`` returns
+    segment it when cloudy (its clear-sky residual read from the store, as reprocess reads it) -> ``np.save``
+    its results; the models as ``mlflow.pytorch.load_model`` returns
     them, torch with its default threads. Target: a/c >= 2.
 
 The season has 2000 images by default: with shards of 100 that is 20 block tasks, so that the last block does
@@ -149,9 +150,10 @@ def forward_inputs(store: str, tracking: str) -> tuple:
     cloudy = group["cloudy_pred"][:]
     xc, xu = [], []
     for a in range(0, len(cloudy), SHARD):
-        norm = masks.normalize(group["raw"][a : a + SHARD], normalization)
-        xc.append(torch.from_numpy(clf_id.spec.inputs(norm, zenith)))
-        xu.append(torch.from_numpy(unet_id.spec.inputs(norm[cloudy[a : a + SHARD]], zenith)))
+        images = {"norm": masks.normalize(group["raw"][a : a + SHARD], normalization),
+                  "residual": group["residual"][a : a + SHARD].astype(np.float32)}  # fmt: skip
+        xc.append(torch.from_numpy(clf_id.spec.inputs(images[clf_id.spec.image], zenith)))
+        xu.append(torch.from_numpy(unet_id.spec.inputs(images[unet_id.spec.image][cloudy[a : a + SHARD]], zenith)))
     return clf, unet, torch.cat(xc), torch.cat(xu)
 
 
@@ -191,8 +193,9 @@ def naive_rate(store: str, archive: Path, tracking: str, threshold: float, k: in
         result = {"p_cloudy": p}
         if p[0] >= threshold:
             cloudy += 1
-            result["cloud_prob"], result["cloud_fraction_pred"] = segment(unet, unet_id.spec.inputs(norm, zenith),
-                                                                          sky, unet_id.bin)  # fmt: skip
+            image = norm if unet_id.spec.image == "norm" else group[unet_id.spec.image][i : i + 1]
+            x = unet_id.spec.inputs(image, zenith)
+            result["cloud_prob"], result["cloud_fraction_pred"] = segment(unet, x, sky, unet_id.bin)
         np.save(out / f"{i}.npy", result, allow_pickle=True)
     return len(picks) / (time.perf_counter() - t0), cloudy / len(picks)
 

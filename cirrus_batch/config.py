@@ -31,7 +31,7 @@ class IngestConfig:
     shape: list[int] | None = None
     """Expected image shape [ny, nx]; by default a new store takes the most common shape."""
     clevel: int = 3
-    """Zstd compression level of ``raw`` (blosc, bit-shuffled)."""
+    """LZ4 compression level of ``raw`` (blosc, bit-shuffled)."""
 
 
 @dataclass
@@ -94,6 +94,9 @@ class TrainConfig:
     """Images are averaged over bin x bin pixel blocks (512x640 -> 128x160 with 4)."""
     zenith_channel: bool = True
     """Give the networks the zenith angle as a second input channel (see ``data.InputSpec``)."""
+    unet_image: str = "residual"
+    """What the U-Net reads: ``residual`` (each image's clear-sky residual from prepare: faint cirrus stands
+    out of it) or ``norm`` (normalized raw). The classifier reads ``norm``."""
     batch_size: int = 16
     lr: float = 1e-3
     """Adam learning rate."""
@@ -114,8 +117,12 @@ class TrainConfig:
     """DataLoader worker processes (0 = load in the training process)."""
     threads: int = 0
     """torch CPU threads; 0 = the cores this process may use."""
+    soft_targets: bool = False
+    """Segment: train on the cloud fraction of each binned pixel of ``mask`` instead of its majority (metrics
+    still score the majority)."""
     amp: bool = True
-    """Mixed precision on CUDA (ignored on CPU)."""
+    """Mixed-precision training steps: float16 on CUDA, bfloat16 on CPUs with native bf16 (AVX512-BF16, AMX;
+    ~1.9x faster steps), float32 elsewhere (``models.autocast_dtype``)."""
     seed: int = 0
     checkpoint_dir: str = "checkpoints"
     """One checkpoint per task (``classify.pt``, ``segment.pt``), written every epoch; ``--resume`` reads it."""

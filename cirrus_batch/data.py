@@ -15,7 +15,9 @@ from cirrus_batch.errors import StoreError
 from cirrus_batch.masks import zenith_map
 from cirrus_batch.store import Store
 
-NEEDS = {"classify": ("norm", "cloudy", "quality", "sky"), "segment": ("norm", "mask", "cloudy", "quality", "sky")}
+NEEDS = {"classify": ("cloudy", "quality", "sky"), "segment": ("mask", "cloudy", "quality", "sky")}
+IMAGES = ("norm", "residual")
+"""What a network can read: ``norm`` (normalized raw) or ``residual`` (clear-sky residual), both from prepare."""
 
 
 def bin_image(x: np.ndarray, factor: int) -> np.ndarray:
@@ -39,8 +41,9 @@ def store_zenith(group: zarr.Group) -> np.ndarray:
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What a network reads: ``norm`` binned by ``bin`` and, with ``zenith``, the zenith angle / 90° as a
-    second channel (the clear sky brightens towards the horizon; a small network cannot see where it is).
+    """What a network reads: the prepared ``image`` (``norm`` or ``residual``) binned by ``bin`` and, with
+    ``zenith``, the zenith angle / 90° as a second channel (the clear sky brightens towards the horizon; a small
+    network cannot see where it is).
 
     Saved with the model (MLflow model metadata), so inference builds exactly the training inputs.
     """
@@ -48,30 +51,40 @@ class InputSpec:
     task: str
     bin: int = 4
     zenith: bool = True
+    image: str = "norm"
+
+    def __post_init__(self) -> None:
+        if self.image not in IMAGES:
+            raise ValueError(f"input image must be one of {IMAGES}, got {self.image!r}")
 
     @property
     def in_channels(self) -> int:
         return 1 + int(self.zenith)
 
+    def inputs_like(self, other: InputSpec) -> bool:
+        """Whether ``other`` builds the same inputs from the same images."""
+        return (self.bin, self.zenith, self.image) == (other.bin, other.zenith, other.image)
+
     def to_metadata(self) -> dict[str, Any]:
-        return {"task": self.task, "bin": self.bin, "zenith_channel": self.zenith}
+        return {"task": self.task, "bin": self.bin, "zenith_channel": self.zenith, "image": self.image}
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any] | None) -> InputSpec:
         if not metadata or "task" not in metadata:
             raise ValueError("the model has no cirrus input metadata (task, bin, zenith_channel): "
                              "was it logged by `cirrus train`?")  # fmt: skip
-        return cls(str(metadata["task"]), int(metadata["bin"]), bool(metadata["zenith_channel"]))
+        return cls(str(metadata["task"]), int(metadata["bin"]), bool(metadata["zenith_channel"]),
+                   str(metadata.get("image", "norm")))  # fmt: skip
 
     def zenith_input(self, zenith: np.ndarray) -> np.ndarray:
         """(h, w) zenith channel of a zenith map (deg, :func:`store_zenith`): zenith / 90° up to 1.25, binned."""
         return bin_image(np.clip(zenith / 90.0, 0.0, 1.25).astype(np.float32), self.bin)
 
-    def inputs(self, norm: np.ndarray, zenith: np.ndarray | None = None, *,
+    def inputs(self, images: np.ndarray, zenith: np.ndarray | None = None, *,
                zenith_input: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
-        """(n, c, h, w) float32 network input of ``norm`` images (n, y, x); ``zenith``: :func:`store_zenith`,
+        """(n, c, h, w) float32 network input of ``image`` images (n, y, x); ``zenith``: :func:`store_zenith`,
         or ``zenith_input``: its :meth:`zenith_input`, computed once for many calls."""
-        x = bin_image(np.asarray(norm, dtype=np.float32), self.bin)[:, None]
+        x = bin_image(np.asarray(images, dtype=np.float32), self.bin)[:, None]
         if not self.zenith:
             return np.ascontiguousarray(x)
         if zenith_input is None:
@@ -81,10 +94,10 @@ class InputSpec:
         return np.concatenate([x, np.broadcast_to(zenith_input, x.shape)], axis=1)
 
 
-def check_store(store_url: str, task: str) -> Store:
-    """The store, with a clear error when it lacks what ``task`` trains on."""
+def check_store(store_url: str, spec: InputSpec) -> Store:
+    """The store, with a clear error when it lacks what a network of ``spec`` trains on."""
     store = Store.open(store_url, mode="r")
-    missing = [name for name in NEEDS[task] if name not in store.group]
+    missing = [name for name in (spec.image, *NEEDS[spec.task]) if name not in store.group]
     if missing:
         raise StoreError(
             f"{store_url} has no {', '.join(missing)}: run `cirrus prepare {store_url}` before training"
@@ -95,17 +108,18 @@ def check_store(store_url: str, task: str) -> Store:
 class StoreSamples(Dataset):
     """``(image, target, weight)`` of the store images at ``positions``.
 
-    image: :meth:`InputSpec.inputs`, shape (c, h, w) float32. Segment: target = ``mask`` binned (majority)
-    and weight = the binned sky mask, both (1, h, w). Classify: target = ``cloudy`` and weight 1, scalars.
+    image: :meth:`InputSpec.inputs`, shape (c, h, w) float32. Segment: target = ``mask`` binned (its majority,
+    or with ``soft`` its cloud fraction per binned pixel) and weight = the binned sky mask, both (1, h, w).
+    Classify: target = ``cloudy`` and weight 1, scalars.
     The arrays open lazily in each DataLoader worker.
     """
 
-    def __init__(self, store_url: str, positions: np.ndarray, spec: InputSpec):
+    def __init__(self, store_url: str, positions: np.ndarray, spec: InputSpec, soft: bool = False):
         if spec.task not in NEEDS:
             raise ValueError(f"task must be one of {sorted(NEEDS)}, got {spec.task!r}")
-        self.store_url, self.spec = store_url, spec
+        self.store_url, self.spec, self.soft = store_url, spec, soft
         self.positions = np.asarray(positions, dtype=np.int64)
-        group = check_store(store_url, spec.task).group
+        group = check_store(store_url, spec).group
         self.cloudy = group["cloudy"][:].astype(np.float32)
         self.zenith = spec.zenith_input(store_zenith(group)) if spec.zenith else None
         sky = bin_image(group["sky"][:].astype(np.float32), spec.bin) > 0.5
@@ -124,7 +138,7 @@ class StoreSamples(Dataset):
         return len(self.positions)
 
     def _array(self, name: str) -> zarr.Array:
-        """``norm`` or ``mask``, opened once per process (opening reads its metadata: ~0.7 ms per image)."""
+        """``norm``, ``residual`` or ``mask``, opened once per process (opening reads its metadata: ~0.7 ms per image)."""
         if name not in self._arrays:
             self._arrays[name] = zarr.open_group(self.store_url, mode="r", zarr_format=3)[name]
         return self._arrays[name]
@@ -134,8 +148,9 @@ class StoreSamples(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = int(self.positions[i])
-        image = torch.from_numpy(self.spec.inputs(self._array("norm")[p][None], zenith_input=self.zenith)[0])
+        image = torch.from_numpy(self.spec.inputs(self._array(self.spec.image)[p][None], zenith_input=self.zenith)[0])
         if self.task == "classify":
             return image, torch.tensor(self.cloudy[p]), torch.tensor(1.0)
-        mask = bin_image(self._array("mask")[p], self.bin) > 0.5
-        return image, torch.from_numpy(mask.astype(np.float32))[None], self.sky[None]
+        mask = bin_image(self._array("mask")[p], self.bin)
+        mask = mask if self.soft else (mask > 0.5).astype(np.float32)
+        return image, torch.from_numpy(mask)[None], self.sky[None]

@@ -716,6 +716,10 @@ def _threshold_sigma(z: np.ndarray, cfg: MaskConfig, interval: Any, stretch: Any
     return float(min(max(t_sig, cfg.min_sigma), max(cfg.max_sigma, cfg.min_sigma)))
 
 
+RESIDUAL_SOFTENING = 4.0
+"""``residual = asinh(z / RESIDUAL_SOFTENING) / 2`` of the clear-sky residual ``z`` in noise sigmas."""
+
+
 def cloud_masks(
     raw: np.ndarray, ambtemp: np.ndarray, geom: SkyGeometry, model: ClearSkyModel,
     cfg: MaskConfig | None = None,
@@ -728,6 +732,16 @@ def cloud_masks(
     empty mask; no-data pixels of other images get 0. Processes the block frame by frame (~10 MB temporaries
     at 512x640). A 2-D ``raw`` gives a 2-D mask.
     """
+    return masks_and_residuals(raw, ambtemp, geom, model, cfg)[0]
+
+
+def masks_and_residuals(
+    raw: np.ndarray, ambtemp: np.ndarray, geom: SkyGeometry, model: ClearSkyModel,
+    cfg: MaskConfig | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`cloud_masks` and, from the same fits, the float32 clear-sky residual images: ``asinh(z / 4) / 2``
+    of the residual ``z`` in noise sigmas on sky pixels (about 0 on clear sky, 1 at the typical mask threshold
+    of ~10 sigmas, 3 on thick cloud), 0 off the sky and on CONSTANT or SATURATED images; the U-Net's input."""
     cfg = cfg or MaskConfig()
     raw = np.asarray(raw)
     single = raw.ndim == 2
@@ -737,11 +751,13 @@ def cloud_masks(
     fr = _Frame(geom, model, cfg.fit_stride)
     interval, stretch = _interval(cfg), _stretch(cfg)
     out = np.zeros(raw3.shape, np.uint8)
+    residual = np.zeros(raw3.shape, np.float32)
     for i, im in enumerate(raw3):
         if flags[i] & (QUALITY_CONSTANT | QUALITY_SATURATED):
             continue
         y, clear, _ = _fit_image(im, float(temps[i]), fr, model, cfg)
         z = (y - clear) * fr.inv_sigma
+        residual[i].ravel()[fr.sky_idx] = np.arcsinh(z / np.float32(RESIDUAL_SOFTENING)) / np.float32(2)
         if flags[i] & QUALITY_NODATA:
             valid = im.ravel()[fr.sky_idx] != NODATA
             if valid.mean() < 1 - cfg.max_nodata_fraction:
@@ -752,7 +768,7 @@ def cloud_masks(
             t = _threshold_sigma(z, cfg, interval, stretch)
             cloud = z > t
         out[i].ravel()[fr.sky_idx] = cloud
-    return out[0] if single else out
+    return (out[0], residual[0]) if single else (out, residual)
 
 
 def naive_masks(raw: np.ndarray, sky: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ UNPREPARED = 255
 """``quality`` fill value: the image has not been prepared yet."""
 QUALITY_BITS = {"constant": masks.QUALITY_CONSTANT, "saturated": masks.QUALITY_SATURATED,
                 "nodata": masks.QUALITY_NODATA}
-IMAGE_VARS = {"norm": ("float32", 0.0), "mask": ("uint8", 0)}
+IMAGE_VARS = {"norm": ("float32", 0.0), "residual": ("float16", 0.0), "mask": ("uint8", 0)}
 VECTOR_VARS = {"cloud_fraction": ("float32", np.nan), "cloudy": ("bool", False), "quality": ("uint8", UNPREPARED)}
 
 
@@ -118,6 +118,8 @@ def _create_arrays(store: Store, n: int, models: Models) -> None:
     store.add_time_arrays(n, IMAGE_VARS, VECTOR_VARS)
     group = store.group
     group["norm"].attrs.update({"long_name": "normalized raw", **models.normalization.to_attrs()})
+    group["residual"].attrs.update({"long_name": "clear-sky residual: asinh(z / 4) / 2 of the residual z in noise "
+                                                 "sigmas (sky pixels; 0 elsewhere)", "units": "1"})  # fmt: skip
     group["mask"].attrs.update({"long_name": "cloud mask (clear-sky model + astropy stretch + threshold)",
                                 "flag_values": [0, 1], "flag_meanings": "clear cloud"})
     group["cloud_fraction"].attrs.update({"long_name": "cloud fraction over sky pixels", "units": "1"})
@@ -136,8 +138,9 @@ def prepare_block(store_url: str, start: int, stop: int) -> int:
     raw = group["raw"][region]
     ambient = _ambient(group, models.ambient_key, region)
     quality = masks.quality_flags(raw, models.geometry, models.mask_config.saturated_fraction)
-    mask = masks.cloud_masks(raw, ambient, models.geometry, models.clear_sky, models.mask_config)
+    mask, residual = masks.masks_and_residuals(raw, ambient, models.geometry, models.clear_sky, models.mask_config)
     write_images(group, "norm", region, masks.normalize(raw, models.normalization))
+    write_images(group, "residual", region, residual.astype(np.float16))
     write_images(group, "mask", region, mask)
     group["cloud_fraction"][region] = masks.cloud_fraction(mask, models.geometry.sky)
     group["quality"][region] = quality  # written last: marks the block as prepared
@@ -201,6 +204,9 @@ def prepare(
             group["quality"][:] = np.full(n, UNPREPARED, np.uint8)
         group.attrs["prepare"] = models.to_attrs()
         report.fitted = True
+    elif "residual" not in group:  # prepared by a version without the residual: prepare every image again
+        _create_arrays(store, n, Models.from_store(group))
+        group["quality"][:] = np.full(n, UNPREPARED, np.uint8)
     blocks = todo_blocks(group["quality"][:n], shard)
     with tqdm(total=sum(b - a for a, b in blocks), desc="prepare", unit="img", disable=not progress,
               dynamic_ncols=True, mininterval=0.5) as bar:  # fmt: skip

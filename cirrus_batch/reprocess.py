@@ -38,7 +38,7 @@ from cirrus_batch.config import ReprocessConfig, absolute_url
 from cirrus_batch.data import InputSpec, store_zenith
 from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.models import MEMORY_FORMAT, autocast_dtype, pick_device
-from cirrus_batch.prepare import Models
+from cirrus_batch.prepare import UNPREPARED, Models
 from cirrus_batch.store import Store, write_images
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,13 @@ class ModelIdentity:
     """The model's artifact location: what the workers load."""
     bin: int
     zenith: bool
+    image: str
     name: str | None = None
     version: str | None = None
 
     @property
     def spec(self) -> InputSpec:
-        return InputSpec(self.task, self.bin, self.zenith)
+        return InputSpec(self.task, self.bin, self.zenith, self.image)
 
     @property
     def label(self) -> str:
@@ -167,7 +168,7 @@ def resolve_model(uri: str, tracking_uri: str, image_shape: tuple[int, int] | No
     if image_shape is not None:
         _check_shape(uri, info.signature, spec, image_shape)
     return ModelIdentity(uri, spec.task, info.run_id, info.model_id, info.artifact_path, spec.bin, spec.zenith,
-                         name, version)  # fmt: skip
+                         spec.image, name, version)  # fmt: skip
 
 
 def _check_shape(uri: str, signature: Any, spec: InputSpec, image_shape: tuple[int, int]) -> None:
@@ -252,6 +253,15 @@ def segment(model: torch.nn.Module, x: np.ndarray, sky: torch.Tensor, bin: int,
     return q.cpu().numpy(), fraction.float().cpu().numpy()
 
 
+def _images(group: zarr.Group, name: str, positions: np.ndarray, normalization: masks.Normalization) -> np.ndarray:
+    """(n, y, x) float32 ``norm`` (from ``raw``, as prepare normalizes it) or ``residual`` (from prepare) of the
+    images at ``positions`` (increasing)."""
+    if name == "norm":
+        raw = group["raw"][positions[0] : positions[-1] + 1][positions - positions[0]]
+        return masks.normalize(raw, normalization)
+    return group[name].oindex[positions].astype(np.float32)
+
+
 def reprocess_block(job: Job, start: int, stop: int) -> int:
     """Task: predict the images of block ``start:stop`` not yet done by the job's models; returns how many."""
     group = zarr.open_group(job.store_url, mode="r+", zarr_format=3)
@@ -267,24 +277,26 @@ def reprocess_block(job: Job, start: int, stop: int) -> int:
     normalization = Models.from_store(group).normalization
     zenith = store_zenith(group)
     channels = {model.task: model.spec.zenith_input(zenith) for model in (job.classifier, job.unet) if model.zenith}
-    same_inputs = (job.classifier.bin, job.classifier.zenith) == (job.unet.bin, job.unet.zenith)
+    same_inputs = job.classifier.spec.inputs_like(job.unet.spec)
     sky = torch.from_numpy(group["sky"][:].astype(bool)).to(device)
     out = {name: group[name][start:stop] for name in ("p_cloudy", "cloudy_pred", "cloud_fraction_pred")}
     probs = (np.full((stop - start, *sky.shape), NOT_COMPUTED, np.uint8) if len(todo) == stop - start
              else group["cloud_prob"][start:stop])  # fmt: skip
     for batch in np.array_split(todo, -(-len(todo) // job.batch_size)):
-        raw = group["raw"][start + batch[0] : start + batch[-1] + 1][batch - batch[0]]
-        norm = masks.normalize(raw, normalization)
-        x = job.classifier.spec.inputs(norm, zenith_input=channels.get("classify"))
+        images = _images(group, job.classifier.spec.image, start + batch, normalization)
+        x = job.classifier.spec.inputs(images, zenith_input=channels.get("classify"))
         p = classify(classifier, x, device, dtype)
         cloudy = p >= job.threshold
         out["p_cloudy"][batch], out["cloudy_pred"][batch] = p, cloudy
         out["cloud_fraction_pred"][batch], probs[batch] = 0.0, NOT_COMPUTED
         if cloudy.any():
-            if not same_inputs:
-                x = job.unet.spec.inputs(norm, zenith_input=channels.get("segment"))
             done = batch[cloudy]
-            probs[done], out["cloud_fraction_pred"][done] = segment(unet, x[cloudy], sky, job.unet.bin, dtype)
+            if same_inputs:
+                x = x[cloudy]
+            else:
+                images = _images(group, job.unet.spec.image, start + done, normalization)
+                x = job.unet.spec.inputs(images, zenith_input=channels.get("segment"))
+            probs[done], out["cloud_fraction_pred"][done] = segment(unet, x, sky, job.unet.bin, dtype)
     region = slice(start, stop)
     write_images(group, "cloud_prob", region, probs)
     for name, values in out.items():
@@ -295,6 +307,14 @@ def reprocess_block(job: Job, start: int, stop: int) -> int:
 
 
 # -- the run (client) -----------------------------------------------------------------------------
+def _check_prepared(group: zarr.Group, n: int, url: str) -> None:
+    """A clear error when images lack the clear-sky residual a model reads."""
+    missing = n if "residual" not in group else int((group["quality"][:n] == UNPREPARED).sum())
+    if missing:
+        raise StoreError(f"{missing} images of {url} are not prepared (the U-Net reads their clear-sky residual): "
+                         f"run `cirrus prepare {url}` first")  # fmt: skip
+
+
 def _entry_key(entry: dict[str, Any]) -> tuple:
     """What makes two provenance entries the same predictions (not when or by which URI they were asked for)."""
     return (
@@ -353,6 +373,8 @@ def reprocess(
     classifier = _expect(resolve_model(classifier_uri or cfg.classifier, tracking, store.image_shape), "classify")
     unet = _expect(resolve_model(unet_uri or cfg.unet, tracking, store.image_shape), "segment")
     store.repair()
+    if "residual" in (classifier.spec.image, unet.spec.image):
+        _check_prepared(group, n, store.url)
     store.add_time_arrays(n, IMAGE_VARS, VECTOR_VARS, ATTRS)
     index = model_index(group, classifier, unet, cfg)
     job = Job(store.url, tracking, classifier, unet, index, cfg.threshold, cfg.batch_size, cfg.amp, force)

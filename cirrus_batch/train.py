@@ -43,7 +43,7 @@ from cirrus_batch.config import NetConfig, TrainConfig, to_dict
 from cirrus_batch.data import InputSpec, StoreSamples, bin_image, check_store
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.metrics import MetricAccumulator, binary_metrics, confusion_matrix
-from cirrus_batch.models import MEMORY_FORMAT, build_model, pick_device
+from cirrus_batch.models import MEMORY_FORMAT, autocast_dtype, build_model, pick_device
 from cirrus_batch.prepare import read_images, truth_index
 from cirrus_batch.sampling import Split, make_split
 
@@ -77,7 +77,7 @@ def net_config(task: str, cfg: TrainConfig) -> NetConfig:
 
 
 def input_spec(task: str, cfg: TrainConfig) -> InputSpec:
-    return InputSpec(task, cfg.bin, cfg.zenith_channel)
+    return InputSpec(task, cfg.bin, cfg.zenith_channel, cfg.unet_image if task == "segment" else "norm")
 
 
 def _threads(cfg: TrainConfig) -> int:
@@ -86,7 +86,7 @@ def _threads(cfg: TrainConfig) -> int:
 
 def choose_split(store_url: str, task: str, cfg: TrainConfig) -> Split:
     """The train/val/test split of good (quality 0) images for ``task``; clear error when impossible."""
-    group = check_store(store_url, task).group
+    group = check_store(store_url, input_spec(task, cfg)).group
     n = int(group.attrs["committed"])
     times = np.asarray(group["time"][:n], dtype="int64").astype("datetime64[us]")
     try:
@@ -227,7 +227,8 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
 
     split = Split.from_json(state["split"]) if state else choose_split(store_url, task, cfg)
     spec = input_spec(task, cfg)
-    sets = {name: StoreSamples(store_url, getattr(split, name), spec) for name in ("train", "val", "test")}
+    sets = {name: StoreSamples(store_url, getattr(split, name), spec, cfg.soft_targets)
+            for name in ("train", "val", "test")}
     sizes = {name: len(ds) for name, ds in sets.items()}
     if cfg.num_workers and multiprocessing.current_process().daemon:
         log.warning("num_workers=%d: this is a daemonic process (a Dask worker?) that cannot start DataLoader "
@@ -248,8 +249,8 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
     # validated, kept and logged: the moving average of the weights (smoother than the last step's weights)
     ema = AveragedModel(model, multi_avg_fn=partial(_ema_update, cfg.ema), use_buffers=True) if cfg.ema else None
     judged = ema.module if ema is not None else model
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp_dtype = autocast_dtype(device) if cfg.amp else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     history: list[dict[str, float]] = []
     start_epoch, best, bad_epochs, best_state, run_id = 0, float("inf"), 0, None, None
     if state:
@@ -280,7 +281,7 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
                 augment_gen.set_state(state["augment_generator"])
             for epoch in range(start_epoch, cfg.epochs):
                 train_loss = _train_epoch(model, loaders["train"], optimizer, scaler, cfg, device, augment_gen,
-                                          use_amp, f"{task} epoch {epoch + 1}/{cfg.epochs}", progress, ema)  # fmt: skip
+                                          amp_dtype, f"{task} epoch {epoch + 1}/{cfg.epochs}", progress, ema)  # fmt: skip
                 val, _ = evaluate(judged, loaders["val"], device, cfg.pos_weight)
                 row = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                        **{f"val_{k}": v for k, v in val.items()}}  # fmt: skip
@@ -365,7 +366,7 @@ def _on_signal(signum: int, handler: Any) -> Any:
 
 def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device, gen: torch.Generator,
-                 use_amp: bool, desc: str, progress: bool, ema: AveragedModel | None = None) -> float:  # fmt: skip
+                 amp_dtype: torch.dtype | None, desc: str, progress: bool, ema: AveragedModel | None = None) -> float:  # fmt: skip
     model.train()
     total, count = 0.0, 0
     for x, y, w in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):
@@ -376,7 +377,7 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
         else:
             x, _, _ = augment(x, None, cfg.augment, generator=gen)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=use_amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = _loss(model(x).float(), y, w, cfg.pos_weight)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

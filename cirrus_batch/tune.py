@@ -45,7 +45,7 @@ from cirrus_batch.cluster import gpu_resources
 from cirrus_batch.config import ConfigError, ParamSpec, TrainConfig, TuneConfig, absolute_url, from_dict, to_dict
 from cirrus_batch.data import check_store
 from cirrus_batch.errors import CirrusError
-from cirrus_batch.train import REGISTERED, TASKS, TrainResult, train
+from cirrus_batch.train import REGISTERED, TASKS, TrainResult, input_spec, train
 
 log = logging.getLogger(__name__)
 
@@ -488,7 +488,7 @@ def tune(store_url: str, task: str, train_cfg: TrainConfig, tune_cfg: TuneConfig
     if task not in TASKS:
         raise CirrusError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     store_url = store_url if "://" in store_url else os.path.abspath(store_url)
-    check_store(store_url, task)
+    check_store(store_url, input_spec(task, train_cfg))
     dists = search_space(train_cfg, tune_cfg.space)
     metric = tune_cfg.metric or default_metric(task)
     train_cfg = dataclasses.replace(train_cfg, tracking_uri=absolute_url(train_cfg.tracking_uri),

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import zarr
 
-from cirrus_batch.data import InputSpec, bin_image
+from cirrus_batch.data import InputSpec, StoreSamples, bin_image
 
 
 def test_bin_image_is_the_block_mean_and_cuts_the_remainder():
@@ -27,9 +28,33 @@ def test_input_spec_adds_the_binned_zenith_channel_and_round_trips():
     np.testing.assert_allclose(x[:, 0], bin_image(norm, 2), rtol=1e-6)
     np.testing.assert_allclose(x[1, 1], bin_image(np.clip(zenith / 90, 0, 1.25), 2), rtol=1e-6)
     assert InputSpec.from_metadata(spec.to_metadata()) == spec
+    residual = InputSpec("segment", bin=2, zenith=True, image="residual")
+    assert InputSpec.from_metadata(residual.to_metadata()) == residual and not residual.inputs_like(spec)
+    assert InputSpec.from_metadata({"task": "segment", "bin": 2, "zenith_channel": True}) == spec  # older models
+    with pytest.raises(ValueError, match="input image must be one of"):
+        InputSpec("segment", image="raw")
     plain = InputSpec("classify", bin=1, zenith=False)
     assert plain.inputs(norm).shape == (3, 1, 8, 12) and plain.in_channels == 1
     with pytest.raises(ValueError, match="zenith map"):
         spec.inputs(norm)
     with pytest.raises(ValueError, match="cirrus train"):
         InputSpec.from_metadata({})
+
+
+def test_store_samples_read_the_spec_image_and_majority_or_soft_targets(store):
+    group = zarr.open_group(store, mode="r")
+    cloudy = np.flatnonzero(group["cloudy"][:])
+    spec = InputSpec("segment", bin=4, zenith=True, image="residual")
+    hard, soft = (StoreSamples(store, cloudy, spec, soft=s) for s in (False, True))
+    edges = 0
+    for i in range(len(cloudy)):
+        image, target, weight = hard[i]
+        _, fraction, _ = soft[i]
+        expect = bin_image(group["mask"][int(cloudy[i])], 4)
+        assert image.shape == (2, 24, 30) and target.shape == fraction.shape == weight.shape == (1, 24, 30)
+        residual = group["residual"][int(cloudy[i])].astype(np.float32)
+        np.testing.assert_allclose(image[0].numpy(), bin_image(residual, 4), rtol=1e-6)
+        np.testing.assert_array_equal(target[0].numpy(), (expect > 0.5).astype(np.float32))
+        np.testing.assert_allclose(fraction[0].numpy(), expect, rtol=1e-6)
+        edges += int(((expect > 0) & (expect < 1)).sum())
+    assert edges > 0  # the soft targets carry more than the majority

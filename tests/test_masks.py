@@ -130,6 +130,17 @@ def test_masks_match_truth(tiny: Tiny) -> None:
     assert cf.dtype == np.float32 and cf.shape == (len(m),) and np.all((cf >= 0) & (cf <= 1))
 
 
+def test_residuals_come_from_the_same_fits_as_the_masks(tiny: Tiny) -> None:
+    m, r = M.masks_and_residuals(tiny.raw, tiny.temps, tiny.geom, tiny.model)
+    np.testing.assert_array_equal(m, M.cloud_masks(tiny.raw, tiny.temps, tiny.geom, tiny.model))
+    assert r.shape == tiny.raw.shape and r.dtype == np.float32 and not r[:, ~tiny.geom.sky].any()
+    truth = tiny.truth.astype(bool) & tiny.geom.sky
+    clear = ~tiny.truth.astype(bool) & tiny.geom.sky
+    assert abs(float(np.median(r[clear]))) < 0.05  # ~0 sigma on clear sky
+    assert float(np.median(r[truth])) > 1.0  # clouds stand out (asinh(z / 4) / 2 > 1: z > 4.7 sigma)
+    assert float(np.median(r[truth & m.astype(bool)])) > float(np.median(r[truth & ~m.astype(bool)]))
+
+
 def test_clear_frames_not_cloudy(tiny: Tiny) -> None:
     clear = tiny.kinds == "clear"
     m = M.cloud_masks(tiny.raw[clear], tiny.temps[clear], tiny.geom, tiny.model)

@@ -19,7 +19,7 @@ from cirrus_batch import masks
 from cirrus_batch.config import IngestConfig, PrepareConfig
 from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.ingest import ingest
-from cirrus_batch.prepare import UNPREPARED, evaluate_store, prepare, read_labels
+from cirrus_batch.prepare import UNPREPARED, Models, evaluate_store, prepare, read_labels
 from cirrus_batch.store import open_dataset
 from cirrus_batch.synth import write_archive
 
@@ -62,6 +62,15 @@ def test_prepare_writes_the_schema(season):
     models = ds.attrs["prepare"]
     expect = masks.normalize(ds["raw"].values[:3], masks.Normalization.from_attrs(models["normalization"]))
     np.testing.assert_array_equal(ds["norm"].values[:3], expect)
+    # the residual: float16, 0 off the sky, about 0 on clear sky and high under the mask
+    residual, mask = ds["residual"].values.astype(np.float32), ds["mask"].values.astype(bool)
+    assert ds["residual"].dtype == np.float16 and (residual[:, ~sky] == 0).all()
+    clear_sky = ~mask & sky
+    assert abs(float(np.median(residual[clear_sky]))) < 0.1 and float(np.median(residual[mask])) > 1.0
+    m = Models.from_store(zarr.open_group(str(store), mode="r"))
+    _, expect = masks.masks_and_residuals(ds["raw"].values[:3], ds["ambtemp"].values[:3], m.geometry, m.clear_sky,
+                                          m.mask_config)  # fmt: skip
+    np.testing.assert_allclose(residual[:3], expect, atol=2e-3, rtol=2e-3)  # float16
 
 
 def test_masks_match_the_truth(season, client):
@@ -214,3 +223,14 @@ def test_cli_prepare_evaluate(tmp_path, season):
     assert out.returncode == 0, out.stderr
     assert "prepared now" in out.stdout and "cirrus" in out.stdout and "cloudy-label accuracy" in out.stdout
     assert (tmp_path / "p.png").exists()
+
+
+def test_a_store_prepared_without_residual_is_prepared_again(tmp_path, client):
+    _, store = make_store(tmp_path, client)
+    prepare(str(store), client, PrepareConfig(fit_images=30), progress=False)
+    group = zarr.open_group(str(store), mode="r+")
+    before = group["residual"][:]
+    del group["residual"]  # as an older version left it
+    report = prepare(str(store), client, PrepareConfig(fit_images=30), progress=False)
+    assert not report.fitted and report.prepared_now == report.images
+    np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")["residual"][:], before)

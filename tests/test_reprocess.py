@@ -24,7 +24,7 @@ from cirrus_batch.config import IngestConfig, PrepareConfig, ReprocessConfig, lo
 from cirrus_batch.data import InputSpec, store_zenith
 from cirrus_batch.errors import StoreError
 from cirrus_batch.ingest import ingest
-from cirrus_batch.prepare import prepare
+from cirrus_batch.prepare import UNPREPARED, prepare
 from cirrus_batch.reprocess import (
     NOT_COMPUTED,
     PROB_SCALE,
@@ -102,17 +102,20 @@ def trained(tmp_path_factory, client) -> Trained:
 
 def direct(store: str, tracking: str) -> tuple[np.ndarray, np.ndarray]:
     """p_cloudy and the full-resolution U-Net probability of every image: the mlflow-loaded models called
-    in memory on ``spec.inputs(normalize(raw), zenith)``, the U-Net output upsampled bilinearly."""
+    in memory on ``spec.inputs(image, zenith)`` (image: normalize(raw) or the prepared residual), the U-Net
+    output upsampled bilinearly."""
     mlflow.set_tracking_uri(tracking)
     group = zarr.open_group(store, mode="r")
-    norm = masks.normalize(group["raw"][:], masks.Normalization.from_attrs(group.attrs["prepare"]["normalization"]))
+    images = {"norm": masks.normalize(group["raw"][:],
+                                      masks.Normalization.from_attrs(group.attrs["prepare"]["normalization"])),
+              "residual": group["residual"][:]}  # fmt: skip
     zenith = store_zenith(group)
     out = []
     for uri in (CLASSIFIER, UNET):
         model = mlflow.pytorch.load_model(uri)
         spec = InputSpec.from_metadata(mlflow.models.get_model_info(uri).metadata)
         with torch.no_grad():
-            out.append(torch.sigmoid(model(torch.from_numpy(spec.inputs(norm, zenith)))))
+            out.append(torch.sigmoid(model(torch.from_numpy(spec.inputs(images[spec.image], zenith)))))
     prob = F.interpolate(out[1], scale_factor=spec.bin, mode="bilinear", align_corners=False)[:, 0]
     return out[0].numpy(), prob.numpy()
 
@@ -244,6 +247,9 @@ def test_new_night_processes_only_its_images(trained, tmp_path, client):
     ingest(str(tmp_path / "new"), store, client, IngestConfig(shard_size=SHARD), progress=False)  # not prepared
     marker = zarr.open_group(store, mode="r")["pred_model"][:]
     assert len(marker) == 37 and (marker[32:] == UNPROCESSED).all()
+    with pytest.raises(StoreError, match="5 images .* not prepared"):  # the U-Net reads their residual
+        reprocess(store, client, cfg=trained.cfg(), progress=False, tracking_uri=trained.tracking)
+    prepare(store, client, PrepareConfig(fit_images=32), progress=False)  # the new night only
     report = reprocess(store, client, cfg=trained.cfg(), progress=False, tracking_uri=trained.tracking)
     assert (report.images, report.processed, report.skipped) == (37, 5, 32)
     after = outputs(store)
@@ -282,7 +288,11 @@ def test_bad_inputs_are_clear_errors(trained, tmp_path, client):
                                         input_example=np.zeros((2, 2), np.float32))  # fmt: skip
     with pytest.raises(ModelError, match="is not a cirrus model: .*logged by `cirrus train`"):
         resolve_model(info.model_uri, f"sqlite:///{tmp_path}/other.db")
-    del zarr.open_group(store, mode="r+").attrs["prepare"]
+    group = zarr.open_group(store, mode="r+")
+    group["quality"][:3] = UNPREPARED
+    with pytest.raises(StoreError, match="3 images of .* not prepared .*clear-sky residual.*run `cirrus prepare"):
+        reprocess(store, client, progress=False, tracking_uri=t)
+    del group.attrs["prepare"]
     with pytest.raises(StoreError, match="not prepared yet: run `cirrus prepare"):
         reprocess(store, client, progress=False, tracking_uri=t)
     assert "p_cloudy" not in zarr.open_group(store, mode="r")  # nothing written before the checks
