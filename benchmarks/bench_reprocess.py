@@ -83,13 +83,12 @@ def ensure_season(workdir: Path, n: int, shape: tuple[int, int], client: Client)
         write_archive(archive, nights=nights, per_night=-(-n // nights), cadence_min=1.0, shape=shape, seed=1,
                       client=client, progress=False)  # fmt: skip
     try:
-        existing = Store.open(str(store))
-        ready = existing.committed >= n and "prepare" in existing.group.attrs
+        ingested = Store.open(str(store)).committed >= n
     except StoreError:  # no store yet
-        ready = False
-    if not ready:
+        ingested = False
+    if not ingested:
         ingest(str(archive), str(store), client, IngestConfig(shard_size=SHARD), progress=False)
-        prepare(str(store), client, PrepareConfig(), progress=False)
+    prepare(str(store), client, PrepareConfig(), progress=False)  # nothing to do when prepared
     return str(store.absolute())
 
 

@@ -78,8 +78,9 @@ def wait_quiet(poll: float = 10.0, limit: float = 900.0) -> str:
 
 
 def ensure_store(url: Path, n: int = 500, shape: tuple[int, int] = (512, 640)) -> str:
-    """The prepared store at ``url``; when missing, a synthetic one as ``bench_prepare`` builds, then prepared."""
-    if url.exists():
+    """The prepared store at ``url`` (prepared again when it predates an array training reads); when missing, a
+    synthetic one as ``bench_prepare`` builds, then prepared."""
+    if url.exists() and "residual" in zarr.open_group(str(url), mode="r", zarr_format=3):
         return str(url.absolute())
     sys.path.insert(0, str(Path(__file__).parent))
     import bench_prepare  # noqa: E402  (distributed only when a store must be built)
@@ -173,12 +174,14 @@ def main() -> None:
     torch.set_num_threads(threads)
     device = pick_device()
     positions = cloudy_positions(url, args.images, cfg.seed)
-    names = ("norm", "mask") if args.task == "segment" else ("norm",)
+    spec = input_spec(args.task, cfg)
+    names = (spec.image, "mask") if args.task == "segment" else (spec.image,)
     cached = warm_page_cache(url, names)
     committed = Store.open(url).committed
-    shape = zarr.open_group(url, mode="r", zarr_format=3)["norm"].shape[1:]
+    group = zarr.open_group(url, mode="r", zarr_format=3)
+    shape, pixel_bytes = group[spec.image].shape[1:], sum(group[name].dtype.itemsize for name in names)
 
-    store_ds = StoreSamples(url, positions, input_spec(args.task, cfg))
+    store_ds = StoreSamples(url, positions, spec)
     print(f"{quiet}; {os.cpu_count()} cores, torch {torch.__version__} on {device}, {threads} torch threads")
     print(f"store {url}: {committed} images of {shape[0]}x{shape[1]}, {len(positions)} prepared cloudy ones "
           f"used, bin {args.bin} -> {tuple(store_ds[0][0].shape)}, task {args.task}, batch {cfg.batch_size}, "
@@ -196,7 +199,7 @@ def main() -> None:
     del samples
     preload = time.perf_counter() - t0
     data_bytes = sum(t.nbytes for t in memory_ds.tensors)
-    full_bytes = len(positions) * int(np.prod(shape)) * (4 + (1 if args.task == "segment" else 0))
+    full_bytes = len(positions) * int(np.prod(shape)) * pixel_bytes
     memory_base = psutil.Process().memory_info().rss
     with RssPeaks() as memory_peak:
         memory_rate, memory_s, memory_loss = run(memory_ds, args.task, cfg, args.epochs, 0, device)
@@ -216,7 +219,7 @@ def main() -> None:
           f"included), in-memory run {memory_peak.client / MIB:.0f} MiB ({(memory_peak.client - memory_base) / MIB:+.0f} "
           f"MiB over {memory_base / MIB:.0f}) | in-memory dataset {data_bytes / MIB:.0f} MiB binned "
           f"({full_bytes / MIB:.0f} MiB of {'+'.join(names)} at full resolution; whole store "
-          f"{committed * int(np.prod(shape)) * 5 / MIB:.0f} MiB of norm+mask)")  # fmt: skip
+          f"{committed * int(np.prod(shape)) * pixel_bytes / MIB:.0f} MiB of {'+'.join(names)})")  # fmt: skip
 
 if __name__ == "__main__":
     main()
