@@ -254,12 +254,12 @@ def segment(model: torch.nn.Module, x: np.ndarray, sky: torch.Tensor, bin: int,
 
 
 def _images(group: zarr.Group, name: str, positions: np.ndarray, normalization: masks.Normalization) -> np.ndarray:
-    """(n, y, x) float32 ``norm`` (from ``raw``, as prepare normalizes it) or ``residual`` (from prepare) of the
-    images at ``positions`` (increasing)."""
+    """(n, y, x) ``norm`` (from ``raw``, as prepare normalizes it) or ``residual`` (float16, from prepare) of the
+    images at ``positions`` (increasing; read as one range: zarr's orthogonal indexing is ~15x slower)."""
+    rows = slice(int(positions[0]), int(positions[-1]) + 1)
     if name == "norm":
-        raw = group["raw"][positions[0] : positions[-1] + 1][positions - positions[0]]
-        return masks.normalize(raw, normalization)
-    return group[name].oindex[positions].astype(np.float32)
+        return masks.normalize(group["raw"][rows][positions - positions[0]], normalization)
+    return group[name][rows][positions - positions[0]]
 
 
 def reprocess_block(job: Job, start: int, stop: int) -> int:
