@@ -44,7 +44,7 @@ from cirrus_batch.config import TrainConfig, to_dict
 from cirrus_batch.data import StoreSamples
 from cirrus_batch.models import build_model, pick_device
 from cirrus_batch.store import Store
-from cirrus_batch.train import _threads, _train_epoch, input_spec, net_config
+from cirrus_batch.train import _threads, _train_epoch, input_spec, mixed_precision, net_config
 
 MIB = 2**20
 BUSY = ("cirrus train", "bench_prepare|bench_ingest")
@@ -128,10 +128,10 @@ def warm_up(dataset, task: str, cfg: TrainConfig, device: torch.device) -> None:
     """One untimed training batch on a throw-away model (lazy initialisation, allocator, kernels)."""
     model = build_model(task, in_channels=input_spec(task, cfg).in_channels, **to_dict(net_config(task, cfg))).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    amp_dtype, scaler = mixed_precision(cfg, device)
     loader = DataLoader(Subset(dataset, range(min(cfg.batch_size, len(dataset)))), batch_size=cfg.batch_size)
     _train_epoch(model, loader, optimizer, scaler, cfg, device, torch.Generator(device=device).manual_seed(99),
-                 False, "warm-up", False)  # fmt: skip
+                 amp_dtype, "warm-up", False)  # fmt: skip
 
 
 def run(dataset, task: str, cfg: TrainConfig, epochs: int, num_workers: int,
@@ -143,13 +143,12 @@ def run(dataset, task: str, cfg: TrainConfig, epochs: int, num_workers: int,
     torch.manual_seed(cfg.seed)
     model = build_model(task, in_channels=input_spec(task, cfg).in_channels, **to_dict(net_config(task, cfg))).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp_dtype, scaler = mixed_precision(cfg, device)
     augment_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     seconds, losses = [], []
     for epoch in range(epochs):
         e0 = time.perf_counter()
-        losses.append(_train_epoch(model, loader, optimizer, scaler, cfg, device, augment_gen, use_amp,
+        losses.append(_train_epoch(model, loader, optimizer, scaler, cfg, device, augment_gen, amp_dtype,
                                    f"epoch {epoch + 1}", False))  # fmt: skip
         seconds.append(time.perf_counter() - e0)
     del loader  # stops persistent workers

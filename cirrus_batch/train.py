@@ -80,6 +80,12 @@ def input_spec(task: str, cfg: TrainConfig) -> InputSpec:
     return InputSpec(task, cfg.bin, cfg.zenith_channel, cfg.unet_image if task == "segment" else "norm")
 
 
+def mixed_precision(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
+    """The autocast dtype of the training steps (None: float32) and the gradient scaler (active for float16)."""
+    dtype = autocast_dtype(device) if cfg.amp else None
+    return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+
 def _threads(cfg: TrainConfig) -> int:
     return cfg.threads or len(os.sched_getaffinity(0))
 
@@ -249,8 +255,7 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
     # validated, kept and logged: the moving average of the weights (smoother than the last step's weights)
     ema = AveragedModel(model, multi_avg_fn=partial(_ema_update, cfg.ema), use_buffers=True) if cfg.ema else None
     judged = ema.module if ema is not None else model
-    amp_dtype = autocast_dtype(device) if cfg.amp else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    amp_dtype, scaler = mixed_precision(cfg, device)
     history: list[dict[str, float]] = []
     start_epoch, best, bad_epochs, best_state, run_id = 0, float("inf"), 0, None, None
     if state:
