@@ -27,7 +27,8 @@ work done per image: forward/reprocess is a/b on idle cores with a perfectly sca
 
 The classifier of a short training (3 epochs on 200 images) separates the images only roughly, so the threshold
 is set near the quantile that classifies as many images cloudy as the store's ``cloudy`` labels say (a
-realistic share of U-Net work), in a gap of the probabilities; (a), (b) and (c) use it alike. The share each side segmented is printed.
+realistic share of U-Net work), in a gap of the probabilities; (a), (b) and (c) use it alike. The share each
+side segmented is printed.
 
 ``--memory``: peak RSS of the client and of each worker (sampled every 0.1 s, and the workers' own getrusage)
 during a cold ``reprocess`` on a fresh cluster, for stores of 1k and 10k images. These stores hold 128x160

@@ -138,7 +138,8 @@ class StoreSamples(Dataset):
         return len(self.positions)
 
     def _array(self, name: str) -> zarr.Array:
-        """``norm``, ``residual`` or ``mask``, opened once per process (opening reads its metadata: ~0.7 ms per image)."""
+        """``norm``, ``residual`` or ``mask``, opened once per process (opening reads its metadata: ~0.7 ms
+        per image)."""
         if name not in self._arrays:
             self._arrays[name] = zarr.open_group(self.store_url, mode="r", zarr_format=3)[name]
         return self._arrays[name]
@@ -148,7 +149,8 @@ class StoreSamples(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = int(self.positions[i])
-        image = torch.from_numpy(self.spec.inputs(self._array(self.spec.image)[p][None], zenith_input=self.zenith)[0])
+        x = self.spec.inputs(self._array(self.spec.image)[p][None], zenith_input=self.zenith)[0]
+        image = torch.from_numpy(x)
         if self.task == "classify":
             return image, torch.tensor(self.cloudy[p]), torch.tensor(1.0)
         mask = bin_image(self._array("mask")[p], self.bin)

@@ -286,7 +286,8 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
                 augment_gen.set_state(state["augment_generator"])
             for epoch in range(start_epoch, cfg.epochs):
                 train_loss = _train_epoch(model, loaders["train"], optimizer, scaler, cfg, device, augment_gen,
-                                          amp_dtype, f"{task} epoch {epoch + 1}/{cfg.epochs}", progress, ema)  # fmt: skip
+                                          amp_dtype, f"{task} epoch {epoch + 1}/{cfg.epochs}", progress,
+                                          ema)  # fmt: skip
                 val, _ = evaluate(judged, loaders["val"], device, cfg.pos_weight)
                 row = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
                        **{f"val_{k}": v for k, v in val.items()}}  # fmt: skip
@@ -371,7 +372,8 @@ def _on_signal(signum: int, handler: Any) -> Any:
 
 def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, cfg: TrainConfig, device: torch.device, gen: torch.Generator,
-                 amp_dtype: torch.dtype | None, desc: str, progress: bool, ema: AveragedModel | None = None) -> float:  # fmt: skip
+                 amp_dtype: torch.dtype | None, desc: str, progress: bool,
+                 ema: AveragedModel | None = None) -> float:  # fmt: skip
     model.train()
     total, count = 0.0, 0
     for x, y, w in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress):

@@ -37,8 +37,9 @@ def pick_device() -> torch.device:
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed-precision dtype for inference on ``device``: float16 on CUDA, bfloat16 on CPUs with native bf16
-    instructions (AVX512-BF16, AMX), else None (float32; emulated bf16 would be slower)."""
+    """Mixed-precision (autocast) dtype of training steps and inference on ``device``: float16 on CUDA,
+    bfloat16 on CPUs with native bf16 instructions (AVX512-BF16, AMX), else None (float32; emulated bf16
+    would be slower)."""
     if device.type == "cuda":
         return torch.float16
     return torch.bfloat16 if device.type == "cpu" and _cpu_has_bf16() else None
