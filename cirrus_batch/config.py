@@ -365,7 +365,8 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
 
 
 def from_dict(cls: type, data: Any, where: str = "config") -> Any:
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types. A nested table
+    starts from its field's default (``[train.unet]`` from the U-Net's defaults, not the classifier's)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a table, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -375,6 +376,10 @@ def from_dict(cls: type, data: Any, where: str = "config") -> Any:
             f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(fields)}"
         )
     hints = typing.get_type_hints(cls)
+    data = {name: {**to_dict(fields[name].default_factory()), **value}  # type: ignore[misc]
+            if isinstance(value, dict) and dataclasses.is_dataclass(hints[name])
+            and fields[name].default_factory is not dataclasses.MISSING else value
+            for name, value in data.items()}  # fmt: skip
     kwargs = {name: _check_type(value, hints[name], f"{where}.{name}") for name, value in data.items()}
     try:
         return cls(**kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,16 @@ def test_defaults_and_precedence(tmp_path):
     assert cfg.ingest.shard_size == 200  # file over default
     assert cfg.cluster.kind == "local"  # command line over file
     assert cfg.ingest.clevel == IngestConfig().clevel  # unset option falls through
+
+
+def test_a_nested_table_starts_from_its_own_defaults(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text("[train.unet]\nbase_channels = 8\n[train.classifier]\ndepth = 3\n")
+    train = load_config(path).train
+    defaults = load_config().train
+    assert train.unet == dataclasses.replace(defaults.unet, base_channels=8)  # the U-Net's, not NetConfig()'s
+    assert train.unet.flip_average and train.unet.dropout == 0.0
+    assert train.classifier == dataclasses.replace(defaults.classifier, depth=3) and not train.classifier.flip_average
 
 
 @pytest.mark.parametrize("job", sorted(JOBS.glob("*.toml")), ids=lambda p: p.name)
