@@ -80,6 +80,9 @@ class NetConfig:
     depth: int = 4
     dropout: float = 0.1
     batch_norm: bool = True
+    flip_average: bool = False
+    """Test-time augmentation: evaluation and inference average the logits over the 4 flips of the input
+    (4x the inference compute)."""
 
 
 @dataclass

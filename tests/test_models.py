@@ -138,3 +138,24 @@ def test_autocast_dtype() -> None:
     assert autocast_dtype(torch.device("cuda")) == torch.float16
     assert autocast_dtype(torch.device("cpu")) in (torch.bfloat16, None)
     assert autocast_dtype(torch.device("meta")) is None
+
+
+@pytest.mark.parametrize("cls", [UNet, CloudClassifier])
+def test_flip_average_is_flip_equivariant_in_eval_only(cls: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    model = cls(in_channels=2, base_channels=4, depth=2, flip_average=True).eval()
+    x = torch.rand(3, 2, 20, 24)
+    with torch.no_grad():
+        z = model(x)
+        single = model._logits(x)
+        for dims in ([-1], [-2], [-2, -1]):
+            flipped = model(x.flip(dims))
+            torch.testing.assert_close(flipped.flip(dims) if cls is UNet else flipped, z, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(z, single, rtol=0, atol=1e-7)  # the average of 4 passes, not one
+        model.temperature.fill_(2.0)
+        torch.testing.assert_close(model(x), z / 2)
+        model.train()
+        torch.manual_seed(1)
+        a = model(x)
+        torch.manual_seed(1)
+        assert torch.equal(a, model._logits(x) / 2)  # training: one pass
