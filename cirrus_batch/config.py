@@ -118,6 +118,9 @@ class TrainConfig:
     """Early stopping: epochs without a lower validation loss."""
     num_workers: int = 0
     """DataLoader worker processes (0 = load in the training process)."""
+    cache_mb: float = 1024.0
+    """Training and validation samples (binned) kept in memory after their first read, up to this many MiB
+    per set and loading process; 0 = read the store every epoch."""
     threads: int = 0
     """torch CPU threads; 0 = the cores this process may use."""
     soft_targets: bool = True

@@ -233,7 +233,8 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
 
     split = Split.from_json(state["split"]) if state else choose_split(store_url, task, cfg)
     spec = input_spec(task, cfg)
-    sets = {name: StoreSamples(store_url, getattr(split, name), spec, cfg.soft_targets)
+    sets = {name: StoreSamples(store_url, getattr(split, name), spec, cfg.soft_targets,
+                               cfg.cache_mb if name != "test" else 0.0)  # the test set is read once
             for name in ("train", "val", "test")}
     sizes = {name: len(ds) for name, ds in sets.items()}
     if cfg.num_workers and multiprocessing.current_process().daemon:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from cirrus_batch.data import InputSpec, StoreSamples, bin_image
@@ -58,3 +61,25 @@ def test_store_samples_read_the_spec_image_and_majority_or_soft_targets(store):
         np.testing.assert_allclose(fraction[0].numpy(), expect, rtol=1e-6)
         edges += int(((expect > 0) & (expect < 1)).sum())
     assert edges > 0  # the soft targets carry more than the majority
+
+
+def test_store_samples_cache_built_samples_within_their_budget(store, monkeypatch):
+    group = zarr.open_group(store, mode="r")
+    cloudy = np.flatnonzero(group["cloudy"][:])[:3]
+    spec = InputSpec("segment", bin=4, zenith=True, image="residual")
+    sample_mib = (2 + 1) * 24 * 30 * 4 / 2**20  # input (2 channels) + target, float32
+    cached = StoreSamples(store, cloudy, spec, soft=True, cache_mb=2.5 * sample_mib)
+    first = [cached[i] for i in range(3)]
+    reads = []
+    real_read = cached._read
+    monkeypatch.setattr(cached, "_read", lambda p: reads.append(p) or real_read(p))
+    again = [cached[i] for i in range(3)]
+    assert reads == [int(cloudy[2])]  # two samples fit in the budget, the third is read again
+    for a, b in zip(first, again):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    monkeypatch.undo()
+    assert cached._cache and pickle.loads(pickle.dumps(cached))._cache == {}  # DataLoader workers start empty
+    uncached = StoreSamples(store, cloudy, spec, soft=True)
+    uncached[0]
+    assert uncached._cache == {}
