@@ -92,14 +92,14 @@ class TrainConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     classifier: NetConfig = field(default_factory=NetConfig)
-    unet: NetConfig = field(default_factory=lambda: NetConfig(dropout=0.0))
+    unet: NetConfig = field(default_factory=lambda: NetConfig(dropout=0.0, flip_average=True))
     bin: int = 4
     """Images are averaged over bin x bin pixel blocks (512x640 -> 128x160 with 4)."""
     zenith_channel: bool = True
     """Give the networks the zenith angle as a second input channel (see ``data.InputSpec``)."""
-    unet_image: str = "residual"
-    """What the U-Net reads: ``residual`` (each image's clear-sky residual from prepare: faint cirrus stands
-    out of it) or ``norm`` (normalized raw). The classifier reads ``norm``."""
+    image: str = "residual"
+    """What both networks read: ``residual`` (each image's clear-sky residual from prepare: faint cirrus stands
+    out of it; reprocess then reads one image for both) or ``norm`` (normalized raw)."""
     batch_size: int = 16
     lr: float = 1e-3
     """Adam learning rate."""

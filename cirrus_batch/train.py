@@ -77,7 +77,7 @@ def net_config(task: str, cfg: TrainConfig) -> NetConfig:
 
 
 def input_spec(task: str, cfg: TrainConfig) -> InputSpec:
-    return InputSpec(task, cfg.bin, cfg.zenith_channel, cfg.unet_image if task == "segment" else "norm")
+    return InputSpec(task, cfg.bin, cfg.zenith_channel, cfg.image)
 
 
 def mixed_precision(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler]:

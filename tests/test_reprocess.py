@@ -100,7 +100,7 @@ def trained(tmp_path_factory, client) -> Trained:
     return build_trained(tmp_path_factory, client)
 
 
-def direct(store: str, tracking: str) -> tuple[np.ndarray, np.ndarray]:
+def direct(store: str, tracking: str, uris: tuple[str, str] = (CLASSIFIER, UNET)) -> tuple[np.ndarray, np.ndarray]:
     """p_cloudy and the full-resolution U-Net probability of every image: the mlflow-loaded models called
     in memory on ``spec.inputs(image, zenith)`` (image: normalize(raw) or the prepared residual), the U-Net
     output upsampled bilinearly."""
@@ -111,7 +111,7 @@ def direct(store: str, tracking: str) -> tuple[np.ndarray, np.ndarray]:
               "residual": group["residual"][:]}  # fmt: skip
     zenith = store_zenith(group)
     out = []
-    for uri in (CLASSIFIER, UNET):
+    for uri in uris:
         model = mlflow.pytorch.load_model(uri)
         spec = InputSpec.from_metadata(mlflow.models.get_model_info(uri).metadata)
         with torch.no_grad():
@@ -266,6 +266,28 @@ def test_runs_uris_and_models_by_task(trained, tmp_path, client):
                        tracking_uri=trained.tracking)  # fmt: skip
     assert report.processed == 32 and report.unet.name is None and report.unet.label == runs["u"]
     assert report.unet.model_id == by_version["u"].model_id and report.unet.source == by_version["u"].source
+
+
+def test_a_classifier_reading_norm_beside_the_residual_unet(trained, tmp_path, client, one_torch_thread):
+    """Models that read different images (older classifiers read ``norm``): reprocess builds each one's inputs."""
+    store = trained.copy(tmp_path)
+    cfg = load_config(overrides={**TINY, "train.image": "norm", "train.register": False,
+                                 "train.tracking_uri": trained.tracking,
+                                 "train.checkpoint_dir": str(tmp_path / "ckpt")}).train  # fmt: skip
+    norm = train(store, "classify", cfg, progress=False).model_uri
+    assert resolve_model(norm, trained.tracking).spec.image == "norm"
+    assert resolve_model(UNET, trained.tracking).spec.image == "residual"
+    p, prob = direct(store, trained.tracking, (norm, UNET))
+    threshold = float(np.mean(np.sort(p)[15:17]))  # half the images cloudy
+    reprocess(store, client, norm, UNET, ReprocessConfig(threshold=threshold, batch_size=3, amp=False),
+              progress=False, tracking_uri=trained.tracking)  # fmt: skip
+    got = outputs(store)
+    np.testing.assert_allclose(got["p_cloudy"], p, rtol=1e-5)
+    cloudy = got["cloudy_pred"]
+    np.testing.assert_array_equal(cloudy, p >= threshold)
+    sky = zarr.open_group(store, mode="r")["sky"][:].astype(bool)
+    np.testing.assert_allclose(got["cloud_prob"][cloudy][:, sky] / PROB_SCALE, prob[cloudy][:, sky],
+                               atol=0.5 / PROB_SCALE + 1e-5)  # fmt: skip
 
 
 def test_bad_inputs_are_clear_errors(trained, tmp_path, client):
