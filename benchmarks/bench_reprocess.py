@@ -6,15 +6,16 @@ with the architecture of ``jobs/train.toml``; quality is irrelevant here):
 
 (a) ``cirrus_batch.reprocess.reprocess(force=True)`` on the project's local cluster (one single-threaded worker
     process per core), models already loaded on the workers by a first, untimed run (the cold run's rate is
-    printed too): read ``raw``, normalize, classify, segment the cloudy images, upsample, quantize, write;
+    printed too): read the models' input image (``residual``), classify, segment the cloudy images, upsample,
+    quantize, write;
 (b) the bare forward pass of both models in this process on the same network inputs already in memory
     (the models as reprocess runs them: ``reprocess.load_model``, autocast to ``models.autocast_dtype``; torch
     with one thread per core, batches of ``batch_size``): the classifier on every image, the U-Net on the
     images (a) classified cloudy. The compute limit. Target: a/b >= 0.8;
 (c) a naive serial loop over the FITS files: ``astropy.io.fits.getdata`` -> normalize -> classify one image ->
-    segment it when cloudy (its clear-sky residual read from the store, as reprocess reads it) -> ``np.save``
-    its results; the models as ``mlflow.pytorch.load_model`` returns
-    them, torch with its default threads. Target: a/c >= 2.
+    segment it when cloudy -> ``np.save`` its results (the clear-sky residual that the models of
+    ``jobs/train.toml`` read comes from the store, as reprocess reads it); the models as
+    ``mlflow.pytorch.load_model`` returns them, torch with its default threads. Target: a/c >= 2.
 
 The season has 2000 images by default: with shards of 100 that is 20 block tasks, so that the last block does
 not leave a worker idle for a large share of the run (a real season has thousands of shards).
@@ -58,7 +59,7 @@ from distributed import Client
 from mlflow.tracking import MlflowClient
 
 from cirrus_batch import masks
-from cirrus_batch.config import IngestConfig, PrepareConfig, ReprocessConfig, load_config
+from cirrus_batch.config import IngestConfig, PrepareConfig, ReprocessConfig, load_config, to_dict
 from cirrus_batch.data import store_zenith
 from cirrus_batch.errors import StoreError
 from cirrus_batch.ingest import ingest
@@ -95,19 +96,20 @@ def ensure_season(workdir: Path, n: int, shape: tuple[int, int], client: Client)
 
 def ensure_models(store: str) -> str:
     """Tracking URI of an MLflow DB beside the store holding both models, trained on it for 3 epochs with the
-    networks of ``jobs/train.toml`` (once; reused afterwards)."""
+    networks of ``jobs/train.toml`` (once per training config; reused afterwards)."""
     base = Path(store).with_suffix("")
     tracking = f"sqlite:///{base}-mlflow.db"
-    if (done := Path(f"{base}-models.json")).exists():
-        return tracking
     overrides = {"train.epochs": 3, "train.sampling.n_images": 200, "train.sampling.min_gap_min": 0.0,
                  "train.num_workers": 0, "train.tracking_uri": tracking, "train.checkpoint_dir": f"{base}-ckpt"}
     cfg = load_config("jobs/train.toml", overrides).train
+    done, config = Path(f"{base}-models.json"), json.loads(json.dumps(to_dict(cfg)))
+    if done.exists() and json.loads(done.read_text()).get("config") == config:
+        return tracking
     client = MlflowClient(tracking)
     if client.get_experiment_by_name(cfg.experiment) is None:  # artifacts beside the DB, not in ./mlruns
         client.create_experiment(cfg.experiment, artifact_location=f"{base}-mlruns")
     uris = {task: train(store, task, cfg, progress=False).model_uri for task in ("classify", "segment")}
-    done.write_text(json.dumps(uris))
+    done.write_text(json.dumps({"config": config, "uris": uris}))
     return tracking
 
 
@@ -186,15 +188,16 @@ def naive_rate(store: str, archive: Path, tracking: str, threshold: float, k: in
     torch.set_num_threads(threads)
     cloudy = 0
     t0 = time.perf_counter()
+    residual = "residual" in (clf_id.spec.image, unet_id.spec.image)
     for i in picks:
         raw = fits.getdata(archive / sources[i])
-        norm = masks.normalize(raw[None], normalization)
-        p = classify(clf, clf_id.spec.inputs(norm, zenith), torch.device("cpu"))
+        images = {"norm": masks.normalize(raw[None], normalization),
+                  "residual": group["residual"][i : i + 1] if residual else None}  # fmt: skip
+        p = classify(clf, clf_id.spec.inputs(images[clf_id.spec.image], zenith), torch.device("cpu"))
         result = {"p_cloudy": p}
         if p[0] >= threshold:
             cloudy += 1
-            image = norm if unet_id.spec.image == "norm" else group[unet_id.spec.image][i : i + 1]
-            x = unet_id.spec.inputs(image, zenith)
+            x = unet_id.spec.inputs(images[unet_id.spec.image], zenith)
             result["cloud_prob"], result["cloud_fraction_pred"] = segment(unet, x, sky, unet_id.bin)
         np.save(out / f"{i}.npy", result, allow_pickle=True)
     return len(picks) / (time.perf_counter() - t0), cloudy / len(picks)
