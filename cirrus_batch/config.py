@@ -31,7 +31,7 @@ class IngestConfig:
     shape: list[int] | None = None
     """Expected image shape [ny, nx]; by default a new store takes the most common shape."""
     clevel: int = 3
-    """LZ4 compression level of ``raw`` (blosc, bit-shuffled)."""
+    """LZ4 compression level of ``raw`` (blosc, byte-shuffled)."""
 
 
 @dataclass

@@ -102,7 +102,7 @@ class Store:
             shards=(shard_size, ny, nx),
             dtype="uint16",
             fill_value=0,
-            compressors=BloscCodec(cname="lz4", clevel=clevel, shuffle="bitshuffle"),
+            compressors=BloscCodec(cname="lz4", clevel=clevel, shuffle="shuffle"),
             dimension_names=("time", "y", "x"),
             attributes={
                 "long_name": "raw detector counts",
@@ -174,7 +174,7 @@ class Store:
             if name not in self.group:
                 self.group.create_array(
                     name, shape=(n, ny, nx), chunks=(1, ny, nx), shards=(shard, ny, nx), dtype=dtype,
-                    fill_value=fill, compressors=BloscCodec(cname="lz4", clevel=3, shuffle="bitshuffle"),
+                    fill_value=fill, compressors=BloscCodec(cname="lz4", clevel=3, shuffle="shuffle"),
                     dimension_names=("time", "y", "x"), attributes=attributes.get(name),
                 )  # fmt: skip
         for name, (dtype, fill) in vectors.items():
