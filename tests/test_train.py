@@ -70,7 +70,8 @@ def test_both_tasks_log_register_and_reload(store, tmp_path):
         mlflow.set_tracking_uri(cfg.tracking_uri)
         model = mlflow.pytorch.load_model(f"models:/{name}/1")
         info = mlflow.models.get_model_info(f"models:/{name}/1")
-        assert info.metadata == {"task": task, "bin": 2, "zenith_channel": True, "image": "residual"}  # what inference needs
+        # what inference needs
+        assert info.metadata == {"task": task, "bin": 2, "zenith_channel": True, "image": "residual"}
         assert float(model.temperature) == pytest.approx(run.data.metrics["temperature"]) != 1.0  # calibrated
         split = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/split.json")
         test = StoreSamples(store, np.array(split["test"]), input_spec(task, cfg))
