@@ -72,6 +72,10 @@ class AugmentConfig:
             raise ValueError(f"AugmentConfig.shear_deg must be < 90, got {self.shear_deg}")
 
 
+IMAGES = ("norm", "residual")
+"""What a network can read: ``norm`` (normalized raw) or ``residual`` (clear-sky residual), both from prepare."""
+
+
 @dataclass
 class NetConfig:
     """Architecture of one network (U-Net or CNN classifier)."""
@@ -139,6 +143,10 @@ class TrainConfig:
     """Log the trained model to MLflow (with an input example); needed to register it."""
     register: bool = True
     """Register the model as ``cirrus-classifier`` / ``cirrus-unet`` in the MLflow model registry."""
+
+    def __post_init__(self) -> None:
+        if self.image not in IMAGES:
+            raise ValueError(f"image must be one of {', '.join(IMAGES)}, got {self.image!r}")
 
 
 @dataclass

@@ -11,13 +11,12 @@ import torch.nn.functional as F
 import zarr
 from torch.utils.data import Dataset
 
+from cirrus_batch.config import IMAGES
 from cirrus_batch.errors import StoreError
 from cirrus_batch.masks import zenith_map
 from cirrus_batch.store import Store
 
 NEEDS = {"classify": ("cloudy", "quality", "sky"), "segment": ("mask", "cloudy", "quality", "sky")}
-IMAGES = ("norm", "residual")
-"""What a network can read: ``norm`` (normalized raw) or ``residual`` (clear-sky residual), both from prepare."""
 
 
 def bin_image(x: np.ndarray, factor: int) -> np.ndarray:

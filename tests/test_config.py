@@ -46,6 +46,7 @@ def test_shipped_job_configs_load(job):
         ("[ingest]\nshard_size = 'big'\n", "ingest.shard_size: expected int"),
         ("[ingest]\nheader_keys = 'EXPTIME'\n", "expected a list"),
         ("[ingest\n", "not valid TOML"),
+        ("[train]\nimage = 'raw'\n", "train: image must be one of norm, residual, got 'raw'"),
     ],
 )
 def test_bad_configs_name_the_problem(tmp_path, text, message):
