@@ -198,7 +198,7 @@ def naive_rate(store: str, archive: Path, tracking: str, threshold: float, k: in
         if p[0] >= threshold:
             cloudy += 1
             x = unet_id.spec.inputs(images[unet_id.spec.image], zenith)
-            result["cloud_prob"], result["cloud_fraction_pred"] = segment(unet, x, sky, unet_id.bin)
+            result["cloud_prob"], result["cloud_fraction_pred"] = segment(unet, x, sky, unet_id.spec.bin)
         np.save(out / f"{i}.npy", result, allow_pickle=True)
     return len(picks) / (time.perf_counter() - t0), cloudy / len(picks)
 
@@ -265,7 +265,7 @@ def throughput(args: argparse.Namespace, cores: int) -> None:
     naive, naive_cloudy = naive_rate(store, archive, tracking, threshold, args.naive_images,
                                      args.workdir / "reprocess-naive-out", cores)  # fmt: skip
     load.append(os.getloadavg()[0])
-    clf = resolve_model(CLASSIFIER, tracking)
+    clf = resolve_model(CLASSIFIER, tracking).spec
     print(f"throughput: {args.images} images of {shape[0]}x{shape[1]} (bin {clf.bin} -> "
           f"{shape[0] // clf.bin}x{shape[1] // clf.bin}), classifier and U-Net of jobs/train.toml, {cores} cores, "
           f"batches of {cfg.batch_size}, {cloudy:.0%} of the images classified cloudy and segmented "

@@ -19,7 +19,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -79,20 +79,14 @@ class ModelIdentity:
     """A model URI resolved on the client: what it is, where it is stored, and the inputs it reads."""
 
     uri: str
-    task: str
+    spec: InputSpec
+    """What the model reads (its MLflow metadata)."""
     run_id: str
     model_id: str
     source: str
     """The model's artifact location: what the workers load."""
-    bin: int
-    zenith: bool
-    image: str
     name: str | None = None
     version: str | None = None
-
-    @property
-    def spec(self) -> InputSpec:
-        return InputSpec(self.task, self.bin, self.zenith, self.image)
 
     @property
     def label(self) -> str:
@@ -100,7 +94,11 @@ class ModelIdentity:
         return f"{self.name} v{self.version}" if self.name else self.uri
 
     def to_attrs(self) -> dict[str, Any]:
-        return asdict(self)
+        """Its ``pred_model.attrs["models"]`` entry (docs/store.md)."""
+        spec = self.spec
+        return {"uri": self.uri, "task": spec.task, "run_id": self.run_id, "model_id": self.model_id,
+                "source": self.source, "bin": spec.bin, "zenith": spec.zenith, "image": spec.image,
+                "name": self.name, "version": self.version}  # fmt: skip
 
 
 @dataclass
@@ -168,8 +166,7 @@ def resolve_model(uri: str, tracking_uri: str, image_shape: tuple[int, int] | No
         raise ModelError(f"{uri} has the unknown task {spec.task!r} in its metadata")
     if image_shape is not None:
         _check_shape(uri, info.signature, spec, image_shape)
-    return ModelIdentity(uri, spec.task, info.run_id, info.model_id, info.artifact_path, spec.bin, spec.zenith,
-                         spec.image, name, version)  # fmt: skip
+    return ModelIdentity(uri, spec, info.run_id, info.model_id, info.artifact_path, name, version)
 
 
 def _check_shape(uri: str, signature: Any, spec: InputSpec, image_shape: tuple[int, int]) -> None:
@@ -189,7 +186,7 @@ def models_by_task(uris: list[str], tracking_uri: str) -> dict[str, str]:
     """``{"classify": uri, "segment": uri}`` for the given URIs, each by the task in its model metadata."""
     out: dict[str, str] = {}
     for uri in uris:
-        task = resolve_model(uri, tracking_uri).task
+        task = resolve_model(uri, tracking_uri).spec.task
         if task in out:
             raise ModelError(f"--model {out[task]} and --model {uri} are both {TASKS[task]}s")
         out[task] = uri
@@ -197,8 +194,8 @@ def models_by_task(uris: list[str], tracking_uri: str) -> dict[str, str]:
 
 
 def _expect(model: ModelIdentity, task: str) -> ModelIdentity:
-    if model.task != task:
-        raise ModelError(f"{model.uri} is a {TASKS[model.task]} ({model.task} model), not a {TASKS[task]}")
+    if model.spec.task != task:
+        raise ModelError(f"{model.uri} is a {TASKS[model.spec.task]} ({model.spec.task} model), not a {TASKS[task]}")
     return model
 
 
@@ -277,7 +274,7 @@ def reprocess_block(job: Job, start: int, stop: int) -> int:
     unet = load_model(job.unet, job.tracking_uri, device)
     normalization = Models.from_store(group).normalization
     zenith = store_zenith(group)
-    channels = {model.task: model.spec.zenith_input(zenith) for model in (job.classifier, job.unet) if model.zenith}
+    channels = {m.spec.task: m.spec.zenith_input(zenith) for m in (job.classifier, job.unet) if m.spec.zenith}
     same_inputs = job.classifier.spec.inputs_like(job.unet.spec)
     sky = torch.from_numpy(group["sky"][:].astype(bool)).to(device)
     out = {name: group[name][start:stop] for name in ("p_cloudy", "cloudy_pred", "cloud_fraction_pred")}
@@ -297,7 +294,7 @@ def reprocess_block(job: Job, start: int, stop: int) -> int:
             else:
                 images = _images(group, job.unet.spec.image, start + done, normalization)
                 x = job.unet.spec.inputs(images, zenith_input=channels.get("segment"))
-            probs[done], out["cloud_fraction_pred"][done] = segment(unet, x, sky, job.unet.bin, dtype)
+            probs[done], out["cloud_fraction_pred"][done] = segment(unet, x, sky, job.unet.spec.bin, dtype)
     region = slice(start, stop)
     write_images(group, "cloud_prob", region, probs)
     for name, values in out.items():

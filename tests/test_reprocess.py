@@ -146,6 +146,10 @@ def test_reprocess_writes_the_schema_and_matches_a_direct_model_call(trained, tm
     (entry,) = ds["pred_model"].attrs["models"]
     assert entry["classifier"]["name"] == "cirrus-classifier" and entry["unet"]["version"] == "1"
     assert entry["unet"]["run_id"] and entry["unet"]["uri"] == UNET and entry["threshold"] == trained.threshold
+    assert {k: entry["unet"][k] for k in ("task", "bin", "zenith", "image")} == {  # the layout of docs/store.md
+        "task": "segment", "bin": 2, "zenith": True, "image": "residual"}
+    assert set(entry["classifier"]) == {"uri", "task", "run_id", "model_id", "source", "bin", "zenith", "image",
+                                        "name", "version"}  # fmt: skip
 
     p, prob = direct(store, trained.tracking)
     np.testing.assert_allclose(ds["p_cloudy"].values, p, rtol=1e-5)
