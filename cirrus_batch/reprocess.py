@@ -5,11 +5,11 @@ logged model, artifact location) and records the pair in ``pred_model.attrs["mod
 shard-aligned block of images (on GPU workers where there are some) builds the network inputs exactly as
 training did (from the prepared ``residual``, or ``norm`` computed from ``raw``), classifies every image,
 segments those classified cloudy, and writes ``p_cloudy``, ``cloudy_pred``, ``cloud_prob``,
-``cloud_fraction_pred`` and, last, ``pred_model`` (the index
-of the model pair): an image is done once its ``pred_model`` is the current pair, so a killed run resumes where
-it stopped, a second run does nothing, a new night is processed alone and a new model version (or a refitted
-normalization) reprocesses the season. Each worker loads each model once. Images that ``cirrus prepare``
-flagged (``quality``) are predicted like the others; the season report leaves them out of the clear hours.
+``cloud_fraction_pred`` and, last, ``pred_model`` (the index of the model pair): an image is done once its
+``pred_model`` is the current pair, so a killed run resumes where it stopped, a second run does nothing, a new
+night is processed alone and a new model version (or a refitted normalization) reprocesses the season. Each
+worker loads each model once. Images that ``cirrus prepare`` flagged (``quality``) are predicted like the
+others; the season report leaves them out of the clear hours.
 """
 
 from __future__ import annotations
