@@ -739,9 +739,10 @@ def masks_and_residuals(
     raw: np.ndarray, ambtemp: np.ndarray, geom: SkyGeometry, model: ClearSkyModel,
     cfg: MaskConfig | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`cloud_masks` and, from the same fits, the float32 clear-sky residual images: ``asinh(z / 4) / 2``
-    of the residual ``z`` in noise sigmas on sky pixels (about 0 on clear sky, 1 at the typical mask threshold
-    of ~10 sigmas, 3 on thick cloud), 0 off the sky and on CONSTANT or SATURATED images; the U-Net's input."""
+    """:func:`cloud_masks` and, from the same fits, the float32 clear-sky residual images:
+    ``asinh(z / RESIDUAL_SOFTENING) / 2`` of the residual ``z`` in noise sigmas on sky pixels (about 0 on clear
+    sky, 1 at the typical mask threshold of ~10 sigmas, 3 on thick cloud), 0 off the sky and on CONSTANT or
+    SATURATED images; the networks' input."""
     cfg = cfg or MaskConfig()
     raw = np.asarray(raw)
     single = raw.ndim == 2

@@ -118,8 +118,9 @@ def _create_arrays(store: Store, n: int, models: Models) -> None:
     store.add_time_arrays(n, IMAGE_VARS, VECTOR_VARS)
     group = store.group
     group["norm"].attrs.update({"long_name": "normalized raw", **models.normalization.to_attrs()})
-    group["residual"].attrs.update({"long_name": "clear-sky residual: asinh(z / 4) / 2 of the residual z in noise "
-                                                 "sigmas (sky pixels; 0 elsewhere)", "units": "1"})  # fmt: skip
+    group["residual"].attrs.update({"long_name": f"clear-sky residual: asinh(z / {masks.RESIDUAL_SOFTENING:g}) / 2 "
+                                                 "of the residual z in noise sigmas (sky pixels; 0 elsewhere)",
+                                    "units": "1"})  # fmt: skip
     group["mask"].attrs.update({"long_name": "cloud mask (clear-sky model + astropy stretch + threshold)",
                                 "flag_values": [0, 1], "flag_meanings": "clear cloud"})
     group["cloud_fraction"].attrs.update({"long_name": "cloud fraction over sky pixels", "units": "1"})

@@ -306,11 +306,11 @@ def reprocess_block(job: Job, start: int, stop: int) -> int:
 
 # -- the run (client) -----------------------------------------------------------------------------
 def _check_prepared(group: zarr.Group, n: int, url: str) -> None:
-    """A clear error when images lack the clear-sky residual a model reads."""
+    """A clear error when images lack the clear-sky residual the models read."""
     missing = n if "residual" not in group else int((group["quality"][:n] == UNPREPARED).sum())
     if missing:
-        raise StoreError(f"{missing} images of {url} are not prepared (the U-Net reads their clear-sky residual): "
-                         f"run `cirrus prepare {url}` first")  # fmt: skip
+        raise StoreError(f"{missing} images of {url} are not prepared (the models read their clear-sky "
+                         f"residual): run `cirrus prepare {url}` first")  # fmt: skip
 
 
 def _entry_key(entry: dict[str, Any]) -> tuple:

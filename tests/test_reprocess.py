@@ -251,7 +251,7 @@ def test_new_night_processes_only_its_images(trained, tmp_path, client):
     ingest(str(tmp_path / "new"), store, client, IngestConfig(shard_size=SHARD), progress=False)  # not prepared
     marker = zarr.open_group(store, mode="r")["pred_model"][:]
     assert len(marker) == 37 and (marker[32:] == UNPROCESSED).all()
-    with pytest.raises(StoreError, match="5 images .* not prepared"):  # the U-Net reads their residual
+    with pytest.raises(StoreError, match="5 images .* not prepared"):  # the models read their residual
         reprocess(store, client, cfg=trained.cfg(), progress=False, tracking_uri=trained.tracking)
     prepare(store, client, PrepareConfig(fit_images=32), progress=False)  # the new night only
     report = reprocess(store, client, cfg=trained.cfg(), progress=False, tracking_uri=trained.tracking)
