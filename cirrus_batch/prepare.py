@@ -140,9 +140,9 @@ def prepare_block(store_url: str, start: int, stop: int) -> int:
     ambient = _ambient(group, models.ambient_key, region)
     quality = masks.quality_flags(raw, models.geometry, models.mask_config.saturated_fraction)
     mask, residual = masks.masks_and_residuals(raw, ambient, models.geometry, models.clear_sky, models.mask_config)
-    write_images(group, "norm", region, masks.normalize(raw, models.normalization))
-    write_images(group, "residual", region, residual.astype(np.float16))
-    write_images(group, "mask", region, mask)
+    write_images(group["norm"], region, masks.normalize(raw, models.normalization))
+    write_images(group["residual"], region, residual.astype(np.float16))
+    write_images(group["mask"], region, mask)
     group["cloud_fraction"][region] = masks.cloud_fraction(mask, models.geometry.sky)
     group["quality"][region] = quality  # written last: marks the block as prepared
     return stop - start

@@ -296,7 +296,7 @@ def reprocess_block(job: Job, start: int, stop: int) -> int:
                 x = job.unet.spec.inputs(images, zenith_input=channels.get("segment"))
             probs[done], out["cloud_fraction_pred"][done] = segment(unet, x, sky, job.unet.spec.bin, dtype)
     region = slice(start, stop)
-    write_images(group, "cloud_prob", region, probs)
+    write_images(group["cloud_prob"], region, probs)
     for name, values in out.items():
         group[name][region] = values
     marker[todo] = job.index

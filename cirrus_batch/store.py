@@ -21,6 +21,7 @@ from zarr.codecs import BloscCodec
 
 from cirrus_batch.errors import StoreError
 from cirrus_batch.fitsio import NODATA
+from cirrus_batch.shards import write_shards
 
 SCHEMA = "cirrus-store/1"
 TIME_UNITS = "microseconds since 1970-01-01"
@@ -233,10 +234,12 @@ class Store:
             rej[name][n0:] = values
 
 
-def write_images(group: zarr.Group, name: str, region: slice, values: np.ndarray) -> None:
-    """Write whole images ``values`` into ``group[name][region]`` (a shard-aligned block). Every chunk is
-    stored, even one equal to the fill value: zarr's per-chunk all-equal check costs more than compressing it."""
-    group[name].with_config({"write_empty_chunks": True})[region] = values
+def write_images(array: zarr.Array, region: slice, values: np.ndarray) -> None:
+    """Write whole images ``values`` into ``array[region]`` (a shard-aligned block). Whole shards are encoded
+    by :func:`~cirrus_batch.shards.write_shards`, the rest by zarr. Every chunk is stored, even one equal to the
+    fill value: zarr's per-chunk all-equal check costs more than compressing it."""
+    if not write_shards(array, region, values):
+        array.with_config({"write_empty_chunks": True})[region] = values
 
 
 def open_dataset(url: str) -> xr.Dataset:

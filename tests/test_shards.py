@@ -1,0 +1,69 @@
+"""Whole shards written by cirrus are the bytes zarr writes, and everything else is left to zarr."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from cirrus_batch.shards import ImageShards, write_shards
+from cirrus_batch.store import write_images
+
+SHAPE = (6, 7)
+
+
+def _array(path, n: int, shard: int, dtype: str, compressors=None) -> zarr.Array:
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    compressors = compressors or BloscCodec(cname="lz4", clevel=3, shuffle="shuffle")
+    return group.create_array("x", shape=(n, *SHAPE), chunks=(1, *SHAPE), shards=(shard, *SHAPE), dtype=dtype,
+                              fill_value=0, compressors=compressors)  # fmt: skip
+
+
+def _values(n: int, dtype: str) -> np.ndarray:
+    values = np.random.default_rng(0).random((n, *SHAPE)) * 100
+    values[1] = 0  # an image equal to the fill value is stored too
+    return values.astype(dtype)
+
+
+def _shard_files(array: zarr.Array) -> dict[str, bytes]:
+    root = array.store_path.store.root / "x"
+    return {str(p.relative_to(root)): p.read_bytes() for p in (root / "c").rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "float16", "float32", "uint8", "bool"])
+def test_whole_shards_are_zarrs_bytes(tmp_path, dtype):
+    n, shard = 10, 4  # two full shards and a last one holding 2 of its 4 images
+    values = _values(n, dtype)
+    ours, theirs = _array(tmp_path / "ours.zarr", n, shard, dtype), _array(tmp_path / "zarr.zarr", n, shard, dtype)
+    for start in range(0, n, shard):
+        region = slice(start, min(start + shard, n))
+        assert write_shards(ours, region, values[region])
+        theirs.with_config({"write_empty_chunks": True})[region] = values[region]
+    assert _shard_files(ours) == _shard_files(theirs) and len(_shard_files(ours)) == 3
+    np.testing.assert_array_equal(zarr.open_array(tmp_path / "ours.zarr", path="x")[:], values)
+    assert not list((tmp_path / "ours.zarr").rglob("*.partial"))
+
+
+def test_other_regions_and_codecs_are_left_to_zarr(tmp_path):
+    values = _values(10, "uint16")
+    array = _array(tmp_path / "a.zarr", 10, 4, "uint16")
+    assert not write_shards(array, slice(2, 4), values[2:4])  # starts inside a shard
+    assert not write_shards(array, slice(4, 6), values[4:6])  # ends inside a shard that goes on
+    assert not list((tmp_path / "a.zarr").rglob("c/*"))
+    zstd = _array(tmp_path / "b.zarr", 10, 4, "uint16", compressors=ZstdCodec(level=1))
+    assert ImageShards.of(zstd) is None
+    for array in (array, zstd):  # write_images writes them all the same
+        write_images(array, slice(0, 10), values)
+        write_images(array, slice(2, 4), values[2:4] + 1)
+        expected = values.copy()
+        expected[2:4] += 1
+        np.testing.assert_array_equal(array[:], expected)
+
+
+def test_shard_index_marks_images_past_the_end(tmp_path):
+    array = _array(tmp_path / "a.zarr", 6, 4, "uint16")
+    assert write_shards(array, slice(4, 6), _values(2, "uint16"))
+    data = (tmp_path / "a.zarr" / "x" / "c" / "1" / "0" / "0").read_bytes()
+    index = np.frombuffer(data[-(4 * 16 + 4) : -4], "<u8").reshape(4, 2)
+    assert (index[2:] == 2**64 - 1).all() and index[0, 0] == 0 and index[1, 0] == index[0, 1]
