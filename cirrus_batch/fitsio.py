@@ -11,7 +11,9 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
@@ -48,12 +50,36 @@ class Layout:
         return self.data_offset + self.data_size
 
 
+class CardValues(dict):
+    """The values of a header's cards, each read from the :class:`astropy.io.fits.Header` once and only when
+    asked for (astropy parses the card and looks its configuration up on every read).
+
+    ``get`` gives the default for a missing card; ``[]`` rejects the file.
+    """
+
+    def __init__(self, header: fits.Header):
+        super().__init__()
+        self.header = header
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key not in self:
+            dict.__setitem__(self, key, self.header.get(key))
+        value = dict.__getitem__(self, key)
+        return default if value is None else value
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key)
+        if value is None:
+            raise Rejected(f"no {key} card in the image header")
+        return value
+
+
 @dataclass(frozen=True)
 class ImageHeader:
-    """The image HDU of a file: its layout and its header."""
+    """The image HDU of a file: its layout and its header's values."""
 
     layout: Layout
-    header: fits.Header = field(repr=False)
+    header: CardValues = field(repr=False)
 
 
 def _header_end(buf: bytes, start: int) -> int | None:
@@ -64,7 +90,7 @@ def _header_end(buf: bytes, start: int) -> int | None:
     return None
 
 
-def _data_size(h: fits.Header) -> int:
+def _data_size(h: CardValues) -> int:
     """Data bytes of an HDU (FITS standard 4.4.1), without the padding to 2880."""
     naxis = h.get("NAXIS", 0)
     if naxis == 0:
@@ -91,7 +117,7 @@ def find_image(buf: bytes) -> ImageHeader:
                 raise Rejected(f"unreadable FITS header in HDU {index}: no END card")
             raise EOFError
         try:
-            h = fits.Header.fromstring(buf[offset:end].decode("ascii", errors="replace"))
+            h = CardValues(fits.Header.fromstring(buf[offset:end].decode("ascii", errors="replace")))
         except Exception as exc:  # astropy raises several types for malformed cards
             raise Rejected(f"unreadable FITS header in HDU {index}: {exc}") from None
         size = _data_size(h)
@@ -108,7 +134,7 @@ def find_image(buf: bytes) -> ImageHeader:
     raise Rejected("no image data in any HDU")
 
 
-def observation_time(h: fits.Header) -> np.datetime64:
+def observation_time(h: Mapping[str, Any]) -> np.datetime64:
     """``DATE-OBS`` (with ``TIME-OBS`` when DATE-OBS holds only a date) as UTC microseconds."""
     value = h.get("DATE-OBS")
     if not value or not isinstance(value, str):
@@ -122,7 +148,7 @@ def observation_time(h: fits.Header) -> np.datetime64:
         raise Rejected(f"DATE-OBS {h['DATE-OBS']!r} is not an ISO date-time") from None
 
 
-def header_values(h: fits.Header, keys: list[str]) -> dict[str, float]:
+def header_values(h: Mapping[str, Any], keys: list[str]) -> dict[str, float]:
     """Numeric header values (NaN where missing or not a number)."""
     out = {}
     for key in keys:

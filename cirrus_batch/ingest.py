@@ -4,8 +4,9 @@ Two passes of Dask tasks:
 
 1. **scan**: read the leading bytes of every new file, parse the header, check it (FITS, one 2-D image,
    complete, has DATE-OBS); the client sorts the good ones by time and gives each a store position.
-2. **write**: one task per shard-aligned group of positions reads its files, decodes and checks the
-   pixels and writes the group's region of every array. A group with a bad file writes nothing; the
+2. **write**: the client writes the per-image vectors (time, source, header values) of the planned
+   positions; one task per shard-aligned group of positions reads its files, decodes and checks the
+   pixels and writes the group's region of ``raw``. A group with a bad file writes nothing; the
    run commits the groups before it, logs the bad file and plans the rest again.
 
 ``committed`` advances over the longest prefix of written groups, so a killed ingest loses nothing and
@@ -170,38 +171,40 @@ def scan_files(fs: fsspec.AbstractFileSystem, entries: Sequence[FileEntry], keys
 
 
 def write_group(
-    fs: fsspec.AbstractFileSystem, store_url: str, items: Sequence[Scanned], start: int
-) -> list[Rejection]:
-    """Write task: decode ``items`` into store positions ``start...``; write nothing if any is bad.
+    fs: fsspec.AbstractFileSystem, raw: zarr.Array, items: Sequence[Scanned], start: int
+) -> tuple[list[Rejection], dict[int, Scanned]]:
+    """Write task: decode ``items`` into ``raw`` at positions ``start...``; write nothing if any is bad.
 
-    The scan's layout is reused; a file whose size changed since the scan is checked again.
+    Returns the bad files' rejections, or the items checked again because their size changed since the scan
+    (by position), whose vectors the client writes again.
     """
-    group = zarr.open_group(store_url, mode="r+", zarr_format=3)
-    shape = group["raw"].shape[1:]
-    keys = list(group.attrs["header_keys"])
-    block = np.empty((len(items), *shape), dtype=np.uint16)
-    checked, bad = [], []
+    shape = raw.shape[1:]
+    block = np.empty((len(items), *shape), dtype=raw.dtype)
+    changed, bad = {}, []
     for i, item in enumerate(items):
         try:
             buf = fs.cat_file(item.entry.path)
             if len(buf) != item.entry.size:
-                item = _check(dataclasses.replace(item.entry, size=len(buf)), find_image(buf), keys)
+                entry = dataclasses.replace(item.entry, size=len(buf))
+                item = changed[start + i] = _check(entry, find_image(buf), list(item.values))
             if item.shape != shape:
                 raise Rejected(f"shape {item.shape} differs from the store's {shape}")
             read_raw(buf, item.layout, block[i])
-            checked.append(item)
         except Rejected as exc:
             bad.append(item.entry.rejection(str(exc)))
     if bad:
-        return bad
-    items = checked
+        return bad, {}
+    write_images(raw, slice(start, start + len(items)), block)
+    return [], changed
+
+
+def write_vectors(group: zarr.Group, start: int, items: Sequence[Scanned]) -> None:
+    """Write the per-image vectors (``time``, ``source``, header values) of ``items`` at positions ``start...``."""
     region = slice(start, start + len(items))
-    write_images(group, "raw", region, block)
     group["time"][region] = np.array([item.time for item in items], dtype="datetime64[us]").astype("int64")
     group["source"][region] = np.array([item.entry.source for item in items], dtype=object)
-    for key in keys:
+    for key in group.attrs["header_keys"]:
         group[header_var(key)][region] = np.array([item.values[key] for item in items])
-    return []
 
 
 # -- planning -------------------------------------------------------------------------------------
@@ -271,7 +274,10 @@ def ingest(
         return report
 
     # pass 1: scan headers
-    batches = [new[i : i + SCAN_TASK_FILES] for i in range(0, len(new), SCAN_TASK_FILES)]
+    threads = max(1, sum(client.nthreads().values()))
+    n_batches = threads * math.ceil(len(new) / (SCAN_TASK_FILES * threads))  # equal batches, a multiple of threads
+    bounds = np.linspace(0, len(new), n_batches + 1).round().astype(int)
+    batches = [new[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     scanned: list[Scanned] = []
     with _bar(len(new), "scan ", "file", progress) as bar:
         keys = store.header_keys if store else cfg.header_keys
@@ -312,16 +318,20 @@ def ingest(
         while accepted:
             n0 = store.committed
             store.resize(n0 + len(accepted))
+            raw = store.group["raw"]
             groups = plan_groups(n0, accepted, store.shard_size)
             futures = {
-                client.submit(write_group, fs, store_url, items, start, pure=False, retries=1): start
+                client.submit(write_group, fs, raw, items, start, pure=False, retries=1): start
                 for start, items in groups
             }
+            write_vectors(store.group, n0, accepted)  # while the workers write the images
             outcome: dict[int, list[Rejection]] = {}
             nxt = 0
             try:
                 for fut in as_completed(futures):
-                    outcome[futures[fut]] = fut.result()
+                    outcome[futures[fut]], changed = fut.result()
+                    for position, item in changed.items():
+                        write_vectors(store.group, position, [item])
                     while nxt < len(groups) and outcome.get(groups[nxt][0]) == []:
                         store.commit(groups[nxt][0] + len(groups[nxt][1]))
                         bar.update(len(groups[nxt][1]))

@@ -89,6 +89,13 @@ def test_rejections(buf, reason):
         find_image(buf)
 
 
+def test_missing_mandatory_card_is_a_rejection():
+    buf = to_bytes(fits.HDUList([fits.PrimaryHDU(np.zeros(SHAPE, np.uint16))]))
+    header = buf[:2880].replace(b"NAXIS2  =", b"NAXISZ  =")  # a 2-D image that lost its second axis
+    with pytest.raises(Rejected, match="no NAXIS2 card"):
+        find_image(header + buf[2880:])
+
+
 def test_truncated_and_out_of_range():
     buf = to_bytes(fits.HDUList([fits.PrimaryHDU(np.zeros((100, 100), np.uint16))]))
     layout = find_image(buf[:4000]).layout
