@@ -21,7 +21,7 @@ from conftest import SHAPE, frame, make_archive, write_fits
 from cirrus_batch.config import IngestConfig
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.fitsio import NODATA
-from cirrus_batch.ingest import NoImagesError, ingest, plan_groups
+from cirrus_batch.ingest import NoImagesError, discover, ingest, plan_groups, scan_files, write_group, write_vectors
 from cirrus_batch.store import Store, open_dataset, open_rejections
 
 CFG = IngestConfig(shard_size=4)
@@ -50,6 +50,24 @@ def test_plan_groups_fill_whole_shards():
     groups = plan_groups(6, list(range(11)), shard=4)
     assert [(start, len(entries)) for start, entries in groups] == [(6, 2), (8, 4), (12, 4), (16, 1)]
     assert sum((entries for _, entries in groups), []) == list(range(11))
+
+
+def test_file_changed_after_the_scan_is_checked_again(tmp_path):
+    """A file rewritten between scan and write is decoded and described as it is when written."""
+    paths = make_archive(tmp_path / "a", nights=1, per_night=4)
+    fs, entries = discover(str(tmp_path / "a"))
+    items = scan_files(fs, entries, CFG.header_keys)
+    cards = {"EXPTIME": 0.5, "AMBTEMP": -3.0, **{f"PAD{i}": i for i in range(40)}}  # a second header block
+    write_fits(paths[2].with_name("new.fits"), frame(7), "2026-01-05T20:04:30", cards).replace(paths[2])
+    store = Store.create(str(tmp_path / "s.zarr"), shape=SHAPE, shard_size=4, header_keys=CFG.header_keys)
+    store.resize(4)
+    write_vectors(store.group, 0, items)
+    rejections, changed = write_group(fs, store.group["raw"], items, 0)
+    assert not rejections and list(changed) == [2]
+    assert changed[2].values == {"EXPTIME": 0.5, "AMBTEMP": -3.0}
+    assert changed[2].time == np.datetime64("2026-01-05T20:04:30")
+    np.testing.assert_array_equal(store.group["raw"][2], frame(7))
+    np.testing.assert_array_equal(store.group["raw"][3], frame(503))
 
 
 def test_round_trip_times_headers_and_schema(tmp_path, client):
