@@ -10,12 +10,14 @@ from astropy.io import fits
 
 from cirrus_batch.fitsio import (
     NODATA,
+    CardValues,
     Rejected,
     decode,
     find_image,
     header_values,
     observation_time,
     read_raw,
+    simple_value,
     to_raw,
 )
 
@@ -87,6 +89,47 @@ def test_header_needs_more_bytes_then_eof_error():
 def test_rejections(buf, reason):
     with pytest.raises(Rejected, match=reason):
         find_image(buf)
+
+
+CARDS = [
+    "BITPIX  =                   16 / array data type",
+    "NAXIS1  =                  640",
+    "BZERO   =                32768",
+    "NEG     =                  -12/no space before the comment",
+    "PLUS    = +7",
+    "ZEROS   =                  007",
+    "REAL    =                 0.03 / [s]",
+    "EXP     =              1.5E-03",
+    "DEXP    =              2.0D+02",
+    "DOT     =                   5.",
+    "LEAD    =                  .25",
+    "BIGEXP  =                  1E5",
+    "FLAG    =                    T",
+    "NOFLAG  =                    F / logical",
+    "DATE-OBS= '2026-01-05T21:00:01.327' / UTC",
+    "NAME    = 'lwircam  '",
+    "SPACES  = '  leading'",
+    "EMPTY   = ''",
+    "QUOTE   = 'it''s'",
+    "COMPLEX = (1.0, 2.0)",
+    "UNDEF   =",
+    "HIERARCH ESO DET TEMP = 21.5",
+    "exptime =                  0.5",
+    "REAL    =                 9.99 / a second REAL card: the first one counts",
+]
+
+
+def test_card_values_equal_astropys():
+    """Simple cards are read from their images, the rest by astropy; every value is astropy's."""
+    long = fits.Card("LONGSTR", "x" * 100).image  # a CONTINUE card follows
+    text = "".join(c.ljust(80) for c in CARDS) + long + "END".ljust(80)
+    text = text.ljust(-(-len(text) // 2880) * 2880)
+    header = fits.Header.fromstring(text)
+    values = CardValues(text)
+    for key in [c.split("=")[0].strip() for c in CARDS] + ["LONGSTR", "ESO DET TEMP", "EXPTIME", "MISSING"]:
+        assert values.get(key) == header.get(key), key
+        assert type(values.get(key)) is type(header.get(key)), key
+    assert simple_value(CARDS[0].ljust(80)) == 16 and simple_value(CARDS[18].ljust(80)) is NotImplemented
 
 
 def test_missing_mandatory_card_is_a_rejection():
