@@ -16,11 +16,13 @@ the next run (which first cuts uncommitted tails) carries on with the files stil
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
@@ -153,8 +155,8 @@ def _check(entry: FileEntry, image: ImageHeader, keys: list[str]) -> Scanned:
 
 
 def scan_files(fs: fsspec.AbstractFileSystem, entries: Sequence[FileEntry], keys: list[str]) -> list[Scanned]:
-    """Scan task: header checks of a batch of files."""
-    out = []
+    """Scan task: header checks of a batch of files (equal layouts are one object, pickled once)."""
+    out, layouts = [], {}
     for entry in entries:
         try:
             if entry.size < 0:
@@ -162,7 +164,8 @@ def scan_files(fs: fsspec.AbstractFileSystem, entries: Sequence[FileEntry], keys
             if entry.size == 0:
                 raise Rejected("empty file")
             _, image = _read_image_header(fs, entry)
-            out.append(_check(entry, image, keys))
+            item = _check(entry, image, keys)
+            out.append(dataclasses.replace(item, layout=layouts.setdefault(item.layout, item.layout)))
         except Rejected as exc:
             out.append(Scanned(entry, reason=str(exc)))
         except OSError as exc:
@@ -171,30 +174,33 @@ def scan_files(fs: fsspec.AbstractFileSystem, entries: Sequence[FileEntry], keys
 
 
 def write_group(
-    fs: fsspec.AbstractFileSystem, raw: zarr.Array, items: Sequence[Scanned], start: int
-) -> tuple[list[Rejection], dict[int, Scanned]]:
-    """Write task: decode ``items`` into ``raw`` at positions ``start...``; write nothing if any is bad.
+    fs: fsspec.AbstractFileSystem, raw: zarr.Array, files: Sequence[tuple[FileEntry, Layout]], keys: list[str],
+    start: int,
+) -> tuple[list[Rejection], dict[int, Scanned]]:  # fmt: skip
+    """Write task: decode ``files`` (each with the layout the scan found) into ``raw`` at positions ``start...``;
+    write nothing if any is bad.
 
-    Returns the bad files' rejections, or the items checked again because their size changed since the scan
+    Returns the bad files' rejections, or the files checked again because their size changed since the scan
     (by position), whose vectors the client writes again.
     """
     shape = raw.shape[1:]
-    block = np.empty((len(items), *shape), dtype=raw.dtype)
+    block = np.empty((len(files), *shape), dtype=raw.dtype)
     changed, bad = {}, []
-    for i, item in enumerate(items):
+    for i, (entry, layout) in enumerate(files):
         try:
-            buf = fs.cat_file(item.entry.path)
-            if len(buf) != item.entry.size:
-                entry = dataclasses.replace(item.entry, size=len(buf))
-                item = changed[start + i] = _check(entry, find_image(buf), list(item.values))
-            if item.shape != shape:
-                raise Rejected(f"shape {item.shape} differs from the store's {shape}")
-            read_raw(buf, item.layout, block[i])
+            buf = fs.cat_file(entry.path)
+            if len(buf) != entry.size:
+                entry = dataclasses.replace(entry, size=len(buf))
+                changed[start + i] = _check(entry, find_image(buf), keys)
+                layout = changed[start + i].layout
+            if layout.shape != shape:
+                raise Rejected(f"shape {layout.shape} differs from the store's {shape}")
+            read_raw(buf, layout, block[i])
         except Rejected as exc:
-            bad.append(item.entry.rejection(str(exc)))
+            bad.append(entry.rejection(str(exc)))
     if bad:
         return bad, {}
-    write_images(raw, slice(start, start + len(items)), block)
+    write_images(raw, slice(start, start + len(files)), block)
     return [], changed
 
 
@@ -236,6 +242,25 @@ def _bar(total: int, desc: str, unit: str, progress: bool) -> tqdm:
 
 
 # -- the run --------------------------------------------------------------------------------------
+@contextmanager
+def _long_lived_frozen() -> Iterator[None]:
+    """Keep the garbage collector off the objects alive at the start (they go back to it at the end).
+
+    A client holds ~160k long-lived objects (dask, zarr, astropy); the many small ones a scan brings back trigger
+    full collections that walk them all, ~85 ms each, every other run of a 600-image ingest. A program that froze
+    objects itself is left alone.
+    """
+    if gc.get_freeze_count():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+@_long_lived_frozen()
 def ingest(
     source: str,
     store_url: str,
@@ -257,7 +282,8 @@ def ingest(
     if store is not None:
         report.dropped_uncommitted = store.repair()
         if report.dropped_uncommitted:
-            log.warning("dropped %d images of an interrupted ingest; they are ingested again", report.dropped_uncommitted)
+            log.warning("dropped %d images of an interrupted ingest; they are ingested again",
+                        report.dropped_uncommitted)
         known = store.sources()
         rejected_before = {r.source: r for r in store.rejections()}
     new = []
@@ -279,27 +305,27 @@ def ingest(
     bounds = np.linspace(0, len(new), n_batches + 1).round().astype(int)
     batches = [new[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     scanned: list[Scanned] = []
+    created = store is None
     with _bar(len(new), "scan ", "file", progress) as bar:
         keys = store.header_keys if store else cfg.header_keys
-        for fut in as_completed([client.submit(scan_files, fs, b, keys, pure=False) for b in batches]):
-            result = fut.result()
+        futures = [client.submit(scan_files, fs, b, keys, pure=False) for b in batches]
+        if store is None:  # created while the files are scanned, for the shape of the first good one
+            guess = cfg.shape or next((s.shape for s in scan_files(fs, new[:8], keys) if not s.reason), None)
+            store = _create_store(store_url, source, cfg, guess) if guess else None
+        if store is not None:  # room for every new file; cut to the accepted ones later
+            store.resize(store.committed + len(new))
+        for _, result in as_completed(futures, with_results=True):
             scanned.extend(result)
             bar.update(len(result))
     rejections = [s.entry.rejection(s.reason) for s in scanned if s.reason]
     good = [s for s in scanned if not s.reason]
-    if store is None:
-        shapes = Counter(s.shape for s in good)
-        if cfg.shape is None and not shapes:
+    if created and not cfg.shape:
+        if not good:
             report.rejected = rejections
             raise NoImagesError(report)
-        store = Store.create(
-            store_url,
-            shape=tuple(cfg.shape) if cfg.shape else shapes.most_common(1)[0][0],
-            shard_size=cfg.shard_size,
-            header_keys=cfg.header_keys,
-            clevel=cfg.clevel,
-            source_root=stringify_path(source),
-        )
+        shape = Counter(s.shape for s in good).most_common(1)[0][0]
+        if store is None or shape != store.image_shape:  # the first good file did not have the usual shape
+            store = _create_store(store_url, source, cfg, shape, overwrite=store is not None)
     shape, last = store.image_shape, store.last_time()
     accepted = []
     for s in sorted(good, key=lambda s: (s.time, s.entry.source)):
@@ -321,9 +347,10 @@ def ingest(
             raw = store.group["raw"]
             groups = plan_groups(n0, accepted, store.shard_size)
             futures = {
-                client.submit(write_group, fs, raw, items, start, pure=False, retries=1): start
+                client.submit(write_group, fs, raw, [(s.entry, s.layout) for s in items], store.header_keys, start,
+                              pure=False, retries=1): start
                 for start, items in groups
-            }
+            }  # fmt: skip
             write_vectors(store.group, n0, accepted)  # while the workers write the images
             outcome: dict[int, list[Rejection]] = {}
             nxt = 0
@@ -353,6 +380,11 @@ def ingest(
     report.ingested = report.total - len(known)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _create_store(url: str, source: str, cfg: IngestConfig, shape: Sequence[int], overwrite: bool = False) -> Store:
+    return Store.create(url, shape=tuple(shape), shard_size=cfg.shard_size, header_keys=cfg.header_keys,
+                        clevel=cfg.clevel, source_root=stringify_path(source), overwrite=overwrite)  # fmt: skip
 
 
 class NoImagesError(CirrusError):

@@ -79,10 +79,11 @@ class Store:
         header_keys: list[str],
         clevel: int = 3,
         source_root: str = "",
+        overwrite: bool = False,
     ) -> Store:
-        """Create an empty store for images of ``shape``."""
+        """Create an empty store for images of ``shape`` (``overwrite``: replacing the one at ``url``)."""
         try:
-            group = zarr.open_group(url, mode="w-", zarr_format=3)
+            group = zarr.open_group(url, mode="w" if overwrite else "w-", zarr_format=3)
         except (OSError, ValueError, zarr.errors.BaseZarrError) as exc:
             raise StoreError(f"cannot create store {url}: {exc}") from None
         ny, nx = shape

@@ -62,7 +62,8 @@ def test_file_changed_after_the_scan_is_checked_again(tmp_path):
     store = Store.create(str(tmp_path / "s.zarr"), shape=SHAPE, shard_size=4, header_keys=CFG.header_keys)
     store.resize(4)
     write_vectors(store.group, 0, items)
-    rejections, changed = write_group(fs, store.group["raw"], items, 0)
+    files = [(s.entry, s.layout) for s in items]
+    rejections, changed = write_group(fs, store.group["raw"], files, CFG.header_keys, 0)
     assert not rejections and list(changed) == [2]
     assert changed[2].values == {"EXPTIME": 0.5, "AMBTEMP": -3.0}
     assert changed[2].time == np.datetime64("2026-01-05T20:04:30")
@@ -178,6 +179,17 @@ def test_older_file_arriving_late_is_rejected_with_reason(tmp_path, client):
     write_fits(root / "late.fits", frame(9), "2026-01-01T20:00:00")
     report = run(root, store, client)
     assert report.ingested == 0 and "older" in report.rejected[0].reason
+
+
+def test_new_store_takes_the_most_common_shape_not_the_first_files(tmp_path, client):
+    """The store is created while scanning, for the first good file's shape; the most common one replaces it."""
+    root, store = tmp_path / "archive", tmp_path / "s.zarr"
+    odd = [write_fits(root / f"a{i}.fits", np.zeros((16, 16), np.uint16), f"2026-01-05T20:0{i}:00") for i in range(4)]
+    make_archive(root / "b", nights=1, per_night=6)  # sorted after a*.fits
+    report = run(root, store, client)
+    assert Store.open(str(store)).image_shape == SHAPE and report.ingested == 6
+    assert sorted(Path(r.source).name for r in report.rejected) == sorted(p.name for p in odd)
+    assert_matches_files(store, root)
 
 
 def test_new_store_with_no_valid_image_fails_clearly(tmp_path, client):
