@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import http.server
 import os
 import signal
@@ -77,6 +78,7 @@ def test_round_trip_times_headers_and_schema(tmp_path, client):
     write_fits(root / "b.fits", frame(2), "2026-03-01T21:14:07.125Z", {"EXPTIME": 0.5})
     report = run(root, tmp_path / "s.zarr", client)
     assert report.ingested == 2 and not report.rejected
+    assert gc.get_freeze_count() == 0  # objects kept from the collector during the run are given back
     ds = open_dataset(str(tmp_path / "s.zarr"))
     # sorted by DATE-OBS, not by name; sub-second times kept exactly
     assert ds["source"].values.tolist() == ["b.fits", "a.fits"]
