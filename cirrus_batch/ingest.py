@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import PurePosixPath
 
 import fsspec
@@ -174,7 +175,7 @@ def scan_files(fs: fsspec.AbstractFileSystem, entries: Sequence[FileEntry], keys
 
 
 def write_group(
-    fs: fsspec.AbstractFileSystem, raw: zarr.Array, files: Sequence[tuple[FileEntry, Layout]], keys: list[str],
+    fs: fsspec.AbstractFileSystem, raw: zarr.Array, keys: list[str], files: Sequence[tuple[FileEntry, Layout]],
     start: int,
 ) -> tuple[list[Rejection], dict[int, Scanned]]:  # fmt: skip
     """Write task: decode ``files`` (each with the layout the scan found) into ``raw`` at positions ``start...``;
@@ -308,7 +309,7 @@ def ingest(
     created = store is None
     with _bar(len(new), "scan ", "file", progress) as bar:
         keys = store.header_keys if store else cfg.header_keys
-        futures = [client.submit(scan_files, fs, b, keys, pure=False) for b in batches]
+        futures = client.map(partial(scan_files, fs, keys=keys), batches, pure=False)
         if store is None:  # created while the files are scanned, for the shape of the first good one
             guess = cfg.shape or next((s.shape for s in scan_files(fs, new[:8], keys) if not s.reason), None)
             store = _create_store(store_url, source, cfg, guess) if guess else None
@@ -346,11 +347,10 @@ def ingest(
             store.resize(n0 + len(accepted))
             raw = store.group["raw"]
             groups = plan_groups(n0, accepted, store.shard_size)
-            futures = {
-                client.submit(write_group, fs, raw, [(s.entry, s.layout) for s in items], store.header_keys, start,
-                              pure=False, retries=1): start
-                for start, items in groups
-            }  # fmt: skip
+            starts = [start for start, _ in groups]
+            files = [[(s.entry, s.layout) for s in items] for _, items in groups]
+            task = partial(write_group, fs, raw, store.header_keys)
+            futures = dict(zip(client.map(task, files, starts, pure=False, retries=1), starts))
             write_vectors(store.group, n0, accepted)  # while the workers write the images
             outcome: dict[int, list[Rejection]] = {}
             nxt = 0

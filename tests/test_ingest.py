@@ -64,7 +64,7 @@ def test_file_changed_after_the_scan_is_checked_again(tmp_path):
     store.resize(4)
     write_vectors(store.group, 0, items)
     files = [(s.entry, s.layout) for s in items]
-    rejections, changed = write_group(fs, store.group["raw"], files, CFG.header_keys, 0)
+    rejections, changed = write_group(fs, store.group["raw"], CFG.header_keys, files, 0)
     assert not rejections and list(changed) == [2]
     assert changed[2].values == {"EXPTIME": 0.5, "AMBTEMP": -3.0}
     assert changed[2].time == np.datetime64("2026-01-05T20:04:30")
