@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import MemoryStore
 
 from cirrus_batch.shards import ImageShards, write_shards
 from cirrus_batch.store import write_images
@@ -14,7 +17,7 @@ SHAPE = (6, 7)
 
 
 def _array(path, n: int, shard: int, dtype: str, compressors=None) -> zarr.Array:
-    group = zarr.open_group(path, mode="w", zarr_format=3)
+    group = zarr.open_group(path, mode="w", zarr_format=3)  # a path, or any zarr store
     compressors = compressors or BloscCodec(cname="lz4", clevel=3, shuffle="shuffle")
     return group.create_array("x", shape=(n, *SHAPE), chunks=(1, *SHAPE), shards=(shard, *SHAPE), dtype=dtype,
                               fill_value=0, compressors=compressors)  # fmt: skip
@@ -43,6 +46,19 @@ def test_whole_shards_are_zarrs_bytes(tmp_path, dtype):
     assert _shard_files(ours) == _shard_files(theirs) and len(_shard_files(ours)) == 3
     np.testing.assert_array_equal(zarr.open_array(tmp_path / "ours.zarr", path="x")[:], values)
     assert not list((tmp_path / "ours.zarr").rglob("*.partial"))
+
+
+def test_other_stores_get_the_same_bytes():
+    """Stores other than a local directory (here zarr's memory store) are written through the store's API."""
+    values = _values(8, "uint16")
+    ours, theirs = _array(MemoryStore(), 8, 4, "uint16"), _array(MemoryStore(), 8, 4, "uint16")
+    assert write_shards(ours, slice(0, 8), values)
+    theirs.with_config({"write_empty_chunks": True})[:] = values
+    def shard(array: zarr.Array, k: int) -> bytes:
+        return sync(array.store_path.store.get(f"x/c/{k}/0/0", default_buffer_prototype())).to_bytes()
+
+    assert all(shard(ours, k) == shard(theirs, k) for k in (0, 1))
+    np.testing.assert_array_equal(ours[:], values)
 
 
 def test_other_regions_and_codecs_are_left_to_zarr(tmp_path):
