@@ -3,7 +3,8 @@
 Two passes of Dask tasks:
 
 1. **scan**: read the leading bytes of every new file, parse the header, check it (FITS, one 2-D image,
-   complete, has DATE-OBS); the client sorts the good ones by time and gives each a store position.
+   complete, has DATE-OBS); meanwhile the client creates or sizes the store. It then sorts the good files
+   by time and gives each a store position.
 2. **write**: the client writes the per-image vectors (time, source, header values) of the planned
    positions; one task per shard-aligned group of positions reads its files, decodes and checks the
    pixels and writes the group's region of ``raw``. A group with a bad file writes nothing; the

@@ -43,17 +43,15 @@ class ImageShards:
         codecs = array.metadata.codecs if array.metadata.zarr_format == 3 else ()
         if len(codecs) != 1 or not isinstance(sharding := codecs[0], ShardingCodec):
             return None
-        index, inner = sharding.index_codecs, sharding.codecs
-        if sharding.index_location != ShardingCodecIndexLocation.end or [type(c) for c in index] != [
-                BytesCodec, Crc32cCodec] or index[0].endian not in (Endian.little, None):  # fmt: skip
-            return None
-        if len(inner) != 2 or not isinstance(inner[0], BytesCodec) or not isinstance(inner[1], BloscCodec):
-            return None
-        if inner[0].endian not in (Endian.little, None):
-            return None
-        if array.ndim != 3 or tuple(sharding.chunk_shape) != (1, *array.shape[1:]):
-            return None
-        if inner[1].typesize not in (None, array.dtype.itemsize):
+        index, inner, little = sharding.index_codecs, sharding.codecs, (Endian.little, None)
+        supported = (
+            sharding.index_location == ShardingCodecIndexLocation.end
+            and [type(c) for c in index] == [BytesCodec, Crc32cCodec] and index[0].endian in little
+            and [type(c) for c in inner] == [BytesCodec, BloscCodec] and inner[0].endian in little
+            and array.ndim == 3 and tuple(sharding.chunk_shape) == (1, *array.shape[1:])
+            and inner[1].typesize in (None, array.dtype.itemsize)
+        )  # fmt: skip
+        if not supported:
             return None
         c = inner[1]
         blosc = Blosc(cname=c.cname.value, clevel=c.clevel, shuffle=_SHUFFLE[c.shuffle], blocksize=c.blocksize)
@@ -77,6 +75,8 @@ class ImageShards:
     def write(self, region: slice, values: np.ndarray) -> None:
         """Write ``values`` into the whole shards ``region`` covers (see :meth:`covers`)."""
         array = self.array
+        if values.shape != (region.stop - region.start, *array.shape[1:]):
+            raise ValueError(f"values of shape {values.shape} do not fit array[{region.start}:{region.stop}]")
         values = np.ascontiguousarray(values, dtype=array.dtype.newbyteorder("<"))
         store = array.store_path.store
         for start in range(region.start, region.stop, self.per_shard):

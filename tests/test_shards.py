@@ -66,6 +66,8 @@ def test_other_regions_and_codecs_are_left_to_zarr(tmp_path):
     array = _array(tmp_path / "a.zarr", 10, 4, "uint16")
     assert not write_shards(array, slice(2, 4), values[2:4])  # starts inside a shard
     assert not write_shards(array, slice(4, 6), values[4:6])  # ends inside a shard that goes on
+    with pytest.raises(ValueError, match="do not fit"):
+        write_shards(array, slice(0, 4), values[:3])
     assert not list((tmp_path / "a.zarr").rglob("c/*"))
     zstd = _array(tmp_path / "b.zarr", 10, 4, "uint16", compressors=ZstdCodec(level=1))
     assert ImageShards.of(zstd) is None
