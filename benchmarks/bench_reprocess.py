@@ -58,7 +58,7 @@ from bench_prepare import RssPeaks, make_cluster, worker_maxrss
 from distributed import Client
 from mlflow.tracking import MlflowClient
 
-from cirrus_batch import masks
+from cirrus_batch.normalization import Normalization, normalize
 from cirrus_batch.config import IngestConfig, PrepareConfig, ReprocessConfig, load_config, to_dict
 from cirrus_batch.data import store_zenith
 from cirrus_batch.errors import StoreError
@@ -147,12 +147,12 @@ def forward_inputs(store: str, tracking: str) -> tuple:
     """Both models and their inputs in memory: every image for the classifier, the cloudy ones for the U-Net."""
     (clf, clf_id), (unet, unet_id) = load_models(tracking, as_reprocess=True)
     group = zarr.open_group(store, mode="r")
-    normalization = masks.Normalization.from_attrs(group.attrs["prepare"]["normalization"])
+    normalization = Normalization.from_attrs(group.attrs["prepare"]["normalization"])
     zenith = store_zenith(group)
     cloudy = group["cloudy_pred"][:]
     xc, xu = [], []
     for a in range(0, len(cloudy), SHARD):
-        images = {"norm": masks.normalize(group["raw"][a : a + SHARD], normalization),
+        images = {"norm": normalize(group["raw"][a : a + SHARD], normalization),
                   "residual": group["residual"][a : a + SHARD].astype(np.float32)}  # fmt: skip
         xc.append(torch.from_numpy(clf_id.spec.inputs(images[clf_id.spec.image], zenith)))
         xu.append(torch.from_numpy(unet_id.spec.inputs(images[unet_id.spec.image][cloudy[a : a + SHARD]], zenith)))
@@ -179,7 +179,7 @@ def naive_rate(store: str, archive: Path, tracking: str, threshold: float, k: in
     """(c) images/s of the serial per-file loop over ``k`` files spread over the season, and their cloudy share."""
     (clf, clf_id), (unet, unet_id) = load_models(tracking, as_reprocess=False)
     group = zarr.open_group(store, mode="r")
-    normalization = masks.Normalization.from_attrs(group.attrs["prepare"]["normalization"])
+    normalization = Normalization.from_attrs(group.attrs["prepare"]["normalization"])
     zenith = store_zenith(group)
     sky = torch.from_numpy(group["sky"][:].astype(bool))
     sources = np.asarray(group["source"][:], dtype=object)
@@ -191,7 +191,7 @@ def naive_rate(store: str, archive: Path, tracking: str, threshold: float, k: in
     residual = "residual" in (clf_id.spec.image, unet_id.spec.image)
     for i in picks:
         raw = fits.getdata(archive / sources[i])
-        images = {"norm": masks.normalize(raw[None], normalization),
+        images = {"norm": normalize(raw[None], normalization),
                   "residual": group["residual"][i : i + 1] if residual else None}  # fmt: skip
         p = classify(clf, clf_id.spec.inputs(images[clf_id.spec.image], zenith), torch.device("cpu"))
         result = {"p_cloudy": p}

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from cirrus_batch.errors import ConfigError
-from cirrus_batch.masks import MaskConfig, SkyConfig
+from cirrus_batch.clearsky import ClearSkyConfig
+from cirrus_batch.geometry import SkyConfig
+from cirrus_batch.masks import MaskConfig
 from cirrus_batch.sampling import SamplingConfig
 
 
@@ -39,16 +41,27 @@ class PrepareConfig:
     """Sky mask, normalization, ground-truth masks and labels (``cirrus prepare``)."""
 
     sky: SkyConfig = field(default_factory=SkyConfig)
+    clear: ClearSkyConfig = field(default_factory=ClearSkyConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     fit_images: int = 60
-    """Images spread evenly over the season for fitting the sky mask, normalization and clear-sky model
-    (about 25 MB of memory each at 512x640; 40 and 200 give the same masks on the synthetic seasons)."""
+    """Images spread evenly over the season for fitting the sky geometry and the normalization (about 25 MB of
+    memory each at 512x640); the clear-sky model searches ``[prepare.clear] search_images``."""
     ambient_key: str = "AMBTEMP"
     """FITS keyword of the ambient temperature (deg C) used by the clear-sky model; missing: no temperature term."""
     cloudy_fraction: float = 0.05
     """An image is ``cloudy`` when its cloud fraction over sky pixels exceeds this."""
     labels: str | None = None
     """CSV ``source,label`` of human labels (cloudy/clear) that override the threshold."""
+    low_confidence: float = 0.5
+    """Masks whose confidence is below this are counted (and listed by reason) as low-confidence."""
+
+    def __post_init__(self) -> None:
+        if self.fit_images < 3:
+            raise ValueError(f"fit_images must be >= 3, got {self.fit_images}")
+        if not 0.0 <= self.cloudy_fraction < 1.0:
+            raise ValueError(f"cloudy_fraction must be in [0, 1), got {self.cloudy_fraction}")
+        if not 0.0 <= self.low_confidence <= 1.0:
+            raise ValueError(f"low_confidence must be in [0, 1], got {self.low_confidence}")
 
 
 @dataclass

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from cirrus_batch.config import IMAGES
 from cirrus_batch.errors import StoreError
-from cirrus_batch.masks import zenith_map
+from cirrus_batch.geometry import zenith_map
 from cirrus_batch.store import Store
 
 NEEDS = {"classify": ("cloudy", "quality", "sky"), "segment": ("mask", "cloudy", "quality", "sky")}
@@ -34,8 +34,9 @@ def store_zenith(group: zarr.Group) -> np.ndarray:
     attrs = group.attrs.get("prepare")
     if not attrs:
         raise StoreError("the store is not prepared yet: run `cirrus prepare STORE` first")
-    geometry = attrs["geometry"]
-    return zenith_map(tuple(group["raw"].shape[1:]), tuple(geometry["center"]), float(geometry["radius"]))
+    g = attrs["geometry"]
+    return zenith_map(tuple(group["raw"].shape[1:]), tuple(g["center"]), float(g["radius"]),
+                      g.get("projection", "equidistant"), float(g.get("fov_deg", 180.0)))  # fmt: skip
 
 
 @dataclass(frozen=True)

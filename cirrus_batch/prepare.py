@@ -1,12 +1,15 @@
 """Preprocessing as distributed map operations over the store's shards.
 
-``prepare`` fits the archive-wide models once (valid-sky mask, normalization, clear-sky model) on a sample of
-images spread over the season, stores them in the store (``sky`` and the ``prepare`` attribute), then maps one
-Dask task over every shard-aligned block of images that is not prepared yet. Each task reads ``raw`` and the
-ambient temperature of its block and writes ``norm``, ``mask``, ``cloud_fraction`` and, last, ``quality``:
-an image is prepared once its ``quality`` is not :data:`UNPREPARED`, so a killed run resumes where it stopped
-and a second run does nothing. ``cloudy`` (threshold plus optional human labels) is cheap and recomputed over
-the whole season on every run.
+``prepare`` fits the archive-wide models once: the sky geometry (:mod:`cirrus_batch.geometry`) and the
+normalization on ``fit_images`` images spread over the season, then the clear-sky model
+(:mod:`cirrus_batch.clearsky`) on the profiles of up to ``[prepare.clear] search_images`` frames (a map over
+blocks), and stores them (``sky``, ``pixel_class`` and the ``prepare`` attribute). Then two maps over every
+shard-aligned block that holds unprepared images: the first fits each image's clear-sky ε0 (``eps_fit``,
+``sky_excess``); the client holds each ε0 to its night's clear-sky trend (``clear_eps``, ``clear_eps_source``);
+the second writes ``norm``, ``residual``, ``brightness``, ``mask``, ``cloud_fraction``, ``mask_confidence``,
+``mask_flags`` and, last, ``quality``: an image is prepared once its ``quality`` is not :data:`UNPREPARED`, so a
+killed run resumes where it stopped and a second run does nothing. ``cloudy`` (threshold plus optional human
+labels) is cheap and recomputed over the whole season on every run.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ import zarr
 from distributed import Client, as_completed
 from tqdm.auto import tqdm
 
-from cirrus_batch import masks
+from cirrus_batch import clearsky, geometry, masks, panels, scoring
 from cirrus_batch.config import PrepareConfig, to_dict
 from cirrus_batch.errors import CirrusError, StoreError
+from cirrus_batch.normalization import Normalization, fit_normalization, normalize
 from cirrus_batch.store import Store, header_var, write_images
 
 log = logging.getLogger(__name__)
@@ -35,18 +39,23 @@ UNPREPARED = 255
 """``quality`` fill value: the image has not been prepared yet."""
 QUALITY_BITS = {"constant": masks.QUALITY_CONSTANT, "saturated": masks.QUALITY_SATURATED,
                 "nodata": masks.QUALITY_NODATA}
-IMAGE_VARS = {"norm": ("float32", 0.0), "residual": ("float16", 0.0), "mask": ("uint8", 0)}
-VECTOR_VARS = {"cloud_fraction": ("float32", np.nan), "cloudy": ("bool", False), "quality": ("uint8", UNPREPARED)}
+IMAGE_VARS = {"norm": ("float32", 0.0), "residual": ("float16", 0.0), "brightness": ("float16", 0.0),
+              "mask": ("uint8", 0)}
+VECTOR_VARS = {"cloud_fraction": ("float32", np.nan), "cloudy": ("bool", False), "quality": ("uint8", UNPREPARED),
+               "eps_fit": ("float32", np.nan), "sky_excess": ("float32", np.nan), "clear_eps": ("float32", np.nan),
+               "clear_eps_source": ("uint8", 0), "mask_confidence": ("float32", np.nan),
+               "mask_flags": ("uint8", 0)}  # fmt: skip
 
 
 @dataclass
 class Models:
-    """Everything fitted once per archive; JSON-able attrs plus the ``sky`` mask."""
+    """Everything fitted once per archive; JSON-able attrs plus the pixel classes."""
 
-    geometry: masks.SkyGeometry
-    normalization: masks.Normalization
-    clear_sky: masks.ClearSkyModel
+    geometry: geometry.SkyGeometry
+    normalization: Normalization
+    clear_sky: clearsky.ClearSkyModel
     mask_config: masks.MaskConfig
+    clear_config: clearsky.ClearSkyConfig
     ambient_key: str
 
     def to_attrs(self) -> dict[str, Any]:
@@ -56,19 +65,21 @@ class Models:
             "normalization": self.normalization.to_attrs(),
             "clear_sky": self.clear_sky.to_attrs(),
             "mask_config": to_dict(self.mask_config),
+            "clear_config": to_dict(self.clear_config),
         }
 
     @classmethod
     def from_store(cls, group: zarr.Group) -> Models:
         attrs = group.attrs.get("prepare")
-        if not attrs or "sky" not in group:
-            raise StoreError("the store is not prepared yet: run `cirrus prepare STORE` first")
-        shape = group["raw"].shape[1:]
+        if not attrs or "pixel_class" not in group or "clear_config" not in attrs:
+            raise StoreError("the store is not prepared (or was prepared by an older version): run "
+                             "`cirrus prepare STORE --refit`")  # fmt: skip
         return cls(
-            masks.SkyGeometry.from_attrs(attrs["geometry"], shape, group["sky"][:].astype(bool)),
-            masks.Normalization.from_attrs(attrs["normalization"]),
-            masks.ClearSkyModel.from_attrs(attrs["clear_sky"]),
+            geometry.SkyGeometry.from_attrs(attrs["geometry"], group["pixel_class"][:]),
+            Normalization.from_attrs(attrs["normalization"]),
+            clearsky.ClearSkyModel.from_attrs(attrs["clear_sky"]),
             masks.MaskConfig(**attrs["mask_config"]),
+            clearsky.ClearSkyConfig(**attrs["clear_config"]),
             attrs["ambient_key"],
         )
 
@@ -83,6 +94,12 @@ class PrepareReport:
     flagged: dict[str, int] = field(default_factory=dict)
     cloudy: int = 0
     labelled: int = 0
+    low_confidence: int = 0
+    """Images whose mask confidence is below ``[prepare] low_confidence``."""
+    reasons: dict[str, int] = field(default_factory=dict)
+    """Images carrying each :data:`cirrus_batch.masks.MASK_FLAGS` reason."""
+    clear_sky: dict[str, Any] = field(default_factory=dict)
+    """How the clear-sky model was fitted: clear frames found, scale source, geometry."""
     seconds: float = 0.0
 
 
@@ -99,28 +116,52 @@ def read_images(array: zarr.Array, index: np.ndarray) -> np.ndarray:
     return np.stack([array[int(i)] for i in index])
 
 
-def fit_models(store_url: str, n: int, cfg: PrepareConfig) -> Models:
-    """Task: fit sky geometry, normalization and clear-sky model on ``cfg.fit_images`` images spread over time."""
+def spread_index(n: int, k: int) -> np.ndarray:
+    """Up to ``k`` positions spread evenly over ``n`` images."""
+    return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int))
+
+
+def fit_geometry(store_url: str, n: int, cfg: PrepareConfig) -> tuple[geometry.SkyGeometry, Normalization]:
+    """Task: sky geometry and normalization on ``cfg.fit_images`` images spread over time."""
     group = zarr.open_group(store_url, mode="r", zarr_format=3)
-    index = np.unique(np.linspace(0, n - 1, min(cfg.fit_images, n)).round().astype(int))
+    index = spread_index(n, cfg.fit_images)
     sample = read_images(group["raw"], index)
-    ambient = _ambient(group, cfg.ambient_key, index)
-    geometry = masks.estimate_sky(sample, cfg.sky)
-    normalization = masks.fit_normalization(sample, geometry)
     try:
-        clear = masks.fit_clear_sky(sample, ambient, geometry, cfg.mask)
+        geom = geometry.estimate_sky(sample, _ambient(group, cfg.ambient_key, index), cfg.sky)
+        return geom, fit_normalization(sample, geom)
     except ValueError as exc:
-        raise CirrusError(f"cannot fit the clear-sky model on {len(index)} images: {exc}") from None
-    return Models(geometry, normalization, clear, cfg.mask, cfg.ambient_key)
+        raise CirrusError(f"{store_url}: {exc}") from None
+
+
+def profile_block(store_url: str, index: np.ndarray, geom: geometry.SkyGeometry, ambient_key: str,
+                  cfg: clearsky.ClearSkyConfig) -> clearsky.Profiles:  # fmt: skip
+    """Task: clear-sky :class:`~cirrus_batch.clearsky.Profiles` of the images at ``index``."""
+    group = zarr.open_group(store_url, mode="r", zarr_format=3)
+    return clearsky.profiles(read_images(group["raw"], index), _ambient(group, ambient_key, index), geom, cfg)
+
+
+def fit_models(store_url: str, n: int, client: Client, cfg: PrepareConfig, shard: int) -> Models:
+    """Fit geometry and normalization in one task, the clear-sky model from profiles computed by a map."""
+    geom, norm = client.submit(fit_geometry, store_url, n, cfg, pure=False).result()
+    index = spread_index(n, cfg.clear.search_images)
+    parts = [index[(index >= a) & (index < a + shard)] for a in range(0, n, shard)]
+    futures = client.map(profile_block, [store_url] * len(parts), [p for p in parts if p.size] or [index],
+                         geom=geom, ambient_key=cfg.ambient_key, cfg=cfg.clear, pure=False)  # fmt: skip
+    prof = clearsky.concat_profiles(client.gather(futures))
+    model = clearsky.fit_clear_sky(prof, cfg.clear)
+    return Models(geom, norm, model, cfg.mask, cfg.clear, cfg.ambient_key)
 
 
 def _create_arrays(store: Store, n: int, models: Models) -> None:
     store.add_time_arrays(n, IMAGE_VARS, VECTOR_VARS)
     group = store.group
     group["norm"].attrs.update({"long_name": "normalized raw", **models.normalization.to_attrs()})
-    group["residual"].attrs.update({"long_name": f"clear-sky residual: asinh(z / {masks.RESIDUAL_SOFTENING:g}) / 2 "
-                                                 "of the residual z in noise sigmas (sky pixels; 0 elsewhere)",
-                                    "units": "1"})  # fmt: skip
+    group["residual"].attrs.update({"long_name": "clear-sky residual (asinh-compressed sigmas)", "units": "1",
+                                    "description": f"asinh(z / {masks.RESIDUAL_SOFTENING:g}) / 2 of the residual z "
+                                                   "from the clear sky in noise sigmas (sky pixels; 0 elsewhere)"})
+    group["brightness"].attrs.update({"long_name": "brightness relative to the ambient black body", "units": "1",
+                                      "description": "1 - (ambient reference - raw) / span: about the effective "
+                                                     "emissivity (sky pixels; 0 elsewhere)"})  # fmt: skip
     group["mask"].attrs.update({"long_name": "cloud mask (clear-sky model + astropy stretch + threshold)",
                                 "flag_values": [0, 1], "flag_meanings": "clear cloud"})
     group["cloud_fraction"].attrs.update({"long_name": "cloud fraction over sky pixels", "units": "1"})
@@ -129,22 +170,48 @@ def _create_arrays(store: Store, n: int, models: Models) -> None:
         "flag_meanings": " ".join(QUALITY_BITS), "unprepared": UNPREPARED,
     })  # fmt: skip
     group["cloudy"].attrs.update({"long_name": "cloudy label (threshold or human label)"})
+    group["eps_fit"].attrs.update({"long_name": "clear-sky zenith emissivity fitted to the image", "units": "1"})
+    group["sky_excess"].attrs.update({"long_name": "fraction of sky above the clear sky at the fitted emissivity",
+                                      "units": "1"})  # fmt: skip
+    group["clear_eps"].attrs.update({"long_name": "clear-sky zenith emissivity used for the mask", "units": "1"})
+    group["clear_eps_source"].attrs.update({"long_name": "where clear_eps comes from",
+                                            "flag_values": list(clearsky.EPS_SOURCES.values()),
+                                            "flag_meanings": " ".join(clearsky.EPS_SOURCES)})  # fmt: skip
+    group["mask_confidence"].attrs.update({"long_name": "confidence of the mask (0-1)", "units": "1"})
+    group["mask_flags"].attrs.update({"long_name": "why the mask's confidence is below 1",
+                                      "flag_masks": list(masks.MASK_FLAGS.values()),
+                                      "flag_meanings": " ".join(masks.MASK_FLAGS)})  # fmt: skip
+
+
+def fit_block(store_url: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Task, first pass: each image's clear-sky ε0 fit and sky excess for images ``start:stop``."""
+    group = zarr.open_group(store_url, mode="r+", zarr_format=3)
+    models = Models.from_store(group)
+    region = slice(start, stop)
+    eps, excess = masks.fit_block(group["raw"][region], _ambient(group, models.ambient_key, region),
+                                  models.geometry, models.clear_sky, models.clear_config)  # fmt: skip
+    group["eps_fit"][region] = eps.astype(np.float32)
+    group["sky_excess"][region] = excess.astype(np.float32)
+    return eps, excess
 
 
 def prepare_block(store_url: str, start: int, stop: int) -> int:
-    """Task: prepare images ``start:stop`` (one shard-aligned block); returns the number of images."""
+    """Task, second pass: prepare images ``start:stop`` (one shard-aligned block); returns the number of images."""
     group = zarr.open_group(store_url, mode="r+", zarr_format=3)
     models = Models.from_store(group)
     region = slice(start, stop)
     raw = group["raw"][region]
     ambient = _ambient(group, models.ambient_key, region)
-    quality = masks.quality_flags(raw, models.geometry, models.mask_config.saturated_fraction)
-    mask, residual = masks.masks_and_residuals(raw, ambient, models.geometry, models.clear_sky, models.mask_config)
-    write_images(group["norm"], region, masks.normalize(raw, models.normalization))
-    write_images(group["residual"], region, residual.astype(np.float16))
-    write_images(group["mask"], region, mask)
-    group["cloud_fraction"][region] = masks.cloud_fraction(mask, models.geometry.sky)
-    group["quality"][region] = quality  # written last: marks the block as prepared
+    out = masks.make_masks(raw, ambient, group["clear_eps"][region], group["clear_eps_source"][region],
+                           models.geometry, models.clear_sky, models.mask_config, models.clear_config)  # fmt: skip
+    write_images(group["norm"], region, normalize(raw, models.normalization))
+    write_images(group["residual"], region, out.residual.astype(np.float16))
+    write_images(group["brightness"], region, out.brightness.astype(np.float16))
+    write_images(group["mask"], region, out.mask)
+    group["cloud_fraction"][region] = masks.cloud_fraction(out.mask, models.geometry.sky)
+    group["mask_confidence"][region] = out.confidence
+    group["mask_flags"][region] = out.flags
+    group["quality"][region] = out.quality  # written last: marks the block as prepared
     return stop - start
 
 
@@ -193,24 +260,40 @@ def prepare(
     store.repair()
     report = PrepareReport(images=n)
     labels = read_labels(cfg.labels) if cfg.labels else {}  # fail early on a bad label file
-    if refit or "prepare" not in group.attrs:
-        models = client.submit(fit_models, store_url, n, cfg, pure=False).result()
-        log.info("fitted the models on %d images (%d judged clear)", min(n, cfg.fit_images), models.clear_sky.n_clear)
-        sky = group.require_array("sky", shape=models.geometry.sky.shape, dtype="uint8", fill_value=0,
-                                  dimension_names=("y", "x"))  # fmt: skip
-        sky[:] = models.geometry.sky.astype(np.uint8)
-        sky.attrs.update({"long_name": "valid sky pixels", "flag_values": [0, 1], "flag_meanings": "not_sky sky"})
+    current = "prepare" in group.attrs and "clear_config" in group.attrs["prepare"] and "pixel_class" in group
+    if "prepare" in group.attrs and not current:
+        log.warning("%s was prepared by an older version of cirrus: fitting the models again", store_url)
+    if refit or not current:
+        models = fit_models(store_url, n, client, cfg, shard)
+        for name, values, meanings in (
+            ("sky", models.geometry.sky.astype(np.uint8), {0: "not_sky", 1: "sky"}),
+            ("pixel_class", models.geometry.classes, geometry.CLASS_NAMES),
+        ):
+            arr = group.require_array(name, shape=values.shape, dtype="uint8", fill_value=0, dimension_names=("y", "x"))
+            arr[:] = values
+            arr.attrs.update({"flag_values": list(meanings), "flag_meanings": " ".join(meanings.values())})
+        group["sky"].attrs["long_name"] = "valid sky pixels"
+        group["pixel_class"].attrs["long_name"] = "sky geometry: sky, ambient reference, dark reference, other"
         _create_arrays(store, n, models)
-        if refit:
-            group["quality"][:] = np.full(n, UNPREPARED, np.uint8)
+        group["quality"][:] = np.full(n, UNPREPARED, np.uint8)
         group.attrs["prepare"] = models.to_attrs()
         report.fitted = True
-    elif "residual" not in group:  # prepared by a version without the residual: prepare every image again
-        _create_arrays(store, n, Models.from_store(group))
-        group["quality"][:] = np.full(n, UNPREPARED, np.uint8)
+    models = Models.from_store(group)
+    report.clear_sky = _model_summary(models)
+    if models.clear_sky.prior_only:
+        log.warning("no clear frame among %d searched: the clear-sky model is the physical shape alone and every "
+                    "mask has a low confidence", min(n, cfg.clear.search_images))  # fmt: skip
     blocks = todo_blocks(group["quality"][:n], shard)
-    with tqdm(total=sum(b - a for a, b in blocks), desc="prepare", unit="img", disable=not progress,
-              dynamic_ncols=True, mininterval=0.5) as bar:  # fmt: skip
+    todo = sum(b - a for a, b in blocks)
+    with tqdm(total=2 * todo, desc="prepare", unit="img", disable=not progress, dynamic_ncols=True,
+              mininterval=0.5) as bar:  # fmt: skip
+        for fut in as_completed([client.submit(fit_block, store_url, a, b, pure=False) for a, b in blocks]):
+            bar.update(len(fut.result()[0]))
+        eps, source = clearsky.choose_eps(group["time"][:n].astype("datetime64[us]"), group["eps_fit"][:n],
+                                          group["sky_excess"][:n], models.clear_sky, models.clear_config)  # fmt: skip
+        for a, b in blocks:  # only the images about to be prepared: the others keep the ε0 of their masks
+            group["clear_eps"][a:b] = eps[a:b].astype(np.float32)
+            group["clear_eps_source"][a:b] = source[a:b]
         futures = [client.submit(prepare_block, store_url, a, b, pure=False) for a, b in blocks]
         for fut in as_completed(futures):
             done = fut.result()
@@ -218,6 +301,8 @@ def prepare(
             report.prepared_now += done
             if on_block:
                 on_block(report.prepared_now)
+    report.low_confidence = int((group["mask_confidence"][:n] < cfg.low_confidence).sum())
+    report.reasons = masks.describe_flags(group["mask_flags"][:n])
     quality = group["quality"][:n]
     report.flagged = {name: int(((quality & bit) > 0).sum()) for name, bit in QUALITY_BITS.items()}
 
@@ -237,6 +322,13 @@ def prepare(
     report.cloudy = int(cloudy.sum())
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _model_summary(models: Models) -> dict[str, Any]:
+    m, g = models.clear_sky, models.geometry
+    return {"clear frames found": m.n_clear, "scale from": m.scale["source"], "prior only": m.prior_only,
+            "eps range": [round(m.eps_lo, 3), round(m.eps_hi, 3)], "outside the circle": g.outside,
+            "ambient reference": g.ambient_source}  # fmt: skip
 
 
 # -- evaluation against true masks ------------------------------------------------------------------
@@ -261,7 +353,7 @@ def evaluate_block(store_url: str, truth_url: str, start: int, index: np.ndarray
     mask = group["mask"][start : start + len(index)][keep]
     true = read_images(truth["mask"], index[keep])
     kinds = np.asarray(truth["night_kind"].get_orthogonal_selection(index[keep]), dtype=object)
-    return masks.confusion_counts(mask, true, truth["sky"][:].astype(bool), kinds, threshold)
+    return scoring.confusion_counts(mask, true, truth["sky"][:].astype(bool), kinds, threshold)
 
 
 def evaluate_store(
@@ -287,15 +379,15 @@ def evaluate_store(
                              pure=False) for a in starts]  # fmt: skip
     total: dict = {}
     for fut in tqdm(as_completed(futures), total=len(futures), desc="evaluate", unit="shard", disable=not progress):
-        total = masks.add_counts(total, fut.result())
-    scores = masks.scores_from_counts(total)
+        total = scoring.add_counts(total, fut.result())
+    scores = scoring.scores_from_counts(total)
     if panel:
         _panel(group, truth_url, index, panel)
     return scores
 
 
 def _panel(group: zarr.Group, truth_url: str, index: np.ndarray, out_png: str | Path) -> Path:
-    """Raw / clear-sky model / residual / mask / truth for the middle frame of each kind of night."""
+    """Raw / brightness / clear sky / residual / mask / truth for the middle frame of each kind of night."""
     truth = zarr.open_group(truth_url, mode="r", zarr_format=3)
     kinds = np.asarray(truth["night_kind"][:], dtype=object)
     picks, titles = [], []
@@ -307,7 +399,13 @@ def _panel(group: zarr.Group, truth_url: str, index: np.ndarray, out_png: str | 
     models = Models.from_store(group)
     raw = read_images(group["raw"], picks)
     ambient = _ambient(group, models.ambient_key, np.array(picks))
-    clear = masks.clear_sky(models.clear_sky, models.geometry, ambient, raw=raw, cfg=models.mask_config)
-    mask = read_images(group["mask"], picks)
+    eps = group["clear_eps"].get_orthogonal_selection(np.array(picks))
+    source = group["clear_eps_source"].get_orthogonal_selection(np.array(picks))
+    out = masks.make_masks(raw, ambient, eps, source, models.geometry, models.clear_sky, models.mask_config,
+                           models.clear_config)  # fmt: skip
+    fr = clearsky.Frame(models.geometry, models.clear_sky, models.clear_config)
+    clear = np.zeros(out.brightness.shape, np.float32)
+    for k, e in enumerate(eps):
+        clear[k].ravel()[fr.sky_idx] = fr.clear(float(e))
     true = read_images(truth["mask"], index[picks])
-    return masks.quality_panel(raw, clear, mask, true, models.geometry, titles, out_png)
+    return panels.quality_panel(raw, out.brightness, clear, out.mask, true, models.geometry, titles, out_png)

@@ -24,7 +24,8 @@ import numpy as np
 import zarr
 from matplotlib import colormaps
 
-from cirrus_batch import masks, plots
+from cirrus_batch import plots
+from cirrus_batch.normalization import normalize
 from cirrus_batch.errors import StoreError
 from cirrus_batch.prepare import QUALITY_BITS, UNPREPARED, Models, read_images
 from cirrus_batch.reprocess import NOT_COMPUTED, PROB_SCALE, UNPROCESSED
@@ -189,7 +190,7 @@ def examples_plot(group: zarr.Group, season: Season, picks: list[int], out_png: 
     """The normalized frames with the U-Net probability overlaid (colour where > 0.05, contour at 0.5)."""
     normalization = Models.from_store(group).normalization
     sky = group["sky"][:].astype(bool)
-    norm = masks.normalize(read_images(group["raw"], np.array(picks)), normalization)
+    norm = normalize(read_images(group["raw"], np.array(picks)), normalization)
     probs = read_images(group["cloud_prob"], np.array(picks))
     ncol = min(PANEL_COLUMNS, len(picks))
     nrow = -(-len(picks) // ncol)

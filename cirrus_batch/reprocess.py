@@ -33,7 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from tqdm.auto import tqdm
 
-from cirrus_batch import masks
+from cirrus_batch.normalization import Normalization, normalize
 from cirrus_batch.cluster import gpu_resources
 from cirrus_batch.config import ReprocessConfig, absolute_url
 from cirrus_batch.data import InputSpec, store_zenith
@@ -251,12 +251,12 @@ def segment(model: torch.nn.Module, x: np.ndarray, sky: torch.Tensor, bin: int,
     return q.cpu().numpy(), fraction.float().cpu().numpy()
 
 
-def _images(group: zarr.Group, name: str, positions: np.ndarray, normalization: masks.Normalization) -> np.ndarray:
+def _images(group: zarr.Group, name: str, positions: np.ndarray, normalization: Normalization) -> np.ndarray:
     """(n, y, x) ``norm`` (from ``raw``, as prepare normalizes it) or ``residual`` (float16, from prepare) of the
     images at ``positions`` (increasing; read as one range: zarr's orthogonal indexing is ~15x slower)."""
     rows = slice(int(positions[0]), int(positions[-1]) + 1)
     if name == "norm":
-        return masks.normalize(group["raw"][rows][positions - positions[0]], normalization)
+        return normalize(group["raw"][rows][positions - positions[0]], normalization)
     return group[name][rows][positions - positions[0]]
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import zarr
 from mlflow.tracking import MlflowClient
 
-from cirrus_batch import masks
+from cirrus_batch.normalization import Normalization, normalize
 from cirrus_batch.config import IngestConfig, PrepareConfig, ReprocessConfig, load_config
 from cirrus_batch.data import InputSpec, store_zenith
 from cirrus_batch.errors import StoreError
@@ -106,8 +106,8 @@ def direct(store: str, tracking: str, uris: tuple[str, str] = (CLASSIFIER, UNET)
     output upsampled bilinearly."""
     mlflow.set_tracking_uri(tracking)
     group = zarr.open_group(store, mode="r")
-    images = {"norm": masks.normalize(group["raw"][:],
-                                      masks.Normalization.from_attrs(group.attrs["prepare"]["normalization"])),
+    images = {"norm": normalize(group["raw"][:],
+                                      Normalization.from_attrs(group.attrs["prepare"]["normalization"])),
               "residual": group["residual"][:]}  # fmt: skip
     zenith = store_zenith(group)
     out = []

@@ -1,0 +1,93 @@
+"""Clear-sky model: band radiance, scale, the season fit from profiles, per-night trends of ε0."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cirrus_batch import clearsky as C
+from cirrus_batch.radiometry import air_mass, band_radiance
+
+
+def test_band_radiance_and_air_mass() -> None:
+    assert band_radiance(0.0) == pytest.approx(1.0)
+    ratio = float(band_radiance(20.0))
+    assert 1.35 < ratio < 1.45  # the 8-14 µm band grows faster than T^4 (1.32) near 0 °C
+    assert np.all(np.diff(band_radiance(np.linspace(-40, 40, 50))) > 0)
+    m = air_mass(np.array([0.0, 60.0, 90.0]))
+    assert m[0] == pytest.approx(1.0, abs=1e-3) and m[1] == pytest.approx(2.0, abs=0.02) and 30 < m[2] < 45
+
+
+def synthetic_profiles(eps: np.ndarray, p: float, span: float = 8000.0, ambient: float = 10000.0,
+                       deck: np.ndarray | None = None) -> C.Profiles:  # fmt: skip
+    """Profiles of frames whose clear sky has zenith emissivity ``eps`` (deck: a flat brightness instead)."""
+    theta = np.arange(0.5, 90, 1.0)
+    shape = 1 - (1 - eps[:, None]) ** (air_mass(theta)[None, :] ** p)
+    w = 1 - 0.1 * (theta / 90) ** 2
+    e = w[None, :] * shape
+    if deck is not None:
+        e = np.where(np.isfinite(deck)[:, None], np.maximum(e, np.nan_to_num(deck)[:, None]), e)
+    q = np.stack([e - 0.004, e, e + 0.003])  # brightness quantiles 10, 50, 75 %
+    deficit = (1 - q[[0, 1, 2]]) * span  # deficit quantiles 90, 50, 25 %
+    n = eps.size
+    return C.Profiles(np.full(n, ambient), np.full(n, ambient - span), np.full(n, 5.0), deficit, theta)
+
+
+def test_season_fit_recovers_the_physics_and_ignores_decks() -> None:
+    eps = np.concatenate([np.linspace(0.2, 0.45, 12), np.full(8, 0.3)])
+    deck = np.concatenate([np.full(12, np.nan), np.full(8, 0.93)])  # eight overcast frames
+    model = C.fit_clear_sky(synthetic_profiles(eps, 0.6, deck=deck))
+    assert not model.prior_only and model.n_clear == 12
+    assert model.exponent == pytest.approx(0.6, abs=0.1)
+    assert model.eps_lo < 0.2 and 0.45 < model.eps_hi < 0.55
+    assert model.scale["source"] == "dark"
+    assert np.allclose(model.weight[:10], 1.0, atol=0.02)
+    prof = model.profile(0.3)
+    assert np.all(np.diff(prof[:80]) > 0)  # brighter towards the horizon
+    assert C.ClearSkyModel.from_attrs(json.loads(json.dumps(model.to_attrs()))) == model
+
+
+def test_no_clear_frame_gives_the_physical_prior() -> None:
+    deck = np.full(10, 0.95)
+    model = C.fit_clear_sky(synthetic_profiles(np.full(10, 0.3), 0.6, deck=deck))
+    assert model.prior_only and model.n_clear == 0 and model.eps_hi < 0.75
+
+
+def test_scale_sources() -> None:
+    cfg = C.ClearSkyConfig()
+    temps = np.linspace(-5, 20, 30)
+    ambient = 1500 + 8000 * band_radiance(temps) + np.random.default_rng(0).normal(0, 20, 30)
+    zen = np.full(30, 5000.0)
+    s = C.fit_scale(ambient, np.full(30, np.nan), temps, zen, cfg)
+    assert s.source == "temperature" and s.gain == pytest.approx(8000, rel=0.03)
+    np.testing.assert_allclose(s.span(ambient, np.full(30, np.nan), temps), s.gain * band_radiance(temps), rtol=1e-9)
+    assert C.fit_scale(ambient, ambient - 7000, temps, zen, cfg).source == "dark"
+    flat = C.fit_scale(ambient, np.full(30, np.nan), np.full(30, np.nan), zen, cfg)
+    assert flat.source == "assumed" and flat.gain == pytest.approx(5000 / 0.8)
+
+
+def test_night_trend_holds_cloudy_frames_to_the_clear_ones() -> None:
+    model = C.ClearSkyModel(theta=[0.5], weight=[1.0], sigma=[0.01], exponent=0.6, eps_lo=0.1, eps_hi=0.6,
+                            eps_typical=0.3, scale={"source": "dark"}, n_clear=5)  # fmt: skip
+    cfg = C.ClearSkyConfig()
+    t0 = np.datetime64("2026-01-05T19:00")
+    night1 = t0 + np.arange(20) * np.timedelta64(10, "m")
+    night2 = t0 + np.timedelta64(1, "D") + np.arange(10) * np.timedelta64(10, "m")
+    times = np.concatenate([night1, night2])
+    eps_fit = np.concatenate([np.linspace(0.30, 0.34, 10), np.full(10, 0.6), np.full(10, 0.55)])
+    cloudy = np.concatenate([np.zeros(10), np.full(10, 0.9), np.full(10, 0.9)])
+    assert list(C.night_index(times, 3.0)) == [0] * 20 + [1] * 10
+    use, source = C.choose_eps(times, eps_fit, cloudy, model, cfg)
+    assert np.allclose(use[:10], eps_fit[:10]) and (source[:10] == C.EPS_SOURCES["fit"]).all()
+    assert (use[10:20] < 0.34 + cfg.trend_tol + 1e-9).all() and (source[10:20] == C.EPS_SOURCES["night"]).all()
+    season = float(np.median(eps_fit[:10]))  # night 2 has no clear frame: the season's typical ε0
+    assert np.allclose(use[20:], season + cfg.season_tol) and (source[20:] == C.EPS_SOURCES["season"]).all()
+
+
+def test_config_ranges() -> None:
+    with pytest.raises(ValueError, match="eps_cap"):
+        C.ClearSkyConfig(eps_cap=1.5)
+    with pytest.raises(ValueError, match="search_images"):
+        C.ClearSkyConfig(search_images=0)
