@@ -26,7 +26,13 @@ def _stack(root: Path, truth: xr.Dataset) -> np.ndarray:
 
 
 def _renderer(
-    camera: str, kind: str, shape=SHAPE, per_night: int = 6, seed: int = 1, cadence: float = 10.0, **night_changes
+    camera: str,
+    kind: str,
+    shape=SHAPE,
+    per_night: int = 6,
+    seed: int = 1,
+    cadence: float = 10.0,
+    **night_changes,
 ):
     cam = synth.make_camera(shape, seed, camera)
     night = synth.make_night(seed, 0, kind, "2026-01-05", per_night, cadence)
@@ -60,7 +66,9 @@ def test_layout_headers_and_range(season):
         assert {"DATE-OBS", "EXPTIME", "AMBTEMP", "INSTRUME", "BUNIT"} <= set(hdr)
         stamp = np.datetime64(hdr["DATE-OBS"]).astype("datetime64[s]").item().strftime("%Y%m%dT%H%M%S")
         assert rel.endswith(f"lwircam_{stamp}.fits")
-        assert isinstance(hdr["EXPTIME"], float) and hdr["AMBTEMP"] == pytest.approx(truth["ambtemp"].values[i], abs=0.01)
+        assert isinstance(hdr["EXPTIME"], float) and hdr["AMBTEMP"] == pytest.approx(
+            truth["ambtemp"].values[i], abs=0.01
+        )
     assert files[0].startswith("2026/20260105/lwircam_20260105T1900")
 
 
@@ -72,7 +80,9 @@ def test_truth_store_and_geometry(season):
     assert set(truth["night_kind"].values.tolist()) == set(synth.KINDS)
     cam = synth.make_camera(SHAPE, 3, synth.DEFAULT_CAMERA)
     attrs = truth.attrs
-    assert attrs["camera_kind"] == "housing" and attrs["projection"] == "equidistant" and attrs["fov_deg"] == 180
+    assert (
+        attrs["camera_kind"] == "housing" and attrs["projection"] == "equidistant" and attrs["fov_deg"] == 180
+    )
     np.testing.assert_allclose(attrs["center"], [cam.cy, cam.cx], atol=1e-3)
     np.testing.assert_array_equal(truth["sky"].values.astype(bool), cam.sky)
     assert not (truth["mask"].values.astype(bool) & ~cam.sky).any()
@@ -94,7 +104,9 @@ def test_every_camera_and_sky_kind_renders(camera):
         r = synth.NightRenderer(cam, synth.make_night(2, i, kind, "2026-01-05", 3, 10.0), 2)
         for k in range(3):
             raw, mask = r.render(k)
-            assert raw.dtype == np.uint16 and raw.shape == (48, 60) and not (mask.astype(bool) & ~cam.sky).any()
+            assert (
+                raw.dtype == np.uint16 and raw.shape == (48, 60) and not (mask.astype(bool) & ~cam.sky).any()
+            )
             assert np.all(raw[:, cam.dead_col] < r.frame(k).offset + 40)  # dead column: offset only
             assert np.all(np.isfinite(r.scene(k)[0]))
 
@@ -149,7 +161,10 @@ def test_clear_horizon_brighter_than_zenith():
     for camera in ("housing", "clipped"):
         r = _renderer(camera, "clear-dry", shape=(96, 120))
         cam, radiance = r.cam, _sky_radiance(r, 1)
-        bands = [np.nanmean(radiance[cam.sky & (cam.theta >= lo) & (cam.theta < lo + 20)]) for lo in (0, 20, 40, 60)]
+        bands = [
+            np.nanmean(radiance[cam.sky & (cam.theta >= lo) & (cam.theta < lo + 20)])
+            for lo in (0, 20, 40, 60)
+        ]
         assert np.all(np.diff(bands) > 0) and bands[-1] > 2 * bands[0]
         raw = r.render(1)[0].astype(float)
         assert raw[cam.sky & (cam.theta > 70)].mean() > raw[cam.sky & (cam.theta < 20)].mean() + 100
@@ -207,17 +222,20 @@ def test_ambtemp_can_be_omitted(tmp_path):
 
 
 def test_compressed_matches_plain(tmp_path):
-    kw = dict(nights=2, per_night=2, shape=SHAPE, seed=5, progress=False)
+    kw = {"nights": 2, "per_night": 2, "shape": SHAPE, "seed": 5, "progress": False}
     plain = synth.write_archive(tmp_path / "plain", **kw)
     packed = synth.write_archive(tmp_path / "packed", compress=True, **kw)
     fp, fz = _files(plain.archive), _files(packed.archive)
     assert all(f.endswith(".fits.fz") for f in fz) and [f + ".fz" for f in fp] == fz
     for a, b in zip(fp, fz):
-        np.testing.assert_array_equal(synth.read_fits(plain.archive / a)[0], synth.read_fits(packed.archive / b)[0])
+        np.testing.assert_array_equal(
+            synth.read_fits(plain.archive / a)[0], synth.read_fits(packed.archive / b)[0]
+        )
 
 
 def test_determinism(tmp_path):
-    kw = dict(nights=2, per_night=3, shape=SHAPE, kinds=["broken", "mixed"], camera_kind="clipped", progress=False)
+    kw = {"nights": 2, "per_night": 3, "shape": SHAPE, "kinds": ["broken", "mixed"], "progress": False}
+    kw["camera_kind"] = "clipped"
     a = synth.write_archive(tmp_path / "a", seed=7, **kw)
     b = synth.write_archive(tmp_path / "b", seed=7, **kw)
     c = synth.write_archive(tmp_path / "c", seed=8, **kw)
@@ -242,9 +260,12 @@ def test_consecutive_frames_alike():
 
 def test_parallel_matches_serial(tmp_path):
     distributed = pytest.importorskip("distributed")
-    kw = dict(nights=2, per_night=2, shape=(32, 40), seed=11, kinds=["mixed", "arriving"], progress=False)
+    kw = {"nights": 2, "per_night": 2, "shape": (32, 40), "seed": 11, "kinds": ["mixed", "arriving"]}
+    kw["progress"] = False
     serial = synth.write_archive(tmp_path / "s", **kw)
-    with distributed.Client(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0") as client:
+    with distributed.Client(
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0"
+    ) as client:
         par = synth.write_archive(tmp_path / "p", client=client, **kw)
     assert par.nights == serial.nights
     for f in _files(serial.archive):
@@ -257,7 +278,9 @@ def test_montages(season, tmp_path):
     summary, _ = season
     out = synth.montage(summary.archive, tmp_path / "m.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
-    grid = synth.matrix(tmp_path / "x.png", cameras=["housing", "ortho"], kinds=["fog", "cirrus"], shape=(32, 40))
+    grid = synth.matrix(
+        tmp_path / "x.png", cameras=["housing", "ortho"], kinds=["fog", "cirrus"], shape=(32, 40)
+    )
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -156,12 +156,17 @@ def _init_truth(truth: Path, nights: list[Night], cam: Camera, camera: str, comp
             ),
         },
         coords={"time": times},
-        attrs={"description": "true cloud masks of a cirrus_batch.synth archive (1 = cloud)", **geometry_attrs(cam)},
+        attrs={
+            "description": "true cloud masks of a cirrus_batch.synth archive (1 = cloud)",
+            **geometry_attrs(cam),
+        },
     )
     ds["mask"].attrs["description"] = (
         f"1 = cloud: a layer's (or fog's) optical depth along the line of sight >= {TAU_MIN}; 0 elsewhere"
     )
-    ds["sky"].attrs["description"] = "1 = valid sky: fully inside the image circle, zenith angle <= 90, above obstacles"
+    ds["sky"].attrs["description"] = (
+        "1 = valid sky: fully inside the image circle, zenith angle <= 90, above obstacles"
+    )
     ds["ambtemp"].attrs["units"] = "deg C"
     ds.to_zarr(
         truth, mode="w", compute=False, zarr_format=3, consolidated=False,
@@ -199,7 +204,8 @@ def write_archive(
     specs = [make_night(seed, i, kinds[i], start, per_night, cadence_min) for i in range(nights)]
     dest.mkdir(parents=True, exist_ok=True)
     _init_truth(truth, specs, make_camera(shape, seed, camera_kind), camera, compress)
-    common = dict(seed=seed, shape=shape, camera=camera, camera_kind=camera_kind, compress=compress, ambtemp=ambtemp)
+    common = {"seed": seed, "shape": shape, "camera": camera, "camera_kind": camera_kind}
+    common |= {"compress": compress, "ambtemp": ambtemp}
     offsets = [i * per_night for i in range(nights)]
     done: list[tuple[str, str, int]]
     if client is None:
@@ -277,7 +283,7 @@ def matrix(
     kinds = list(kinds or KINDS)
     fig = new_figure(2.4 * len(kinds), 2.1 * len(cameras))
     axes = fig.subplots(len(cameras), len(kinds), squeeze=False)
-    k = int(round(frame * (per_night - 1)))
+    k = round(frame * (per_night - 1))
     for row, cam_kind in enumerate(cameras):
         cam = make_camera(shape, seed, cam_kind)
         for col, kind in enumerate(kinds):

@@ -31,19 +31,17 @@ class CameraKind:
     description: str
 
 
-CAMERA_KINDS: dict[str, CameraKind] = {
-    k.name: k
-    for k in (
-        CameraKind("housing", "equidistant", 180.0, 0.96, True, (0.5, 5.0), 18.0,
-                   "equidistant 180°, image circle inside the sensor, warm housing around it"),
-        CameraKind("darkrim", "equisolid", 180.0, 0.94, False, (0.0, 0.0), 22.0,
-                   "equisolid 180°, nothing but offset and noise outside the circle"),
-        CameraKind("clipped", "stereographic", 180.0, 1.16, True, (1.0, 4.0), 25.0,
-                   "stereographic 180°, circle cut at the top and bottom, housing in the corners"),
-        CameraKind("ortho", "orthographic", 170.0, 0.92, True, (-1.0, 3.0), 38.0,
-                   "orthographic 170° (horizon outside the image), strong vignetting, housing ring"),
-    )  # fmt: skip
-}
+_KINDS = (
+    CameraKind("housing", "equidistant", 180.0, 0.96, True, (0.5, 5.0), 18.0,
+               "equidistant 180°, image circle inside the sensor, warm housing around it"),
+    CameraKind("darkrim", "equisolid", 180.0, 0.94, False, (0.0, 0.0), 22.0,
+               "equisolid 180°, nothing but offset and noise outside the circle"),
+    CameraKind("clipped", "stereographic", 180.0, 1.16, True, (1.0, 4.0), 25.0,
+               "stereographic 180°, circle cut at the top and bottom, housing in the corners"),
+    CameraKind("ortho", "orthographic", 170.0, 0.92, True, (-1.0, 3.0), 38.0,
+               "orthographic 170° (horizon outside the image), strong vignetting, housing ring"),
+)  # fmt: skip
+CAMERA_KINDS: dict[str, CameraKind] = {k.name: k for k in _KINDS}
 DEFAULT_CAMERA = "housing"
 
 
@@ -193,13 +191,15 @@ def make_camera(shape: tuple[int, int], seed: int, kind: str = DEFAULT_CAMERA) -
     hot_add = np.where(rng.random(n_hot) < 0.3, ADU_MAX, rng.uniform(300, 6000, n_hot))
     obstacle_idx = np.flatnonzero(obstacle)
     return Camera(
-        kind=spec, shape=(ny, nx), cy=float(cy), cx=float(cx), radius=float(radius), circle_px=float(circle_px),
+        kind=spec, shape=(ny, nx), cy=float(cy), cx=float(cx), radius=float(radius),
+        circle_px=float(circle_px),
         north_deg=float(north % 360), theta=theta.astype(np.float32), az=az.astype(np.float32), sky=sky,
         scene_idx=np.flatnonzero(scene), obstacle_idx=obstacle_idx,
         obstacle_dt=dt_map.ravel()[obstacle_idx].astype(np.float32),
         obstacle_km=km_map.ravel()[obstacle_idx].astype(np.float32),
         gain_scene=gain_scene.astype(np.float32).ravel(), gain_house=gain_house.astype(np.float32).ravel(),
-        house_dt=house_dt.astype(np.float32).ravel(), col_offset=(4.0 * rng.standard_normal(nx)).astype(np.float32),
+        house_dt=house_dt.astype(np.float32).ravel(),
+        col_offset=(4.0 * rng.standard_normal(nx)).astype(np.float32),
         adu_per_k=float(rng.uniform(40, 80)), offset=float(rng.uniform(3000, 6000)),
         netd_k=float(rng.uniform(0.05, 0.08)), lens_emissivity=float(rng.uniform(0.02, 0.05)),
         hot_idx=hot_idx, hot_add=hot_add.astype(np.float32), dead_col=dead_col,

@@ -11,7 +11,9 @@ def smoothstep(x: np.ndarray) -> np.ndarray:
     return x * x * (3.0 - 2.0 * x)
 
 
-def fractal_noise(rng: np.random.Generator, n: int, beta: float, aniso: float = 1.0, k0: float = 2.0) -> np.ndarray:
+def fractal_noise(
+    rng: np.random.Generator, n: int, beta: float, aniso: float = 1.0, k0: float = 2.0
+) -> np.ndarray:
     """Periodic (n, n) Gaussian field with power spectrum ~ (k² + k0²)^(-beta/2), zero mean, unit variance.
 
     ``k0`` (cycles per field) sets the outer scale; axis 0 is stretched by ``aniso`` (structures elongated

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import pairwise
 
 import numpy as np
 
@@ -66,7 +67,7 @@ def pwv_cm(dew_point_c: float) -> float:
 
 
 def tau_water(w_cm: float) -> float:
-    """Zenith 8-14 µm optical depth of water vapour: foreign continuum (linear) + self continuum (quadratic)."""
+    """Zenith 8-14 µm water-vapour optical depth: foreign (linear) + self continuum (quadratic in w)."""
     return WV_LIN * w_cm + WV_QUAD * w_cm**2
 
 
@@ -110,7 +111,7 @@ def make_profile(cloud_km: tuple[float, ...], h_water_km: float, fog_top_km: flo
     """Shells for a night with clouds at ``cloud_km`` (ascending), water-vapour scale height, fog top."""
     z = np.unique(np.concatenate([LEVELS_KM, cloud_km, [fog_top_km] if fog_top_km > 0 else []]))
     theta = np.arange(0.0, 90.0 + THETA_STEP / 2, THETA_STEP)
-    m = np.stack([slant_factor(theta, a, b) for a, b in zip(z[:-1], z[1:])], axis=1)
+    m = np.stack([slant_factor(theta, a, b) for a, b in pairwise(z)], axis=1)
     lo, hi = z[:-1], z[1:]
     wv = np.exp(-lo / h_water_km) - np.exp(-hi / h_water_km)
     o3 = np.clip((np.minimum(hi, 30.0) - np.maximum(lo, 15.0)) / 15.0, 0.0, None)
@@ -121,11 +122,18 @@ def make_profile(cloud_km: tuple[float, ...], h_water_km: float, fog_top_km: flo
                    fog_frac=fog, z_mid=(lo + hi) / 2)  # fmt: skip
 
 
-def temperature_k(z_km: np.ndarray, t_amb_c: float, lapse: float, inversion: tuple[float, float]) -> np.ndarray:
-    """Air temperature (K) at heights z: surface inversion (ΔT over depth), lapse rate, isothermal tropopause."""
+def temperature_k(
+    z_km: np.ndarray, t_amb_c: float, lapse: float, inversion: tuple[float, float]
+) -> np.ndarray:
+    """Air temperature (K) at heights z: surface inversion (ΔT over depth), lapse rate, tropopause."""
     d_t, depth = inversion
     z = np.asarray(z_km, dtype=np.float64)
-    t = t_amb_c + T0 + d_t * np.minimum(z / depth, 1.0) - lapse * np.clip(z - depth, 0.0, TROPOPAUSE_KM - depth)
+    t = (
+        t_amb_c
+        + T0
+        + d_t * np.minimum(z / depth, 1.0)
+        - lapse * np.clip(z - depth, 0.0, TROPOPAUSE_KM - depth)
+    )
     return t + 1.0 * np.clip(z - 20.0, 0.0, None)
 
 
@@ -144,7 +152,7 @@ def segments(
     emis = band_radiance(t_shell)[None, :] * (1 - trans)
     bounds = (0, *prof.splits, len(prof.z) - 1)
     s_out, t_out = [], []
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in pairwise(bounds):
         cum = np.cumprod(trans[:, a:b], axis=1)
         before = np.concatenate([np.ones((cum.shape[0], 1)), cum[:, :-1]], axis=1)
         s_out.append((emis[:, a:b] * before).sum(axis=1).astype(np.float32))

@@ -21,7 +21,7 @@ M_GEO_MAX = 20.0
 """Cap of the slant path factor through a cloud layer (finite clouds seen edge-on)."""
 OBSTACLE_EMISSIVITY = 0.95
 NOISE_SPARE = 1 << 16
-"""Temporal noise: the sum of two slices of a per-night Gaussian bank at random offsets in [0, NOISE_SPARE)."""
+"""Temporal noise: the sum of two slices of a per-night Gaussian bank, at random offsets < NOISE_SPARE."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,9 @@ class NightRenderer:
         th = np.minimum(cam.theta.ravel()[idx], 90.0)
         self.bin = np.rint(th / rad.THETA_STEP).astype(np.intp)
         self.truth_sky = cam.sky.ravel()[idx]
-        self.profile = rad.make_profile(tuple(lay.height_km for lay in night.layers), night.h_water_km, night.fog[1])
+        self.profile = rad.make_profile(
+            tuple(lay.height_km for lay in night.layers), night.h_water_km, night.fog[1]
+        )
         rng = np.random.default_rng([seed, 3, night.index])
         n = 256 if max(cam.shape) <= 160 else 512
         az = cam.az.ravel()[idx].astype(np.float64)
@@ -98,7 +100,9 @@ class NightRenderer:
         self._ffc_offset = steps + night.creep_adu_h * (t - last) / 3600
         self._columns = np.tile(cam.col_offset, cam.shape[0])
         npx = cam.shape[0] * cam.shape[1]
-        bank = np.random.default_rng([seed, 4, night.index]).standard_normal(npx + NOISE_SPARE, dtype=np.float32)
+        bank = np.random.default_rng([seed, 4, night.index]).standard_normal(
+            npx + NOISE_SPARE, dtype=np.float32
+        )
         self._noise = bank * np.float32(cam.netd_k * cam.adu_per_k / np.sqrt(2))
         self._g_scene = cam.gain_scene * np.float32(1 - cam.lens_emissivity)
         self._g_lens = cam.gain_scene * np.float32(cam.lens_emissivity)
@@ -119,7 +123,9 @@ class NightRenderer:
         gain = 1 + g10 * t / 36000 + gamp * np.sin(2 * np.pi * t / 10800 + gph)
         offset = cam.offset + self._ffc_offset[k] - 8.0 * (t_amb - nt.t_amb0)
         adu_per_rad = cam.adu_per_k / rad.band_slope(293.0) * gain
-        return Frame(float(t_amb), float(pwv), float(tau_fog), float(t_house), float(offset), float(adu_per_rad))
+        return Frame(
+            float(t_amb), float(pwv), float(tau_fog), float(t_house), float(offset), float(adu_per_rad)
+        )
 
     def _coverage(self, lay: Layer, k: int) -> float:
         t = float(self.night.t_s[k])
@@ -161,7 +167,11 @@ class NightRenderer:
                 f = st.sampler(st.grid, shift)
                 noise, tex = f.real, f.imag
                 front = 1.0 if arrived >= 1 else self._front(st, arrived, noise)
-                tau = lay.tau * smoothstep((noise - thr) / lay.edge) * (1 - lay.texture * smoothstep(0.5 + 0.3 * tex))
+                tau = (
+                    lay.tau
+                    * smoothstep((noise - thr) / lay.edge)
+                    * (1 - lay.texture * smoothstep(0.5 + 0.3 * tex))
+                )
                 tau_los = tau * front * st.m_geo
                 cloud |= tau_los >= TAU_MIN
                 t_cloud = rad.cloud_temperature(lay.height_km, fr.t_amb, nt.lapse, nt.inversion)
@@ -186,14 +196,17 @@ class NightRenderer:
         cold = (1 - OBSTACLE_EMISSIVITY) * float(rad.band_radiance(t_air - 30.0))
         surface = OBSTACLE_EMISSIVITY * rad.band_radiance(t_air + cam.obstacle_dt) + cold
         scene[cam.obstacle_idx] = trans * surface + (1 - trans) * float(rad.band_radiance(t_air))
-        # ADU = offset + columns + gain x [(1 - eps_lens) scene + eps_lens L_lens (inside) + L_housing (outside)]
+        # ADU = offset + columns + gain [(1 - eps_lens) scene + eps_lens L_lens (in) + L_housing (out)]
         g = fr.adu_per_rad
         l_lens = float(rad.band_radiance(fr.t_house))
         adu = scene
         adu *= self._g_scene
         adu += self._g_lens
         adu *= np.float32(g)
-        adu += np.float32(g * l_lens) * self._g_house + np.float32(g * rad.band_slope(fr.t_house)) * self._g_house_dt
+        adu += (
+            np.float32(g * l_lens) * self._g_house
+            + np.float32(g * rad.band_slope(fr.t_house)) * self._g_house_dt
+        )
         adu += self._columns
         o1, o2 = np.random.default_rng([self.seed, 2, nt.index, k]).integers(0, NOISE_SPARE, 2)
         adu += self._noise[o1 : o1 + npx] + self._noise[o2 : o2 + npx]

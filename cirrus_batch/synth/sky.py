@@ -81,23 +81,28 @@ class Night:
         return self.start + np.round(self.t_s * 1000).astype("timedelta64[ms]")
 
 
-def _cover(rng: np.random.Generator, c0: tuple[float, float], amp: float) -> tuple[float, float, float, float]:
+def _cover(
+    rng: np.random.Generator, c0: tuple[float, float], amp: float
+) -> tuple[float, float, float, float]:
     return (rng.uniform(*c0), amp, rng.uniform(2, 6) * 3600, rng.uniform(0, 2 * np.pi))
 
 
 def _layer(rng: np.random.Generator, name: str) -> Layer:
-    common = dict(wind_dir=rng.uniform(0, 2 * np.pi), evol_phase=rng.uniform(0, 2 * np.pi))
+    common = {"wind_dir": rng.uniform(0, 2 * np.pi), "evol_phase": rng.uniform(0, 2 * np.pi)}
     if name == "cirrus":
-        return Layer(name, height_km=rng.uniform(8, 11), tau=rng.uniform(0.15, 0.7), beta=3.6, aniso=4.0, scale_km=rng.uniform(15, 40),
-                     edge=0.7, texture=0.4, wind_ms=rng.uniform(10, 30), evol_s=rng.uniform(3, 6) * 3600,
+        return Layer(name, height_km=rng.uniform(8, 11), tau=rng.uniform(0.15, 0.7), beta=3.6, aniso=4.0,
+                     scale_km=rng.uniform(15, 40), edge=0.7, texture=0.4,
+                     wind_ms=rng.uniform(10, 30), evol_s=rng.uniform(3, 6) * 3600,
                      cover=_cover(rng, (0.45, 0.7), 0.12), **common)  # fmt: skip
     if name == "stratus":
-        return Layer(name, height_km=rng.uniform(0.3, 1.5), tau=rng.uniform(8, 20), beta=3.0, aniso=1.3, scale_km=rng.uniform(3, 8),
-                     edge=1.0, texture=0.3, wind_ms=rng.uniform(2, 8), evol_s=rng.uniform(3, 6) * 3600,
+        return Layer(name, height_km=rng.uniform(0.3, 1.5), tau=rng.uniform(8, 20), beta=3.0, aniso=1.3,
+                     scale_km=rng.uniform(3, 8), edge=1.0, texture=0.3,
+                     wind_ms=rng.uniform(2, 8), evol_s=rng.uniform(3, 6) * 3600,
                      cover=(0.999, 0.0, 3600.0, 0.0), **common)  # fmt: skip
     if name == "cumulus":
-        return Layer(name, height_km=rng.uniform(0.8, 2.5), tau=rng.uniform(4, 15), beta=3.4, aniso=1.2, scale_km=rng.uniform(1.5, 4),
-                     edge=0.25, texture=0.3, wind_ms=rng.uniform(3, 10), evol_s=rng.uniform(2, 4) * 3600,
+        return Layer(name, height_km=rng.uniform(0.8, 2.5), tau=rng.uniform(4, 15), beta=3.4, aniso=1.2,
+                     scale_km=rng.uniform(1.5, 4), edge=0.25, texture=0.3,
+                     wind_ms=rng.uniform(3, 10), evol_s=rng.uniform(2, 4) * 3600,
                      cover=_cover(rng, (0.25, 0.5), 0.1), **common)  # fmt: skip
     raise ValueError(name)
 
