@@ -51,6 +51,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from cirrus_batch import synth
 
     config = _config(args)
+    kinds = args.kinds.split(",") if args.kinds else None
     with _client(config) if args.cluster else nullcontext() as client:
         summary = synth.write_archive(
             args.dest,
@@ -59,16 +60,20 @@ def cmd_synth(args: argparse.Namespace) -> int:
             cadence_min=args.cadence_min,
             shape=tuple(args.shape),
             seed=args.seed,
-            kinds=args.kinds.split(",") if args.kinds else None,
+            kinds=[kinds[i % len(kinds)] for i in range(args.nights)] if kinds else None,
             compress=args.compress,
             truth=args.truth,
             client=client,
             progress=not args.no_progress,
+            camera_kind=args.camera,
+            ambtemp=not args.no_ambtemp,
         )
     print(table(summary.nights, ["night", "kind", "images"]))
     print(f"wrote {summary.n_images} images to {summary.archive}; true masks in {summary.truth}")
     if args.montage:
         print(f"montage: {synth.montage(args.dest, args.montage, truth=summary.truth)}")
+    if args.matrix:
+        print(f"camera x sky matrix: {synth.matrix(args.matrix, kinds=kinds, shape=tuple(args.shape), seed=args.seed)}")
     return 0
 
 
@@ -303,10 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cadence-min", type=float, default=2.0, help="minutes between images")
     p.add_argument("--shape", type=int, nargs=2, default=(512, 640), metavar=("H", "W"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kinds", help="comma-separated night kinds to cycle (clear,broken,cirrus,overcast,mixed)")
+    p.add_argument(
+        "--kinds",
+        help="comma-separated sky kind per night (clear-dry,broken,cirrus,overcast,mixed,clear-humid,fog,"
+        "arriving); default: cycle through all",
+    )
+    p.add_argument(
+        "--camera", default="housing", choices=("housing", "darkrim", "clipped", "ortho"), help="camera kind"
+    )
+    p.add_argument("--no-ambtemp", action="store_true", help="leave AMBTEMP out of the FITS headers")
     p.add_argument("--compress", action="store_true", help="write tile-compressed .fits.fz")
     p.add_argument("--truth", help="true-mask zarr store (default: DEST_truth.zarr beside the archive)")
-    p.add_argument("--montage", metavar="PNG", help="also write a montage of frames and true masks")
+    p.add_argument("--montage", metavar="PNG", help="also write a montage of frames (one per sky kind) and true masks")
+    p.add_argument("--matrix", metavar="PNG", help="also write one frame per camera kind x sky kind (in memory)")
     _common(p)
     p.set_defaults(func=cmd_synth)
 
