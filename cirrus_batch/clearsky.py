@@ -16,9 +16,9 @@ and flat-field-correction jumps. The clear sky is a grey body whose emissivity g
 
 ``m`` the Kasten-Young air mass, ``p`` (band saturation) and ``W(θ)`` (vignetting, ``W = 1`` near the zenith)
 fitted once on the season's clear frames, and ``ε0`` (zenith emissivity: humidity) the one parameter per image.
-It is bounded by the range the season's clear frames show (never above ``eps_cap``), fitted one-sided (clouds
-only add radiance), and may not exceed the night's clear-sky trend: a flat warm deck is cloud, never a humid
-clear sky. The season's clear frames are searched among up to ``search_images`` frames, so a season where
+It is fitted one-sided (clouds only add radiance) with the slant-path exponent, never above ``eps_cap``, and is
+trusted only where a good part of the sky matches the clear shape; it may not exceed the night's clear-sky trend:
+a flat warm deck is cloud, never a humid clear sky. The season's clear frames are searched among up to ``search_images`` frames, so a season where
 they are rare still has them; with none at all the physical shape alone is used, and said so.
 """
 
@@ -35,7 +35,8 @@ from cirrus_batch.radiometry import NODATA, air_mass, band_radiance
 
 EPS_SOURCES = {"fit": 0, "night": 1, "season": 2}
 """Where an image's ε0 comes from: its own fit, the night's clear-sky trend, the season's typical value."""
-EXPONENTS = np.round(np.arange(0.35, 1.051, 0.05), 3)
+P_RANGE = (0.35, 1.2)
+"""Physical range of the slant-path exponent p (band saturation, vertical distribution of water vapour)."""
 
 
 @dataclass
@@ -50,20 +51,24 @@ class ClearSkyConfig:
     """Zenith-angle bin (deg) of the profiles."""
     eps_cap: float = 0.75
     """Physical upper bound of the clear-sky zenith emissivity in 8-14 µm (very humid air ~0.6)."""
-    eps_margin: float = 0.04
-    """The per-image ε0 may leave the range of the season's clear frames by this much."""
+    p_margin: float = 0.3
+    """Each image's slant-path exponent may leave the range of the season's clear frames by this much."""
     min_rise: float = 0.05
     """A clear frame's brightness rises at least this much (ambient units) from the zenith to 65°."""
+    sigma_floor: float = 0.005
+    """Added in quadrature to the clear frames' scatter: what the one-parameter clear sky cannot follow (ambient
+    units; 0.005 ~ 0.3 K near 0 °C)."""
     clear_sigma: float = 4.0
     """A pixel more than this many sigmas above the clear sky is cloud when judging frames clear."""
     clear_max_cloud: float = 0.01
     """Frames with at most this fraction of such pixels are clear (they set the night's trend)."""
+    min_consistent: float = 0.4
+    """An image's own ε0 is trusted when at least this fraction of its sky within 60° of the zenith lies within
+    ``clear_sigma`` of the fitted clear sky (clear gaps); else (a deck, fog) it takes its night's trend."""
     trend_hours: float = 1.5
     """Half-width (h) of the window of the night's clear-sky trend of ε0."""
     trend_tol: float = 0.03
     """An image's ε0 may exceed its night's trend by this much (more is cloud)."""
-    season_tol: float = 0.05
-    """The same against the season's typical ε0, for nights without a clear frame."""
     night_gap_hours: float = 3.0
     """A gap this long between frames starts a new night."""
     min_clear: int = 3
@@ -83,10 +88,10 @@ class ClearSkyConfig:
             raise ValueError(f"eps_cap must be in (0, 1), got {self.eps_cap}")
         if not 0.1 <= self.bin_deg <= 10:
             raise ValueError(f"bin_deg must be in [0.1, 10], got {self.bin_deg}")
-        for key in ("eps_margin", "min_rise", "clear_max_cloud", "trend_tol", "season_tol"):
+        for key in ("p_margin", "min_rise", "clear_max_cloud", "min_consistent", "trend_tol"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
-        for key in ("clear_sigma", "trend_hours", "night_gap_hours", "clip_sigma"):
+        for key in ("sigma_floor", "clear_sigma", "trend_hours", "night_gap_hours", "clip_sigma"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
 
@@ -99,7 +104,8 @@ class Scale:
     """How ``S_i`` (ADU of an ambient black body above zero radiance) is known."""
 
     source: str
-    """``dark`` (A - D per image), ``temperature`` (G L(T)) or ``assumed`` (a constant: no offset, no temperature)."""
+    """``dark`` (A - D per image), ``temperature`` (G L(T), G from the ambient reference), ``shape`` (G L(T), G
+    from the clear profiles' shape; a constant without temperatures) or ``assumed`` (a constant)."""
     gain: float = 0.0
     t_ref: float = 0.0
 
@@ -110,35 +116,60 @@ class Scale:
             s = ambient - np.asarray(dark, np.float64)
             ok = np.isfinite(s) & (s > 0)
             return np.where(ok, s, np.median(s[ok]) if ok.any() else 1.0)
-        if self.source == "temperature":
+        if self.source in ("temperature", "shape") and np.isfinite(self.t_ref):
             t = np.asarray(temps, np.float64)
             return self.gain * band_radiance(np.where(np.isfinite(t), t, self.t_ref))
         return np.full(ambient.shape, self.gain)
 
 
-def fit_scale(ambient: np.ndarray, dark: np.ndarray, temps: np.ndarray, zenith_deficit: np.ndarray,
+def _span_from_shape(deficit: np.ndarray, theta: np.ndarray) -> np.ndarray:
+    """Per-frame span S from the shape of its median deficit profile ``A - raw`` (n, nb): on a clear sky
+    δ(θ) / δ(0) = (1 - ε0) ** (m(θ) ** p - 1) whatever S, so the shape gives ε0 and S = δ(0) / (1 - ε0). NaN
+    where the profile does not have a clear sky's shape (within 0.03 rms)."""
+    zen = theta < 15
+    use = (theta >= 20) & (theta <= 80)
+    d0 = np.nanmedian(deficit[:, zen], axis=1)
+    y = deficit[:, use] / d0[:, None]
+    ge, gp = _grid(0.01, 0.75, 75, 18)
+    mp = air_mass(theta[use])[None, :] ** gp[:, None]
+    model = (1 - ge[:, None]) ** (mp - 1)  # (g, nb)
+    ok = np.isfinite(y)
+    yy = np.nan_to_num(y)
+    cost = (yy**2 * ok).sum(1)[:, None] - 2 * yy @ model.T + ok.astype(float) @ (model**2).T
+    k = np.argmin(cost, axis=1)
+    rms = np.sqrt(np.maximum(cost[np.arange(len(k)), k], 0) / np.maximum(ok.sum(1), 1))
+    return np.where((rms < 0.03) & (d0 > 0), d0 / (1 - ge[k]), np.nan)
+
+
+def fit_scale(ambient: np.ndarray, dark: np.ndarray, temps: np.ndarray, deficit: np.ndarray, theta: np.ndarray,
               cfg: ClearSkyConfig) -> Scale:  # fmt: skip
-    """The season's :class:`Scale` from per-image ambient and dark levels, temperatures and the zenith deficits
-    ``A_i - raw`` (ADU) of the sample."""
+    """The season's :class:`Scale` from per-image ambient and dark levels, temperatures and median deficit
+    profiles ``A_i - raw`` (n, n_bins) of the sample: signal-free pixels if there are; else the shape of the
+    profiles that have a clear sky's shape (:func:`_span_from_shape`; a housing warmer than the air by a few K,
+    varying between nights, does not bias it), scaled with the band radiance of the ambient temperature when
+    known; else the ambient reference's regression on that radiance when it is tight (correlation 0.95)."""
     ambient, dark, temps = (np.asarray(a, np.float64) for a in (ambient, dark, temps))
     ok_t = np.isfinite(temps)
     t_ref = float(np.median(temps[ok_t])) if ok_t.any() else 0.0
     if np.isfinite(dark).mean() > 0.8 and np.median((ambient - dark)[np.isfinite(dark)]) > 0:
         return Scale("dark", 0.0, t_ref)
-    if cfg.use_temperature and ok_t.mean() >= 0.8:
-        lrad = band_radiance(temps[ok_t])
-        if np.ptp(lrad) / np.mean(lrad) > 0.03:
-            a = ambient[ok_t]
-            i, j = np.triu_indices(lrad.size, 1)
-            pick = np.abs(lrad[i] - lrad[j]) > 0.01 * np.mean(lrad)
-            if pick.sum() >= 3:
-                gain = float(np.median((a[i] - a[j])[pick] / (lrad[i] - lrad[j])[pick]))  # Theil-Sen slope
-                if gain > 0:
-                    return Scale("temperature", gain, t_ref)
-    deficit = np.asarray(zenith_deficit, np.float64)
-    deficit = deficit[np.isfinite(deficit)]
-    gain = float(np.percentile(deficit, 95)) / 0.8 if deficit.size else 1.0  # the driest frames: ε0 ≈ 0.2
-    return Scale("assumed", max(gain, 1.0), t_ref)
+    with_t = cfg.use_temperature and ok_t.mean() >= 0.8
+    lrad = band_radiance(np.where(ok_t, temps, t_ref)) if with_t else np.ones(ambient.size)
+    span = _span_from_shape(np.asarray(deficit, np.float64), np.asarray(theta, np.float64))
+    good = np.isfinite(span)
+    if good.sum() >= 3:
+        return Scale("shape", float(np.median(span[good] / lrad[good])), t_ref if with_t else np.nan)
+    if with_t and np.ptp(lrad) / np.mean(lrad) > 0.03 and np.corrcoef(ambient, lrad)[0, 1] > 0.95:
+        i, j = np.triu_indices(lrad.size, 1)
+        pick = np.abs(lrad[i] - lrad[j]) > 0.01 * np.mean(lrad)
+        if pick.sum() >= 3:
+            gain = float(np.median((ambient[i] - ambient[j])[pick] / (lrad[i] - lrad[j])[pick]))  # Theil-Sen
+            if gain > 0:
+                return Scale("temperature", gain, t_ref)
+    d0 = np.nanmedian(np.asarray(deficit)[:, np.asarray(theta) < 15], axis=1)
+    d0 = d0[np.isfinite(d0)]
+    gain = float(np.percentile(d0, 95)) / 0.8 if d0.size else 1.0  # the driest frames: ε0 ≈ 0.2
+    return Scale("assumed", max(gain, 1.0), np.nan)
 
 
 def levels(raw: np.ndarray, geom: SkyGeometry) -> tuple[np.ndarray, np.ndarray]:
@@ -164,21 +195,33 @@ def levels(raw: np.ndarray, geom: SkyGeometry) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------- the model
 
 
-def _shape(theta: np.ndarray, eps: np.ndarray, p: float) -> np.ndarray:
-    """(n_eps, n_theta) physical clear-sky emissivity 1 - (1 - ε0) ** (m(θ) ** p)."""
-    mp = air_mass(theta) ** p
-    return 1.0 - (1.0 - np.asarray(eps, np.float64)[:, None]) ** mp[None, :]
+def _shape(theta: np.ndarray, eps: np.ndarray, p: np.ndarray | float) -> np.ndarray:
+    """(n, n_theta) physical clear-sky emissivity 1 - (1 - ε0) ** (m(θ) ** p) for ε0 (n,) and p (n,) or scalar."""
+    eps = np.atleast_1d(np.asarray(eps, np.float64))
+    p = np.broadcast_to(np.asarray(p, np.float64), eps.shape)
+    mp = air_mass(theta)[None, :] ** p[:, None]
+    return 1.0 - (1.0 - eps[:, None]) ** mp
+
+
+def _grid(lo: float, hi: float, n_eps: int = 61, n_p: int = 18,
+          p_range: tuple[float, float] = P_RANGE) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Flattened (ε0, p) grid over [lo, hi] x ``p_range``."""
+    e, p = np.meshgrid(np.linspace(lo, hi, n_eps), np.linspace(*p_range, n_p), indexing="ij")
+    return e.ravel(), p.ravel()
 
 
 @dataclass
 class ClearSkyModel:
-    """e_clear(θ; ε0) = W(θ) [1 - (1 - ε0) ** (m(θ) ** p)]; per-bin noise ``sigma`` (ambient units)."""
+    """e_clear(θ; ε0, p) = W(θ) [1 - (1 - ε0) ** (m(θ) ** p)]; per-bin noise ``sigma`` (ambient units)."""
 
     theta: list[float]
     weight: list[float]
     """W(θ) per bin (1 near the zenith)."""
     sigma: list[float]
     exponent: float
+    """Typical slant-path exponent p of the clear frames (each image fits its own within [p_lo, p_hi])."""
+    p_lo: float
+    p_hi: float
     eps_lo: float
     eps_hi: float
     eps_typical: float
@@ -200,10 +243,12 @@ class ClearSkyModel:
     def scaler(self) -> Scale:
         return Scale(**self.scale)
 
-    def profile(self, eps: float | np.ndarray) -> np.ndarray:
-        """Clear-sky brightness per bin: (n_bins,) for a scalar ε0, (n, n_bins) for an array."""
+    def profile(self, eps: float | np.ndarray, p: float | np.ndarray | None = None) -> np.ndarray:
+        """Clear-sky brightness per bin: (n_bins,) for a scalar ε0, (n, n_bins) for an array; p defaults to the
+        season's typical exponent."""
         e = np.atleast_1d(np.asarray(eps, np.float64))
-        out = np.asarray(self.weight)[None, :] * _shape(np.asarray(self.theta), e, self.exponent)
+        out = np.asarray(self.weight)[None, :] * _shape(np.asarray(self.theta), e,
+                                                         self.exponent if p is None else p)  # fmt: skip
         return out[0] if np.ndim(eps) == 0 else out
 
 
@@ -261,16 +306,18 @@ def concat_profiles(parts: list[Profiles]) -> Profiles:
     )  # fmt: skip
 
 
-def _fit_eps(prof: np.ndarray, weight: np.ndarray, theta: np.ndarray, p: float, inv_sig: np.ndarray,
-             lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """Least-squares ε0 of profiles (n, nb) (NaN bins ignored) on a grid in [lo, hi] -> (ε0, rms)."""
-    grid = np.linspace(lo, hi, 121)
-    model = weight[None, :] * _shape(theta, grid, p)  # (g, nb)
+def _fit_eps(prof: np.ndarray, weight: np.ndarray, theta: np.ndarray, inv_sig: np.ndarray, lo: float,
+             hi: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Least-squares (ε0, p) of profiles (n, nb) (NaN bins ignored) on a grid -> (ε0, p, rms in sigmas)."""
+    ge, gp = _grid(lo, hi)
+    model = weight[None, :] * _shape(theta, ge, gp)  # (g, nb)
     w = np.where(np.isfinite(prof), 1.0, 0.0) * inv_sig[None, :] ** 2
     y = np.nan_to_num(prof)
-    cost = (w[:, None, :] * (y[:, None, :] - model[None, :, :]) ** 2).sum(axis=2)  # (n, g)
+    # sum_b w (y - m)^2 = sum w y^2 - 2 y.(w m) + w.m^2
+    cost = (w * y**2).sum(axis=1)[:, None] - 2 * (w * y) @ model.T + w @ (model**2).T  # (n, g)
     k = np.argmin(cost, axis=1)
-    return grid[k], np.sqrt(cost[np.arange(len(k)), k] / np.maximum(w.sum(axis=1), 1e-9))
+    rms = np.sqrt(np.maximum(cost[np.arange(len(k)), k], 0) / np.maximum(w.sum(axis=1), 1e-9))
+    return ge[k], gp[k], rms
 
 
 def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSkyModel:
@@ -279,7 +326,8 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
     theta = prof.theta
     sky_bins = np.isfinite(prof.deficit[1]).mean(axis=0) > 0.5
     zen_bins = sky_bins & (theta < 20)
-    scale = fit_scale(prof.ambient, prof.dark, prof.temps, np.nanmedian(prof.deficit[1][:, zen_bins], axis=1), cfg)
+    scale = fit_scale(prof.ambient, prof.dark, prof.temps, np.where(sky_bins[None, :], prof.deficit[1], np.nan),
+                      theta, cfg)  # fmt: skip
     span = scale.span(prof.ambient, prof.dark, prof.temps)
     q10, q50, q75 = prof.brightness(span)
     use = np.isfinite(span) & np.isfinite(q50[:, zen_bins]).all(axis=1)
@@ -291,38 +339,32 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
     if cand.any():
         clear = cand & (spread <= 1.5 * np.percentile(spread[cand], 5) + 1e-9)
     weight = np.ones(theta.size)
-    p, inv_sig = 0.6, np.ones(theta.size)
-    lo, hi = 0.02, cfg.eps_cap
+    p, inv_sig = 0.6, np.full(theta.size, 1.0 / 0.01)
     eps_c = np.zeros(0)
     for _ in range(4):
         if clear.sum() < cfg.min_clear:
             break
         y = np.where(sky_bins[None, :], q50[clear], np.nan)
-        best = None
-        for pe in EXPONENTS:  # exponent and W(θ) by alternating least squares
-            w_b = np.ones(theta.size)
-            for _ in range(3):
-                eps, _ = _fit_eps(y, w_b, theta, pe, inv_sig, 0.01, cfg.eps_cap)
-                phys = _shape(theta, eps, pe)
-                w_b = np.nansum(y * phys, axis=0) / np.maximum(np.nansum(np.where(np.isfinite(y), phys**2, 0), axis=0),
+        weight = np.ones(theta.size)
+        for _ in range(4):  # W(θ) and each clear frame's (ε0, p) by alternating least squares
+            eps_c, p_c, _ = _fit_eps(y, weight, theta, inv_sig, 0.01, cfg.eps_cap)
+            phys = _shape(theta, eps_c, p_c)
+            weight = np.nansum(y * phys, axis=0) / np.maximum(np.nansum(np.where(np.isfinite(y), phys**2, 0), axis=0),
                                                               1e-9)  # fmt: skip
-                w_b = np.where(sky_bins, w_b, 1.0)
-                w_b = ndimage.gaussian_filter1d(w_b, 2.0, mode="nearest")
-                w_b /= np.mean(w_b[zen_bins])
-            eps, rms = _fit_eps(y, w_b, theta, pe, inv_sig, 0.01, cfg.eps_cap)
-            if best is None or np.mean(rms) < best[0]:
-                best = (float(np.mean(rms)), float(pe), w_b, eps)
-        assert best is not None
-        _, p, weight, eps_c = best
+            weight = np.where(sky_bins, weight, 1.0)
+            weight = ndimage.gaussian_filter1d(weight, 2.0, mode="nearest")
+            weight /= np.mean(weight[zen_bins])
+        eps_c, p_c, _ = _fit_eps(y, weight, theta, inv_sig, 0.01, cfg.eps_cap)
+        p = float(np.median(p_c))
         sig = np.nanmedian((q75 - q10)[clear], axis=0) / 1.956  # the 10-75 % range of a normal is 1.956 sigma
         sig = np.where(np.isfinite(sig), sig, np.nanmax(sig[np.isfinite(sig)]) if np.isfinite(sig).any() else 0.02)
-        sig = ndimage.gaussian_filter1d(np.maximum(sig, 2e-3), 2.0, mode="nearest")
+        sig = ndimage.gaussian_filter1d(np.hypot(sig, cfg.sigma_floor), 2.0, mode="nearest")
         inv_sig = 1.0 / sig
-        lo = float(max(0.005, eps_c.min() - cfg.eps_margin))
-        hi = float(min(cfg.eps_cap, eps_c.max() + cfg.eps_margin))
-        # which frames are clear under this model: the upper quartile of every bin within clear_sigma of it
-        e_all, _ = _fit_eps(np.where(sky_bins[None, :], q10, np.nan), weight, theta, p, inv_sig, lo, hi)
-        model = weight[None, :] * _shape(theta, e_all, p)
+        # which frames are clear under this model (any physical ε0, not only the range seen so far: a humid
+        # clear night is clear): the upper quartile of every bin within clear_sigma of it
+        e_all, p_all, _ = _fit_eps(np.where(sky_bins[None, :], q10, np.nan), weight, theta, inv_sig, 0.01,
+                                   cfg.eps_cap)  # fmt: skip
+        model = weight[None, :] * _shape(theta, e_all, p_all)
         excess = ((q75 - model) * inv_sig[None, :])[:, sky_bins & (theta < 80)]
         new = use & (rise >= cfg.min_rise) & (np.nanmax(excess, axis=1) < cfg.clear_sigma)
         if new.sum() < cfg.min_clear or np.array_equal(new, clear):
@@ -332,12 +374,16 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
         sig = np.nanmedian((q75 - q10)[use], axis=0) / 1.956 if use.any() else np.full(theta.size, 0.02)
         sig = np.where(np.isfinite(sig), sig, 0.02)
         return ClearSkyModel(theta=theta.tolist(), weight=[1.0] * theta.size,
-                             sigma=ndimage.gaussian_filter1d(np.maximum(sig, 5e-3), 2.0, mode="nearest").tolist(),
-                             exponent=0.6, eps_lo=0.02, eps_hi=float(cfg.eps_cap) - 0.15, eps_typical=0.3,
+                             sigma=ndimage.gaussian_filter1d(np.hypot(sig, cfg.sigma_floor), 2.0,
+                                                             mode="nearest").tolist(),
+                             exponent=0.6, p_lo=P_RANGE[0], p_hi=P_RANGE[1], eps_lo=0.01,
+                             eps_hi=float(cfg.eps_cap), eps_typical=0.3,
                              scale=asdict(scale), n_clear=int(eps_c.size), prior_only=True)  # fmt: skip
     return ClearSkyModel(
         theta=theta.tolist(), weight=np.asarray(weight).tolist(), sigma=(1.0 / inv_sig).tolist(), exponent=float(p),
-        eps_lo=lo, eps_hi=hi, eps_typical=float(np.median(eps_c)), scale=asdict(scale), n_clear=int(eps_c.size),
+        p_lo=float(max(P_RANGE[0], np.min(p_c) - cfg.p_margin)), p_hi=float(min(P_RANGE[1], np.max(p_c) + cfg.p_margin)),
+        eps_lo=0.01, eps_hi=float(cfg.eps_cap), eps_typical=float(np.median(eps_c)), scale=asdict(scale),
+        n_clear=int(eps_c.size),
         clear_eps=np.asarray(eps_c).tolist(),
     )  # fmt: skip
 
@@ -360,6 +406,7 @@ class Frame:
         self.inv_sigma_px = (1.0 / self.sigma_px).astype(np.float32)
         self.inv_sig_b = 1.0 / np.asarray(model.sigma)
         self.weight = np.asarray(model.weight)
+        self.weight_px = np.interp(self.zen, th, self.weight).astype(np.float32)
         self.theta = th
 
     def brightness(self, img: np.ndarray, ambient: float, span: float) -> tuple[np.ndarray, np.ndarray]:
@@ -369,37 +416,42 @@ class Frame:
         e = (1.0 - (np.float32(ambient) - v.astype(np.float32)) / np.float32(span)).astype(np.float32)
         return e, valid
 
-    def clear(self, eps: float) -> np.ndarray:
-        """Clear-sky brightness on the sky pixels (float32) for ``eps``."""
-        return np.interp(self.zen, self.theta, self.model.profile(float(eps))).astype(np.float32)
+    def clear(self, eps: float, p: float) -> np.ndarray:
+        """Clear-sky brightness on the sky pixels (float32) for (ε0, p)."""
+        return np.interp(self.zen, self.theta, self.model.profile(float(eps), float(p))).astype(np.float32)
 
-    def fit(self, e: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
-        """One-sided robust ε0 of one image (clouds only add radiance) -> (ε0, fraction of sky above
-        ``clear_sigma``)."""
+    def fit(self, e: np.ndarray, valid: np.ndarray) -> tuple[float, float, float, float]:
+        """One-sided robust (ε0, p) of one image (clouds only add radiance) -> (ε0, p, fraction of the sky more
+        than ``clear_sigma`` above the clear sky, fraction of the sky within 60° of the zenith within
+        ``clear_sigma`` of it)."""
         cfg, m = self.cfg, self.model
         y = e[self.sub].astype(np.float64)
         b = self.bins[self.sub]
         ok = valid[self.sub]
-        grid = np.linspace(m.eps_lo, m.eps_hi, 81)
-        table = self.weight[None, :] * _shape(self.theta, grid, m.exponent)  # (g, nb)
+        ge, gp = _grid(m.eps_lo, m.eps_hi, 61, 9, (m.p_lo, m.p_hi))
+        table = self.weight[None, :] * _shape(self.theta, ge, gp)  # (g, nb)
         w_b = self.inv_sig_b**2
+        t2 = w_b[None, :] * table**2
+        tw = table * w_b[None, :]
         keep = ok.copy()
-        k = len(grid) // 2
+        k = int(np.argmin(np.abs(ge - m.eps_typical) + np.abs(gp - m.exponent)))
         for it in range(cfg.fit_iter):
             if keep.sum() < 10:
                 break
             n_b = np.bincount(b[keep], minlength=self.nb)
             s_b = np.bincount(b[keep], weights=y[keep], minlength=self.nb)
-            cost = (w_b[None, :] * (n_b[None, :] * table**2 - 2 * table * s_b[None, :])).sum(axis=1)
-            k = int(np.argmin(cost))
+            k = int(np.argmin(t2 @ n_b - 2 * tw @ s_b))
             r = (y - table[k][b]) * self.inv_sig_b[b]
             new = ((r < 0) if it == 0 else (r < cfg.clip_sigma)) & ok
             if np.array_equal(new, keep):
                 break
             keep = new
         r = (y - table[k][b]) * self.inv_sig_b[b]
-        cloudy = float(np.mean(r[ok] > cfg.clear_sigma)) if ok.any() else 1.0
-        return float(grid[k]), cloudy
+        inner = ok & (self.zen[self.sub] < 60)  # near the horizon every sky matches: not evidence
+        if not inner.any():
+            return float(ge[k]), float(gp[k]), 1.0, 0.0
+        return (float(ge[k]), float(gp[k]), float(np.mean(r[ok] > cfg.clear_sigma)),
+                float(np.mean(np.abs(r[inner]) <= cfg.clear_sigma)))
 
 
 def night_index(times: np.ndarray, gap_hours: float) -> np.ndarray:
@@ -412,37 +464,49 @@ def night_index(times: np.ndarray, gap_hours: float) -> np.ndarray:
     return out
 
 
-def choose_eps(times: np.ndarray, eps_fit: np.ndarray, cloudy: np.ndarray, model: ClearSkyModel,
-               cfg: ClearSkyConfig) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """(ε0 to use, source code of :data:`EPS_SOURCES`) per image from the per-image fits.
+def _trend(t: np.ndarray, tr: np.ndarray, er: np.ndarray, hours: float) -> np.ndarray:
+    """Median of ``er`` (at times ``tr``, sorted) within ``hours`` of each ``t``, interpolated where none is."""
+    out = np.empty(t.size)
+    for j, ti in enumerate(t):
+        near = np.abs(tr - ti) <= hours
+        out[j] = np.median(er[near]) if near.any() else np.interp(ti, tr, er)
+    return out
 
-    Clear frames (``cloudy <= clear_max_cloud``, ε0 not at its upper bound) make each night's trend (median
-    within ``trend_hours``, interpolated between clear frames). An image's ε0 may not exceed its night's trend by
-    more than ``trend_tol``, or, in a night without a clear frame, the season's typical ε0 by ``season_tol``.
+
+def choose_eps(times: np.ndarray, eps_fit: np.ndarray, p_fit: np.ndarray, excess: np.ndarray,
+               consistent: np.ndarray, model: ClearSkyModel,
+               cfg: ClearSkyConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """(ε0, p, source code of :data:`EPS_SOURCES`) to use per image, from the per-image fits.
+
+    A fit is anchored when at least ``min_consistent`` of the sky lies within ``clear_sigma`` of its clear sky
+    (clear gaps between clouds) and ε0 is not at its upper bound; a frame is clear when also at most
+    ``clear_max_cloud`` of its sky lies above. Each night's trend of (ε0, p) (median within ``trend_hours``,
+    interpolated between frames) comes from its clear frames, else from its anchored ones. Anchored frames keep
+    their fit while ε0 is at most ``trend_tol`` above the trend; the others (a deck, fog) take the trend. A night
+    with no anchored frame (nothing in it looks like a clear sky) takes the driest clear sky of the season (10th
+    percentile of the clear frames' ε0).
     """
     t = np.asarray(times).astype("datetime64[us]").astype(np.int64) / 3600e6
-    eps_fit = np.asarray(eps_fit, np.float64)
-    cloudy = np.asarray(cloudy, np.float64)
-    reliable = np.isfinite(eps_fit) & (cloudy <= cfg.clear_max_cloud) & (eps_fit < model.eps_hi - 1e-3)
-    season = float(np.median(eps_fit[reliable])) if reliable.any() else model.eps_typical
+    eps_fit, p_fit = np.asarray(eps_fit, np.float64), np.asarray(p_fit, np.float64)
+    excess, consistent = np.asarray(excess, np.float64), np.asarray(consistent, np.float64)
+    free = np.isfinite(eps_fit) & (eps_fit < model.eps_hi - 1e-3)
+    anchored = free & (consistent >= cfg.min_consistent)
+    clear = anchored & (excess <= cfg.clear_max_cloud)
+    # no anchored frame in a night: nothing there looks like a clear sky, so the driest clear sky of the season
+    use_e = np.full(t.size, float(np.percentile(eps_fit[clear], 10)) if clear.any() else model.eps_typical)
+    use_p = np.full(t.size, float(np.median(p_fit[clear])) if clear.any() else model.exponent)
+    source = np.full(t.size, EPS_SOURCES["season"], np.uint8)
     night = night_index(times, cfg.night_gap_hours)
-    use = np.where(np.isfinite(eps_fit), eps_fit, season)
-    source = np.zeros(t.size, np.uint8)
     for k in np.unique(night):
         sel = np.flatnonzero(night == k)
-        rel = sel[reliable[sel]]
-        if rel.size:
-            tr, er = t[rel], eps_fit[rel]
-            order = np.argsort(tr)
-            tr, er = tr[order], er[order]
-            trend = np.empty(sel.size)
-            for j, i in enumerate(sel):
-                near = np.abs(tr - t[i]) <= cfg.trend_hours
-                trend[j] = np.median(er[near]) if near.any() else np.interp(t[i], tr, er)
-            limit, code = trend + cfg.trend_tol, EPS_SOURCES["night"]
-        else:
-            limit, code = np.full(sel.size, season + cfg.season_tol), EPS_SOURCES["season"]
-        over = use[sel] > limit
-        use[sel] = np.where(over, limit, use[sel])
-        source[sel] = np.where(over, code, EPS_SOURCES["fit"])
-    return np.clip(use, model.eps_lo, model.eps_hi), source
+        ref = sel[clear[sel]] if clear[sel].any() else sel[anchored[sel]]
+        if not ref.size:
+            continue
+        ref = ref[np.argsort(t[ref])]
+        trend_e = _trend(t[sel], t[ref], eps_fit[ref], cfg.trend_hours)
+        trend_p = _trend(t[sel], t[ref], p_fit[ref], cfg.trend_hours)
+        own = anchored[sel] & (eps_fit[sel] <= trend_e + cfg.trend_tol)
+        use_e[sel] = np.where(own, eps_fit[sel], trend_e)
+        use_p[sel] = np.where(own, p_fit[sel], trend_p)
+        source[sel] = np.where(own, EPS_SOURCES["fit"], EPS_SOURCES["night"])
+    return np.clip(use_e, model.eps_lo, model.eps_hi), np.clip(use_p, model.p_lo, model.p_hi), source

@@ -349,13 +349,15 @@ def estimate_sky(sample: np.ndarray, ambtemp: np.ndarray | None = None, cfg: Sky
             radius = float(cfg.radius)
     zen = zenith_map(shape, center, radius, cfg.projection, cfg.fov_deg)
     inside = zen < cfg.fov_deg / 2
-    sky = inside & (zen < min(cfg.max_zenith_deg, 90.0)) & ~hot
+    sky = inside & (zen < min(cfg.max_zenith_deg, 90.0))
     if cfg.horizon_file is not None:
         sky &= _horizon_above(cfg, shape, center, zen)
     elif varied is not None:
-        sky &= varied
+        sky &= varied & ~_obstacles(np.percentile(good, 10, axis=0), sky, zen, center)
     sky = _drop_small(sky, cfg.min_region_px)
-    sky = _largest(sky) if sky.any() else sky
+    sky = (_largest(sky) if sky.any() else sky) & ~hot  # hot pixels (a dead column) leave after the connectivity
+    # the one-pixel rim against obstacles and the housing mixes both (optics): not sky
+    sky &= ndimage.binary_erosion(sky | hot, iterations=1, border_value=1)
     if not sky.any():
         raise ValueError(f"no sky pixel found inside the image circle: check {GEOMETRY_KEYS}")
     classes = np.zeros(shape, np.uint8)
@@ -385,6 +387,34 @@ def estimate_sky(sample: np.ndarray, ambtemp: np.ndarray | None = None, cfg: Sky
                        ambient_source=ambient_source)  # fmt: skip
 
 
+def _obstacles(low: np.ndarray, sky: np.ndarray, zen: np.ndarray, center: tuple[float, float]) -> np.ndarray:
+    """(y, x) bool obstacles among the ``sky`` candidates. On its clearest frames (``low``: a low percentile over
+    the sample) an obstacle is far warmer than the sky at its zenith angle (near ambient temperature even on the
+    coldest nights): by 8 sigmas of the ring's cold side and 15 % of the step from the ring to the warmest horizon.
+    Along each azimuth (1°) the first such step seen from the zenith (two 1° rings in a row) and everything
+    beyond it is obstacle: ridges, buildings and masts stand on the ground."""
+    idx = np.flatnonzero(sky)
+    tb = np.minimum(zen.ravel()[idx].astype(int), 89)
+    ab = azimuth_map(low.shape, center).ravel()[idx].astype(int) % 360
+    v = low.ravel()[idx].astype(np.float64)
+    cell = ab * 90 + tb
+    n = np.bincount(cell, minlength=360 * 90)
+    mean = (np.bincount(cell, v, minlength=360 * 90) / np.maximum(n, 1)).reshape(360, 90)
+    mean[n.reshape(360, 90) == 0] = np.nan
+    with np.errstate(all="ignore"):
+        ref, p5, top = np.nanpercentile(mean, [25, 5, 95], axis=0)
+        scale = (ref - p5) / 0.97
+        horizon = np.nanmax(top[80:]) if np.isfinite(top[80:]).any() else np.nanmax(top)
+        thr = np.maximum(8 * scale, 0.15 * (horizon - ref))
+        warm = (mean - ref[None, :]) > thr[None, :]
+    warm &= np.roll(warm, -1, axis=1) | ~np.isfinite(np.roll(mean, -1, axis=1))  # two rings in a row
+    warm[:, :15] = False
+    first = np.where(warm.any(axis=1), np.argmax(warm, axis=1), 99)
+    out = np.zeros(low.shape, bool)
+    out.ravel()[idx] = tb >= first[ab]
+    return out
+
+
 def _weather_region(spread: np.ndarray, hot: np.ndarray, shape: tuple[int, int], min_obstacle_px: int) -> np.ndarray:
     """(y, x) bool pixels that change with the weather: variability above the geometric mean of the centre's
     (sky) and the corners' (never sky on an all-sky camera); steady specks under ``min_obstacle_px`` are sky."""
@@ -402,8 +432,9 @@ def _weather_region(spread: np.ndarray, hot: np.ndarray, shape: tuple[int, int],
             f"corners ({v_sky:.1f} vs {v_steady:.1f} ADU); use a sample with several kinds of weather, or set "
             f"{GEOMETRY_KEYS}"
         )
-    varied = (spread > np.sqrt(v_sky * max(v_steady, 1e-3))) & ~hot
-    varied = ndimage.binary_opening(varied, iterations=1)
+    # hot and dead pixels (a dead column) must not cut the sky in two: they count as sky for connectivity
+    varied = (spread > np.sqrt(v_sky * max(v_steady, 1e-3))) | hot
+    varied = ndimage.binary_opening(varied, iterations=1) | (hot & ndimage.binary_dilation(varied, iterations=2))
     varied = _largest(varied)
     holes = ndimage.binary_fill_holes(varied) & ~varied
     return varied | (holes & ~_drop_small(holes, min_obstacle_px))

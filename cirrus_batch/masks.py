@@ -209,28 +209,28 @@ class Masks:
 
 
 def fit_block(raw: np.ndarray, temps: np.ndarray, geom: SkyGeometry, model: ClearSkyModel,
-              ccfg: ClearSkyConfig) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """(ε0 fit, fraction of sky above the clear sky) per image of raw (n, y, x): the first pass of prepare."""
+              ccfg: ClearSkyConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """(ε0, p, fraction of sky above the clear sky, fraction consistent with it) per image of raw (n, y, x): the
+    first pass of prepare (see :meth:`cirrus_batch.clearsky.Frame.fit`)."""
     raw3 = np.asarray(raw).reshape(-1, *geom.shape)
     fr = Frame(geom, model, ccfg)
     a, d = levels(raw3, geom)
     span = model.scaler.span(a, d, temps)
-    eps = np.full(raw3.shape[0], np.nan)
-    cloudy = np.full(raw3.shape[0], np.nan)
+    out = np.full((4, raw3.shape[0]), np.nan)
     for i, im in enumerate(raw3):
         if not np.isfinite(a[i]) or im.min() == im.max():
             continue
         e, valid = fr.brightness(im, a[i], span[i])
         if valid.mean() < 0.5:
             continue
-        eps[i], cloudy[i] = fr.fit(e, valid)
-    return eps, cloudy
+        out[:, i] = fr.fit(e, valid)
+    return out[0], out[1], out[2], out[3]
 
 
-def make_masks(raw: np.ndarray, temps: np.ndarray, eps: np.ndarray, eps_source: np.ndarray, geom: SkyGeometry,
-               model: ClearSkyModel, cfg: MaskConfig, ccfg: ClearSkyConfig) -> Masks:  # fmt: skip
-    """Masks, network inputs, confidence and flags of raw images (n, y, x) given each image's ε0 and its
-    source (:func:`cirrus_batch.clearsky.choose_eps`)."""
+def make_masks(raw: np.ndarray, temps: np.ndarray, eps: np.ndarray, p: np.ndarray, eps_source: np.ndarray,
+               geom: SkyGeometry, model: ClearSkyModel, cfg: MaskConfig, ccfg: ClearSkyConfig) -> Masks:  # fmt: skip
+    """Masks, network inputs, confidence and flags of raw images (n, y, x) given each image's clear sky (ε0, p)
+    and its source (:func:`cirrus_batch.clearsky.choose_eps`)."""
     raw3 = np.asarray(raw).reshape(-1, *geom.shape)
     n = raw3.shape[0]
     fr = Frame(geom, model, ccfg)
@@ -261,7 +261,7 @@ def make_masks(raw: np.ndarray, temps: np.ndarray, eps: np.ndarray, eps_source: 
         if valid_frac[i] < 1 - cfg.max_nodata_fraction:
             out.flags[i] = flags | MASK_FLAGS["no_mask"]
             continue
-        z = (e - fr.clear(float(eps[i]))) * fr.inv_sigma_px
+        z = (e - fr.clear(float(eps[i]), float(p[i]))) * fr.inv_sigma_px
         zv = z[valid]
         if float(np.mean(zv < -cfg.min_sigma)) > cfg.contradicted_fraction:
             flags |= MASK_FLAGS["model_contradicted"]
@@ -269,6 +269,11 @@ def make_masks(raw: np.ndarray, temps: np.ndarray, eps: np.ndarray, eps_source: 
             cloud[valid] = stretch_mask(e[valid])
         else:
             cloud = (z > threshold_sigma(zv, cfg, interval, stretch)) & valid
+            inner = fr.zen < 60
+            if (cloud & inner).sum() >= 0.8 * (valid & inner).sum() > 0:  # a deck: extend it to the horizon
+                far = ~inner & ~cloud & (z > -cfg.min_sigma) & valid
+                if far.any():
+                    cloud |= _nearest_decided(cloud, far | ~valid, fr.sky_idx, geom.shape) & far
         out.mask[i].ravel()[fr.sky_idx] = cloud
         res = np.arcsinh(z / np.float32(RESIDUAL_SOFTENING)) / np.float32(2)
         out.residual[i].ravel()[fr.sky_idx] = np.where(valid, res, 0)
@@ -276,6 +281,20 @@ def make_masks(raw: np.ndarray, temps: np.ndarray, eps: np.ndarray, eps_source: 
         out.flags[i] = flags
     out.confidence = confidence(out.flags, valid_frac)
     return out
+
+
+def _nearest_decided(cloud: np.ndarray, undecided: np.ndarray, sky_idx: np.ndarray,
+                     shape: tuple[int, int]) -> np.ndarray:  # fmt: skip
+    """``cloud`` (on sky pixels) with each undecided pixel given the class of the nearest decided sky pixel."""
+    from scipy import ndimage
+
+    decided = np.zeros(shape[0] * shape[1], bool)
+    decided[sky_idx[~undecided]] = True
+    values = np.zeros(decided.size, bool)
+    values[sky_idx] = cloud
+    _, (iy, ix) = ndimage.distance_transform_edt(~decided.reshape(shape), return_indices=True)
+    nearest = values.reshape(shape)[iy, ix].ravel()[sky_idx]
+    return np.where(undecided, nearest, cloud)
 
 
 def cloud_fraction(mask: np.ndarray, sky: np.ndarray) -> np.ndarray:

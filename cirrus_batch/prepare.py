@@ -42,7 +42,8 @@ QUALITY_BITS = {"constant": masks.QUALITY_CONSTANT, "saturated": masks.QUALITY_S
 IMAGE_VARS = {"norm": ("float32", 0.0), "residual": ("float16", 0.0), "brightness": ("float16", 0.0),
               "mask": ("uint8", 0)}
 VECTOR_VARS = {"cloud_fraction": ("float32", np.nan), "cloudy": ("bool", False), "quality": ("uint8", UNPREPARED),
-               "eps_fit": ("float32", np.nan), "sky_excess": ("float32", np.nan), "clear_eps": ("float32", np.nan),
+               "eps_fit": ("float32", np.nan), "p_fit": ("float32", np.nan), "sky_excess": ("float32", np.nan), "sky_clear": ("float32", np.nan),
+               "clear_eps": ("float32", np.nan), "clear_p": ("float32", np.nan),
                "clear_eps_source": ("uint8", 0), "mask_confidence": ("float32", np.nan),
                "mask_flags": ("uint8", 0)}  # fmt: skip
 
@@ -173,7 +174,11 @@ def _create_arrays(store: Store, n: int, models: Models) -> None:
     group["eps_fit"].attrs.update({"long_name": "clear-sky zenith emissivity fitted to the image", "units": "1"})
     group["sky_excess"].attrs.update({"long_name": "fraction of sky above the clear sky at the fitted emissivity",
                                       "units": "1"})  # fmt: skip
+    group["sky_clear"].attrs.update({"long_name": "fraction of sky within noise of the clear sky at the fitted "
+                                                  "emissivity", "units": "1"})  # fmt: skip
     group["clear_eps"].attrs.update({"long_name": "clear-sky zenith emissivity used for the mask", "units": "1"})
+    group["p_fit"].attrs.update({"long_name": "clear-sky slant-path exponent fitted to the image", "units": "1"})
+    group["clear_p"].attrs.update({"long_name": "clear-sky slant-path exponent used for the mask", "units": "1"})
     group["clear_eps_source"].attrs.update({"long_name": "where clear_eps comes from",
                                             "flag_values": list(clearsky.EPS_SOURCES.values()),
                                             "flag_meanings": " ".join(clearsky.EPS_SOURCES)})  # fmt: skip
@@ -183,16 +188,16 @@ def _create_arrays(store: Store, n: int, models: Models) -> None:
                                       "flag_meanings": " ".join(masks.MASK_FLAGS)})  # fmt: skip
 
 
-def fit_block(store_url: str, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-    """Task, first pass: each image's clear-sky ε0 fit and sky excess for images ``start:stop``."""
+def fit_block(store_url: str, start: int, stop: int) -> tuple[np.ndarray, ...]:
+    """Task, first pass: each image's clear-sky (ε0, p), sky excess and clear fraction for images ``start:stop``."""
     group = zarr.open_group(store_url, mode="r+", zarr_format=3)
     models = Models.from_store(group)
     region = slice(start, stop)
-    eps, excess = masks.fit_block(group["raw"][region], _ambient(group, models.ambient_key, region),
-                                  models.geometry, models.clear_sky, models.clear_config)  # fmt: skip
-    group["eps_fit"][region] = eps.astype(np.float32)
-    group["sky_excess"][region] = excess.astype(np.float32)
-    return eps, excess
+    fits = masks.fit_block(group["raw"][region], _ambient(group, models.ambient_key, region), models.geometry,
+                           models.clear_sky, models.clear_config)  # fmt: skip
+    for name, values in zip(("eps_fit", "p_fit", "sky_excess", "sky_clear"), fits):
+        group[name][region] = values.astype(np.float32)
+    return fits
 
 
 def prepare_block(store_url: str, start: int, stop: int) -> int:
@@ -202,8 +207,9 @@ def prepare_block(store_url: str, start: int, stop: int) -> int:
     region = slice(start, stop)
     raw = group["raw"][region]
     ambient = _ambient(group, models.ambient_key, region)
-    out = masks.make_masks(raw, ambient, group["clear_eps"][region], group["clear_eps_source"][region],
-                           models.geometry, models.clear_sky, models.mask_config, models.clear_config)  # fmt: skip
+    out = masks.make_masks(raw, ambient, group["clear_eps"][region], group["clear_p"][region],
+                           group["clear_eps_source"][region], models.geometry, models.clear_sky, models.mask_config,
+                           models.clear_config)  # fmt: skip
     write_images(group["norm"], region, normalize(raw, models.normalization))
     write_images(group["residual"], region, out.residual.astype(np.float16))
     write_images(group["brightness"], region, out.brightness.astype(np.float16))
@@ -289,10 +295,12 @@ def prepare(
               mininterval=0.5) as bar:  # fmt: skip
         for fut in as_completed([client.submit(fit_block, store_url, a, b, pure=False) for a, b in blocks]):
             bar.update(len(fut.result()[0]))
-        eps, source = clearsky.choose_eps(group["time"][:n].astype("datetime64[us]"), group["eps_fit"][:n],
-                                          group["sky_excess"][:n], models.clear_sky, models.clear_config)  # fmt: skip
-        for a, b in blocks:  # only the images about to be prepared: the others keep the ε0 of their masks
+        eps, p, source = clearsky.choose_eps(
+            group["time"][:n].astype("datetime64[us]"), group["eps_fit"][:n], group["p_fit"][:n],
+            group["sky_excess"][:n], group["sky_clear"][:n], models.clear_sky, models.clear_config)
+        for a, b in blocks:  # only the images about to be prepared: the others keep the clear sky of their masks
             group["clear_eps"][a:b] = eps[a:b].astype(np.float32)
+            group["clear_p"][a:b] = p[a:b].astype(np.float32)
             group["clear_eps_source"][a:b] = source[a:b]
         futures = [client.submit(prepare_block, store_url, a, b, pure=False) for a, b in blocks]
         for fut in as_completed(futures):
@@ -322,6 +330,24 @@ def prepare(
     report.cloudy = int(cloudy.sum())
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def prepare_arrays(raw: np.ndarray, ambtemp: np.ndarray, times: np.ndarray,
+                   cfg: PrepareConfig | None = None) -> tuple[Models, masks.Masks]:  # fmt: skip
+    """What ``prepare`` computes, in memory and in one process, for raw images (n, y, x) with their ambient
+    temperatures (deg C, NaN unknown) and times: the fitted models and the masks (for notebooks, tests and
+    benchmarks; ``prepare`` does the same over a store's shards)."""
+    cfg = cfg or PrepareConfig()
+    raw = np.asarray(raw)
+    ambtemp = np.asarray(ambtemp, np.float64)
+    index = spread_index(len(raw), cfg.fit_images)
+    geom = geometry.estimate_sky(raw[index], ambtemp[index], cfg.sky)
+    search = spread_index(len(raw), cfg.clear.search_images)
+    model = clearsky.fit_clear_sky(clearsky.profiles(raw[search], ambtemp[search], geom, cfg.clear), cfg.clear)
+    eps, p, source = clearsky.choose_eps(times, *masks.fit_block(raw, ambtemp, geom, model, cfg.clear), model,
+                                         cfg.clear)  # fmt: skip
+    out = masks.make_masks(raw, ambtemp, eps, p, source, geom, model, cfg.mask, cfg.clear)
+    return Models(geom, fit_normalization(raw[index], geom), model, cfg.mask, cfg.clear, cfg.ambient_key), out
 
 
 def _model_summary(models: Models) -> dict[str, Any]:
@@ -399,13 +425,13 @@ def _panel(group: zarr.Group, truth_url: str, index: np.ndarray, out_png: str | 
     models = Models.from_store(group)
     raw = read_images(group["raw"], picks)
     ambient = _ambient(group, models.ambient_key, np.array(picks))
-    eps = group["clear_eps"].get_orthogonal_selection(np.array(picks))
-    source = group["clear_eps_source"].get_orthogonal_selection(np.array(picks))
-    out = masks.make_masks(raw, ambient, eps, source, models.geometry, models.clear_sky, models.mask_config,
+    eps, p, source = (group[k].get_orthogonal_selection(np.array(picks)) for k in ("clear_eps", "clear_p",
+                                                                                     "clear_eps_source"))
+    out = masks.make_masks(raw, ambient, eps, p, source, models.geometry, models.clear_sky, models.mask_config,
                            models.clear_config)  # fmt: skip
     fr = clearsky.Frame(models.geometry, models.clear_sky, models.clear_config)
     clear = np.zeros(out.brightness.shape, np.float32)
-    for k, e in enumerate(eps):
-        clear[k].ravel()[fr.sky_idx] = fr.clear(float(e))
+    for k, (e, pk) in enumerate(zip(eps, p)):
+        clear[k].ravel()[fr.sky_idx] = fr.clear(float(e), float(pk))
     true = read_images(truth["mask"], index[picks])
     return panels.quality_panel(raw, out.brightness, clear, out.mask, true, models.geometry, titles, out_png)

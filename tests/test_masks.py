@@ -1,226 +1,147 @@
-"""Mask generation on a tiny synthetic archive: sky geometry, normalization, clear-sky model, masks, flags."""
+"""The mask recipe on hand-made frames (clear, a cloud, a deck, a contradicted model, bad frames), the scores,
+and the whole method on a small season of every camera kind of the independent renderer."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
 
+from cirrus_batch import clearsky as C
+from cirrus_batch import geometry as G
 from cirrus_batch import masks as M
-from cirrus_batch import synth
+from cirrus_batch import scoring, synth
+from cirrus_batch.config import PrepareConfig
+from cirrus_batch.prepare import prepare_arrays
 
-SHAPE = (96, 128)
-
-
-@dataclass
-class Tiny:
-    raw: np.ndarray
-    temps: np.ndarray
-    truth: np.ndarray
-    sky: np.ndarray
-    kinds: np.ndarray
-    geom: M.SkyGeometry
-    model: M.ClearSkyModel
+SHAPE = (80, 100)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
-    dest = tmp_path_factory.mktemp("masks") / "archive"
-    summary = synth.write_archive(
-        dest, nights=5, per_night=16, cadence_min=5, shape=SHAPE, seed=2, progress=False
-    )
-    ds = xr.open_zarr(summary.truth, consolidated=False)
-    raws, temps = [], []
-    for src in ds["source"].values:
-        data, hdr = synth.read_fits(dest / str(src))
-        raws.append(data.astype(np.uint16))
-        temps.append(float(hdr["AMBTEMP"]))
-    raw = np.stack(raws)
-    temps_a = np.array(temps)
-    geom = M.estimate_sky(raw[::2])
-    model = M.fit_clear_sky(raw[::2], temps_a[::2], geom)
-    return Tiny(
-        raw=raw, temps=temps_a, truth=ds["mask"].values, sky=ds["sky"].values.astype(bool),
-        kinds=np.array(ds["night_kind"].values.tolist()), geom=geom, model=model,
-    )  # fmt: skip
+def hand_made() -> tuple[G.SkyGeometry, C.ClearSkyModel, C.Frame]:
+    yy, xx = np.mgrid[0 : SHAPE[0], 0 : SHAPE[1]]
+    r = np.hypot(yy - 40, xx - 50)
+    classes = np.where(r < 36, G.SKY, np.where(r > 39, G.DARK, G.OTHER)).astype(np.uint8)
+    classes[(r < 36) & (r > 33) & (xx < 25)] = G.AMBIENT  # a wall at the horizon
+    geom = G.SkyGeometry(center=(40.0, 50.0), radius=37.0, projection="equidistant", fov_deg=180.0, classes=classes)
+    theta = (np.arange(90) + 0.5).tolist()
+    model = C.ClearSkyModel(theta=theta, weight=[1.0] * 90, sigma=[0.01] * 90, exponent=0.6, p_lo=0.5, p_hi=0.7,
+                            eps_lo=0.01, eps_hi=0.75, eps_typical=0.3, scale={"source": "dark"}, n_clear=10)  # fmt: skip
+    return geom, model, C.Frame(geom, model, C.ClearSkyConfig())
 
 
-def test_sky_geometry_matches_truth(tiny: Tiny) -> None:
-    g, sky = tiny.geom, tiny.sky
-    iou = (g.sky & sky).sum() / (g.sky | sky).sum()
-    assert iou > 0.95
-    cam = synth.make_camera(SHAPE, 2)
-    assert abs(g.center[0] - cam.cy) < 1.5 and abs(g.center[1] - cam.cx) < 1.5
-    assert abs(g.radius - cam.radius) < 1.5
-    assert g.zenith.dtype == np.float32 and g.zenith[g.sky].max() < 90
+def render(geom: G.SkyGeometry, fr: C.Frame, eps: float, extra: np.ndarray | None = None, seed: int = 0):
+    """raw ADU: dark 1000, ambient 1000 + 8000, sky = dark + 8000 * brightness (+ noise)."""
+    rng = np.random.default_rng(seed)
+    img = np.full(SHAPE, 1000.0)
+    img[geom.ambient] = 9000.0
+    e = fr.clear(eps, 0.6).astype(np.float64)
+    if extra is not None:
+        e = np.maximum(e, extra.ravel()[fr.sky_idx])
+    img.ravel()[fr.sky_idx] = 1000 + 8000 * e
+    return np.clip(img + rng.normal(0, 8, SHAPE), 0, 16383).astype(np.uint16)
 
 
-def test_geometry_attrs_roundtrip_and_config(tiny: Tiny) -> None:
-    attrs = json.loads(json.dumps(tiny.geom.to_attrs()))
-    g2 = M.SkyGeometry.from_attrs(attrs, SHAPE, tiny.geom.sky.astype(np.uint8))
-    np.testing.assert_allclose(g2.zenith, tiny.geom.zenith, atol=1e-4)
-    assert g2.sky.dtype == bool and np.array_equal(g2.sky, tiny.geom.sky)
-    # geometry given in the config: no estimation of the circle
-    cfg = M.SkyConfig(center=[48.0, 64.0], radius=40.0)
-    g3 = M.estimate_sky(tiny.raw[:6], cfg)
-    assert g3.center == (48.0, 64.0) and g3.radius == 40.0
-    assert not g3.sky[g3.zenith >= 90].any()
+def run(raw: np.ndarray, eps: float, source: int = 0, cfg: M.MaskConfig | None = None) -> M.Masks:
+    geom, model, _ = hand_made()
+    raw3 = raw.reshape(-1, *SHAPE)
+    n = len(raw3)
+    return M.make_masks(raw3, np.full(n, 5.0), np.full(n, eps), np.full(n, 0.6), np.full(n, source), geom, model,
+                        cfg or M.MaskConfig(), C.ClearSkyConfig())  # fmt: skip
 
 
-def test_horizon_file(tiny: Tiny, tmp_path: Path) -> None:
-    csv = tmp_path / "horizon.csv"
-    csv.write_text("azimuth_deg,elevation_deg\n0,30\n180,30\n")
-    g = M.estimate_sky(tiny.raw[:4], M.SkyConfig(horizon_file=str(csv)))
-    assert g.sky.any() and g.zenith[g.sky].max() < 60.5
+def test_clear_frame_empty_mask_full_confidence() -> None:
+    geom, model, fr = hand_made()
+    out = run(render(geom, fr, 0.3), 0.3)
+    assert out.mask.sum() == 0 and out.confidence[0] == 1.0 and out.flags[0] == 0
+    assert abs(float(np.median(out.residual[0][geom.sky]))) < 0.1
+    assert 0.25 < float(np.median(out.brightness[0][geom.sky & (geom.zenith < 20)])) < 0.35
 
 
-def test_normalization_deterministic_roundtrip(tiny: Tiny) -> None:
-    norm = M.fit_normalization(tiny.raw[::3], tiny.geom)
-    assert norm.to_attrs() == M.fit_normalization(tiny.raw[::3], tiny.geom).to_attrs()
-    norm2 = M.Normalization.from_attrs(json.loads(json.dumps(norm.to_attrs())))
-    a = M.normalize(tiny.raw[:3], norm)
-    b = M.normalize(tiny.raw[:3], norm2)
-    assert a.dtype == np.float32 and np.array_equal(a, b)
-    sky_vals = a[:, tiny.geom.sky]
-    assert 0.0 < np.median(sky_vals) < 1.0
-    bad = tiny.raw[0].copy()
-    bad[10, 10] = M.NODATA
-    assert M.normalize(bad, norm)[10, 10] == norm.params["fill"]
+def test_a_cloud_is_found_and_a_deck_covers_the_sky() -> None:
+    geom, model, fr = hand_made()
+    blob = np.where(np.hypot(*(np.mgrid[0:80, 0:100] - np.array([30, 45])[:, None, None])) < 10, 0.9, 0.0)
+    out = run(render(geom, fr, 0.3, blob), 0.3)
+    truth = (blob > 0) & geom.sky
+    assert (out.mask[0].astype(bool) & truth).sum() / (out.mask[0].astype(bool) | truth).sum() > 0.9
+    deck = np.full(SHAPE, 0.93)
+    out = run(render(geom, fr, 0.3, deck), 0.3, source=C.EPS_SOURCES["night"])
+    assert M.cloud_fraction(out.mask, geom.sky)[0] > 0.97  # horizon included: the deck is extended there
+    assert out.flags[0] & M.MASK_FLAGS["eps_from_night"] and out.confidence[0] == pytest.approx(0.9)
 
 
-def test_clear_sky_model(tiny: Tiny) -> None:
-    model, geom = tiny.model, tiny.geom
-    attrs = json.loads(json.dumps(model.to_attrs()))
-    assert M.ClearSkyModel.from_attrs(attrs) == model
-    assert model.use_temperature and model.n_clear >= 3
-    # the model picked clear frames
-    truth_cf = tiny.truth[::2][:, tiny.sky].mean(axis=1)
-    assert truth_cf[model.clear_index].max() < 0.01
-    typical = M.clear_sky(model, geom, 5.0)
-    zen = geom.zenith
-    assert typical.shape == SHAPE
-    horizon, zenith = typical[geom.sky & (zen > 75)].mean(), typical[geom.sky & (zen < 15)].mean()
-    assert horizon > zenith + 500  # the horizon is brighter than the zenith
-    assert M.clear_sky(model, geom, np.array([0.0, 10.0])).shape == (2, *SHAPE)
-    # residual of truly clear frames ~ 0 (noise only, no bias)
-    clear = np.flatnonzero(tiny.truth[:, tiny.sky].sum(axis=1) == 0)[:6]
-    fit = M.clear_sky(model, geom, tiny.temps[clear], raw=tiny.raw[clear])
-    res = (tiny.raw[clear].astype(np.float32) - fit)[:, geom.sky]
-    assert abs(float(np.median(res))) < 10
-    assert float(np.std(res)) < 60
+def test_contradicted_model_falls_back_to_the_stretch_recipe() -> None:
+    geom, model, fr = hand_made()
+    raw = render(geom, fr, 0.3)
+    raw[geom.sky] = (raw[geom.sky] - 1500).astype(np.uint16)  # far darker than any clear sky
+    out = run(raw, 0.3)
+    assert out.flags[0] & M.MASK_FLAGS["model_contradicted"] and out.confidence[0] <= 0.4
+    assert M.describe_flags(out.flags)["model_contradicted"] == 1
 
 
-def test_masks_match_truth(tiny: Tiny) -> None:
-    m = M.cloud_masks(tiny.raw, tiny.temps, tiny.geom, tiny.model)
-    assert m.shape == tiny.raw.shape and m.dtype == np.uint8
-    assert not m[:, ~tiny.geom.sky].any()
-    r = M.evaluate(m, tiny.truth, tiny.sky, tiny.kinds, 0.05)
-    assert r["iou"] > 0.85
-    assert r["per_kind"]["cirrus"]["iou"] > 0.6
-    assert r["clear_false_alarm"] < 0.01
-    assert r["label_accuracy"] > 0.9
-    # the naive per-image stretch fails on clear frames
-    naive = M.evaluate(M.naive_masks(tiny.raw, tiny.sky), tiny.truth, tiny.sky, tiny.kinds, 0.05)
-    assert naive["clear_false_alarm"] > 0.1
-    cf = M.cloud_fraction(m, tiny.geom.sky)
-    assert cf.dtype == np.float32 and cf.shape == (len(m),) and np.all((cf >= 0) & (cf <= 1))
-
-
-def test_residuals_come_from_the_same_fits_as_the_masks(tiny: Tiny) -> None:
-    m, r = M.masks_and_residuals(tiny.raw, tiny.temps, tiny.geom, tiny.model)
-    np.testing.assert_array_equal(m, M.cloud_masks(tiny.raw, tiny.temps, tiny.geom, tiny.model))
-    assert r.shape == tiny.raw.shape and r.dtype == np.float32 and not r[:, ~tiny.geom.sky].any()
-    truth = tiny.truth.astype(bool) & tiny.geom.sky
-    clear = ~tiny.truth.astype(bool) & tiny.geom.sky
-    assert abs(float(np.median(r[clear]))) < 0.05  # ~0 sigma on clear sky
-    assert float(np.median(r[truth])) > 1.0  # clouds stand out (asinh(z / 4) / 2 > 1: z > 4.7 sigma)
-    assert float(np.median(r[truth & m.astype(bool)])) > float(np.median(r[truth & ~m.astype(bool)]))
-
-
-def test_clear_frames_not_cloudy(tiny: Tiny) -> None:
-    clear = tiny.kinds == "clear"
-    m = M.cloud_masks(tiny.raw[clear], tiny.temps[clear], tiny.geom, tiny.model)
-    assert M.cloud_fraction(m, tiny.geom.sky).max() < 0.01
-    # no temperature in the header: the model goes without its temperature term
-    nan = np.full(tiny.temps.shape, np.nan)
-    model = M.fit_clear_sky(tiny.raw[::2], nan[::2], tiny.geom)
-    assert not model.use_temperature
-    m2 = M.cloud_masks(tiny.raw[clear], nan[clear], tiny.geom, model)
-    assert M.cloud_fraction(m2, tiny.geom.sky).max() < 0.01
-
-
-def test_quality_flags_and_robustness(tiny: Tiny) -> None:
-    good = tiny.raw[0]
+def test_bad_frames_are_flagged_never_fatal() -> None:
+    geom, model, fr = hand_made()
+    good = render(geom, fr, 0.3)
     const = np.full(SHAPE, 1234, np.uint16)
     sat = good.copy()
-    sat[tiny.geom.sky] = M.ADU_MAX
-    nod = good.copy()
-    nod[tiny.geom.sky & (tiny.geom.zenith < 30)] = M.NODATA
-    allnod = np.full(SHAPE, M.NODATA, np.uint16)
-    stack = np.stack([good, const, sat, nod, allnod])
-    flags = M.quality_flags(stack, tiny.geom)
-    assert flags.dtype == np.uint8
-    assert flags[0] == 0
-    assert flags[1] & M.QUALITY_CONSTANT
-    assert flags[2] & M.QUALITY_SATURATED and not flags[2] & M.QUALITY_CONSTANT
-    assert flags[3] == M.QUALITY_NODATA
-    assert flags[4] & M.QUALITY_NODATA and flags[4] & M.QUALITY_CONSTANT
-    temps = np.array([tiny.temps[0], np.nan, 5.0, tiny.temps[0], 5.0])
-    m = M.cloud_masks(stack, temps, tiny.geom, tiny.model)
-    assert m.shape == stack.shape
-    assert not m[1].any() and not m[2].any() and not m[4].any()
-    assert not m[3][nod == M.NODATA].any()
-    # a partial no-data frame still gets a mask elsewhere, equal to the full frame's outside the hole
-    full = M.cloud_masks(good, tiny.temps[0], tiny.geom, tiny.model)
-    hole = nod == M.NODATA
-    assert np.mean(m[3][~hole] == full[~hole]) > 0.98
+    sat[geom.sky] = M.ADU_MAX
+    hole = good.copy()
+    hole[geom.sky & (geom.zenith < 30)] = M.NODATA
+    out = run(np.stack([good, const, sat, hole]), 0.3)
+    assert out.quality[1] & M.QUALITY_CONSTANT and out.quality[2] & M.QUALITY_SATURATED
+    assert out.quality[3] == M.QUALITY_NODATA and out.flags[3] & M.MASK_FLAGS["nodata"]
+    assert not out.mask[1:3].any() and (out.confidence[1:3] == 0).all()
+    assert 0 < out.confidence[3] < 1 and not out.mask[3][hole == M.NODATA].any()
 
 
-def test_evaluate_hand_made() -> None:
-    sky = np.ones((2, 2), bool)
-    sky[1, 1] = False  # ignored pixel
-    truth = np.array([[[1, 1], [0, 1]], [[0, 0], [0, 0]]], np.uint8)
-    mask = np.array([[[1, 0], [1, 0]], [[1, 0], [0, 1]]], np.uint8)
-    r = M.evaluate(mask, truth, sky, np.array(["a", "b"]), cloudy_threshold=0.5)
-    # frame 0: tp=1 fp=1 fn=1; frame 1: tp=0 fp=1 fn=0
-    assert r["iou"] == pytest.approx(1 / 4)
-    assert r["precision"] == pytest.approx(1 / 3)
-    assert r["recall"] == pytest.approx(1 / 2)
-    assert r["f1"] == pytest.approx(2 / 5)
-    assert r["per_kind"]["a"]["iou"] == pytest.approx(1 / 3)
-    assert r["per_kind"]["b"]["iou"] == 0.0
-    assert r["clear_false_alarm"] == pytest.approx(1 / 3) and r["n_clear_frames"] == 1
-    # cf(mask) = [2/3, 1/3] vs cf(truth) = [2/3, 0] at threshold 0.5: both right
-    assert r["label_accuracy"] == 1.0
-    assert all(isinstance(v, float) for k, v in r.items() if k in ("iou", "f1", "precision", "recall"))
-    assert np.allclose(M.cloud_fraction(mask, sky), [2 / 3, 1 / 3])
-
-
-def test_otsu_and_stretch_options(tiny: Tiny) -> None:
+def test_stretch_options_and_otsu() -> None:
     rng = np.random.default_rng(0)
     v = np.concatenate([rng.normal(0.2, 0.02, 1000), rng.normal(0.8, 0.02, 1000)])
     assert 0.3 < M.otsu(v) < 0.7
-    frames = tiny.raw[tiny.kinds == "broken"][:3]
-    temps = tiny.temps[tiny.kinds == "broken"][:3]
-    base = M.cloud_masks(frames, temps, tiny.geom, tiny.model)
+    geom, model, fr = hand_made()
+    blob = np.where(np.mgrid[0:80, 0:100][1] > 55, 0.6, 0.0)
+    raw = render(geom, fr, 0.3, blob)
+    base = run(raw, 0.3).mask
     for cfg in (M.MaskConfig(interval="percentile", stretch="log"), M.MaskConfig(stretch="sqrt"),
                 M.MaskConfig(stretch="linear", threshold=0.3)):  # fmt: skip
-        m = M.cloud_masks(frames, temps, tiny.geom, tiny.model, cfg)
-        assert np.mean(m == base) > 0.9
-    with pytest.raises(ValueError):
-        M.cloud_masks(frames, temps, tiny.geom, tiny.model, M.MaskConfig(stretch="nope"))
+        assert np.mean(run(raw, 0.3, cfg=cfg).mask == base) > 0.95
+    with pytest.raises(ValueError, match="stretch"):
+        M.MaskConfig(stretch="nope")
 
 
-def test_quality_panel(tiny: Tiny, tmp_path: Path) -> None:
-    idx = [0, 20, 40]
-    raw = tiny.raw[idx]
-    clear = M.clear_sky(tiny.model, tiny.geom, tiny.temps[idx], raw=raw)
-    m = M.cloud_masks(raw, tiny.temps[idx], tiny.geom, tiny.model)
-    out = M.quality_panel(raw, clear, m, tiny.truth[idx], tiny.geom, ["a", "b", "c"], tmp_path / "p.png")
-    assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    out2 = M.quality_panel(raw[0], clear[0], m[0], None, tiny.geom, None, tmp_path / "q.png")
-    assert out2.stat().st_size > 1000
+def test_scores_hand_made_with_unlabelled_pixels() -> None:
+    sky = np.ones((2, 2), bool)
+    sky[1, 1] = False
+    truth = np.array([[[1, 1], [0, 1]], [[0, 0], [255, 0]]], np.uint8)
+    mask = np.array([[[1, 0], [1, 0]], [[1, 0], [1, 1]]], np.uint8)
+    r = scoring.evaluate(mask, truth, sky, np.array(["a", "b"]), cloudy_threshold=0.4)
+    # frame 0: tp=1 fp=1 fn=1; frame 1: tp=0 fp=1 fn=0 (the unlabelled pixel and the non-sky one are left out)
+    assert r["iou"] == pytest.approx(1 / 4) and r["precision"] == pytest.approx(1 / 3)
+    assert r["per_kind"]["a"]["iou"] == pytest.approx(1 / 3) and r["per_kind"]["b"]["iou"] == 0.0
+    assert r["n_clear_frames"] == 1 and r["clear_false_alarm"] == pytest.approx(1 / 2)
+    assert r["clear_label_accuracy"] == 0.0 and r["cloudy_label_accuracy"] == 1.0  # frame 1: cf 1/2 > 0.4
+
+
+ORTHO = pytest.mark.xfail(strict=True, reason="open in issue 14: behind an orthographic 170° lens with strong "
+                          "vignetting no clear frame is recognised, so the clear sky is the physical prior alone")
+CAMERAS = [pytest.param(k, marks=ORTHO) if k == "ortho" else k for k in synth.CAMERA_KINDS]
+
+
+@pytest.mark.parametrize("camera", CAMERAS)
+def test_every_camera_of_the_independent_renderer(camera: str, tmp_path: Path) -> None:
+    """A small season of each camera kind with clear, broken and overcast nights (plus a humid clear one)."""
+    kinds = ["clear-dry", "broken", "overcast", "clear-humid"]
+    summary = synth.write_archive(tmp_path / "a", nights=4, per_night=8, cadence_min=8, shape=(120, 150), seed=5,
+                                  kinds=kinds, camera_kind=camera, progress=False)  # fmt: skip
+    ds = xr.open_zarr(summary.truth, consolidated=False)
+    raw = np.stack([synth.read_fits(summary.archive / str(s))[0] for s in ds["source"].values]).astype(np.uint16)
+    models, out = prepare_arrays(raw, ds["ambtemp"].values, ds["time"].values, PrepareConfig(fit_images=32))
+    sky = ds["sky"].values.astype(bool)
+    night = np.array(ds["night_kind"].values.tolist())
+    r = scoring.evaluate(out.mask, ds["mask"].values, sky, night)
+    assert (models.geometry.sky & sky).sum() / (models.geometry.sky | sky).sum() > 0.8
+    assert r["per_kind"]["overcast"]["iou"] > 0.85, r
+    assert r["per_kind"]["clear-dry"]["label_accuracy"] == 1.0 and r["cloudy_label_accuracy"] >= 0.9, r
+    humid = M.cloud_fraction(out.mask[night == "clear-humid"], models.geometry.sky)
+    assert humid.mean() < 0.1  # a humid clear night is not a deck (on this tiny season a few % of false cloud)

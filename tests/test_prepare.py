@@ -15,15 +15,16 @@ import xarray as xr
 import zarr
 from conftest import write_fits
 
-from cirrus_batch import masks
+from cirrus_batch import masks, synth
 from cirrus_batch.config import IngestConfig, PrepareConfig
 from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.ingest import ingest
 from cirrus_batch.prepare import UNPREPARED, Models, evaluate_store, prepare, read_labels
+from cirrus_batch.normalization import Normalization, normalize
 from cirrus_batch.store import open_dataset
 from cirrus_batch.synth import write_archive
 
-SHAPE = (96, 120)
+SHAPE = (120, 150)
 SHARD = 6
 
 
@@ -60,17 +61,29 @@ def test_prepare_writes_the_schema(season):
     assert (ds["mask"].values[:, ~sky] == 0).all()
     # norm is the documented deterministic transform of raw
     models = ds.attrs["prepare"]
-    expect = masks.normalize(ds["raw"].values[:3], masks.Normalization.from_attrs(models["normalization"]))
+    expect = normalize(ds["raw"].values[:3], Normalization.from_attrs(models["normalization"]))
     np.testing.assert_array_equal(ds["norm"].values[:3], expect)
     # the residual: float16, 0 off the sky, about 0 on clear sky and high under the mask
     residual, mask = ds["residual"].values.astype(np.float32), ds["mask"].values.astype(bool)
     assert ds["residual"].dtype == np.float16 and (residual[:, ~sky] == 0).all()
     clear_sky = ~mask & sky
-    assert abs(float(np.median(residual[clear_sky]))) < 0.1 and float(np.median(residual[mask])) > 1.0
+    assert abs(float(np.median(residual[clear_sky]))) < 0.2 and float(np.median(residual[mask])) > 1.0
+    # brightness relative to the ambient black body: decks near 1, clear zenith far below
+    bright = ds["brightness"].values.astype(np.float32)
+    assert ds["brightness"].dtype == np.float16 and (bright[:, ~sky] == 0).all()
+    assert 0.0 < float(np.median(bright[clear_sky])) < float(np.median(bright[mask])) < 1.2
+    # every image has a confidence, flags and the clear sky its mask was made with
+    assert np.isfinite(ds["mask_confidence"].values).all() and (ds["mask_confidence"].values <= 1).all()
+    assert np.isfinite(ds["clear_eps"].values).all() and np.isfinite(ds["clear_p"].values).all()
+    assert set(np.unique(ds["pixel_class"].values)) <= {0, 1, 2, 3} and (ds["pixel_class"].values == 2).any()
+    # the stored masks are what make_masks gives for the stored clear sky
     m = Models.from_store(zarr.open_group(str(store), mode="r"))
-    _, expect = masks.masks_and_residuals(ds["raw"].values[:3], ds["ambtemp"].values[:3], m.geometry, m.clear_sky,
-                                          m.mask_config)  # fmt: skip
-    np.testing.assert_allclose(residual[:3], expect, atol=2e-3, rtol=2e-3)  # float16
+    again = masks.make_masks(ds["raw"].values[:3], ds["ambtemp"].values[:3], ds["clear_eps"].values[:3],
+                             ds["clear_p"].values[:3], ds["clear_eps_source"].values[:3], m.geometry, m.clear_sky,
+                             m.mask_config, m.clear_config)  # fmt: skip
+    np.testing.assert_array_equal(again.mask, ds["mask"].values[:3])
+    np.testing.assert_allclose(residual[:3], again.residual, atol=4e-3, rtol=2e-3)  # float16
+    assert report.clear_sky["clear frames found"] >= 3 and report.reasons.keys() == masks.MASK_FLAGS.keys()
 
 
 def test_masks_match_the_truth(season, client):
@@ -82,13 +95,13 @@ def test_masks_match_the_truth(season, client):
     assert scores["label_accuracy"] >= 0.9
     ds = open_dataset(str(store))
     t = xr.open_zarr(truth, consolidated=False)
-    clear_nights = t["night_kind"].values.astype(object) == "clear"
+    clear_nights = t["night_kind"].values.astype(object) == "clear-dry"
     assert not ds["cloudy"].values[clear_nights].any()
     assert ds["cloudy"].values[t["night_kind"].values.astype(object) == "overcast"].all()
 
 
 def masks_kinds() -> list[str]:
-    return ["clear", "broken", "cirrus", "overcast", "mixed"]
+    return list(synth.KINDS[:5])
 
 
 def test_panel_png(season, client, tmp_path):
@@ -225,12 +238,16 @@ def test_cli_prepare_evaluate(tmp_path, season):
     assert (tmp_path / "p.png").exists()
 
 
-def test_a_store_prepared_without_residual_is_prepared_again(tmp_path, client):
+def test_a_store_prepared_by_an_older_version_is_fitted_again(tmp_path, client):
     _, store = make_store(tmp_path, client)
     prepare(str(store), client, PrepareConfig(fit_images=30), progress=False)
     group = zarr.open_group(str(store), mode="r+")
-    before = group["residual"][:]
-    del group["residual"]  # as an older version left it
+    before = group["mask"][:]
+    attrs = dict(group.attrs["prepare"])
+    del attrs["clear_config"]  # as an older version left it
+    group.attrs["prepare"] = attrs
+    with pytest.raises(StoreError, match="--refit"):
+        Models.from_store(group)
     report = prepare(str(store), client, PrepareConfig(fit_images=30), progress=False)
-    assert not report.fitted and report.prepared_now == report.images
-    np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")["residual"][:], before)
+    assert report.fitted and report.prepared_now == report.images
+    np.testing.assert_array_equal(zarr.open_group(str(store), mode="r")["mask"][:], before)
