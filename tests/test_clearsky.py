@@ -40,8 +40,8 @@ def test_season_fit_recovers_the_physics_and_ignores_decks() -> None:
     deck = np.concatenate([np.full(12, np.nan), np.full(8, 0.93)])  # eight overcast frames
     model = C.fit_clear_sky(synthetic_profiles(eps, 0.6, deck=deck))
     assert not model.prior_only and model.n_clear == 12
-    assert model.exponent == pytest.approx(0.6, abs=0.1)
-    assert model.eps_lo < 0.2 and 0.45 < model.eps_hi < 0.55
+    assert model.exponent == pytest.approx(0.6, abs=0.1) and model.p_lo <= 0.6 <= model.p_hi
+    assert min(model.clear_eps) < 0.22 and max(model.clear_eps) > 0.42  # dry and humid clear frames alike
     assert model.scale["source"] == "dark"
     assert np.allclose(model.weight[:10], 1.0, atol=0.02)
     prof = model.profile(0.3)
@@ -52,38 +52,46 @@ def test_season_fit_recovers_the_physics_and_ignores_decks() -> None:
 def test_no_clear_frame_gives_the_physical_prior() -> None:
     deck = np.full(10, 0.95)
     model = C.fit_clear_sky(synthetic_profiles(np.full(10, 0.3), 0.6, deck=deck))
-    assert model.prior_only and model.n_clear == 0 and model.eps_hi < 0.75
+    assert model.prior_only and model.n_clear == 0 and model.eps_hi <= C.ClearSkyConfig().eps_cap
 
 
 def test_scale_sources() -> None:
     cfg = C.ClearSkyConfig()
     temps = np.linspace(-5, 20, 30)
+    nan = np.full(30, np.nan)
     ambient = 1500 + 8000 * band_radiance(temps) + np.random.default_rng(0).normal(0, 20, 30)
-    zen = np.full(30, 5000.0)
-    s = C.fit_scale(ambient, np.full(30, np.nan), temps, zen, cfg)
+    prof = synthetic_profiles(np.linspace(0.2, 0.4, 30), 0.6, span=8000.0)
+    # the clear profiles' shape gives the span whatever the offset
+    shape = C.fit_scale(ambient, nan, temps, prof.deficit[1], prof.theta, cfg)
+    assert shape.source == "shape" and shape.gain * float(band_radiance(shape.t_ref)) == pytest.approx(8000, rel=0.1)
+    # profiles with no clear sky's shape: the ambient reference's regression on the band radiance
+    flat = np.broadcast_to(300.0 + 10 * prof.theta, prof.deficit[1].shape)  # darker towards the horizon
+    s = C.fit_scale(ambient, nan, temps, flat, prof.theta, cfg)
     assert s.source == "temperature" and s.gain == pytest.approx(8000, rel=0.03)
-    np.testing.assert_allclose(s.span(ambient, np.full(30, np.nan), temps), s.gain * band_radiance(temps), rtol=1e-9)
-    assert C.fit_scale(ambient, ambient - 7000, temps, zen, cfg).source == "dark"
-    flat = C.fit_scale(ambient, np.full(30, np.nan), np.full(30, np.nan), zen, cfg)
-    assert flat.source == "assumed" and flat.gain == pytest.approx(5000 / 0.8)
+    np.testing.assert_allclose(s.span(ambient, nan, temps), s.gain * band_radiance(temps), rtol=1e-9)
+    assert C.fit_scale(ambient, ambient - 7000, temps, flat, prof.theta, cfg).source == "dark"
+    assert C.fit_scale(ambient, nan, nan, flat, prof.theta, cfg).source == "assumed"
 
 
 def test_night_trend_holds_cloudy_frames_to_the_clear_ones() -> None:
-    model = C.ClearSkyModel(theta=[0.5], weight=[1.0], sigma=[0.01], exponent=0.6, eps_lo=0.1, eps_hi=0.6,
-                            eps_typical=0.3, scale={"source": "dark"}, n_clear=5)  # fmt: skip
+    model = C.ClearSkyModel(theta=[0.5], weight=[1.0], sigma=[0.01], exponent=0.6, p_lo=0.4, p_hi=0.8, eps_lo=0.01,
+                            eps_hi=0.6, eps_typical=0.3, scale={"source": "dark"}, n_clear=5)  # fmt: skip
     cfg = C.ClearSkyConfig()
     t0 = np.datetime64("2026-01-05T19:00")
     night1 = t0 + np.arange(20) * np.timedelta64(10, "m")
     night2 = t0 + np.timedelta64(1, "D") + np.arange(10) * np.timedelta64(10, "m")
     times = np.concatenate([night1, night2])
     eps_fit = np.concatenate([np.linspace(0.30, 0.34, 10), np.full(10, 0.6), np.full(10, 0.55)])
-    cloudy = np.concatenate([np.zeros(10), np.full(10, 0.9), np.full(10, 0.9)])
+    p_fit = np.full(30, 0.6)
+    excess = np.concatenate([np.zeros(10), np.full(10, 0.9), np.full(10, 0.9)])
+    consistent = np.concatenate([np.ones(10), np.zeros(10), np.full(10, 0.1)])  # decks: no clear gap
     assert list(C.night_index(times, 3.0)) == [0] * 20 + [1] * 10
-    use, source = C.choose_eps(times, eps_fit, cloudy, model, cfg)
+    use, p, source = C.choose_eps(times, eps_fit, p_fit, excess, consistent, model, cfg)
     assert np.allclose(use[:10], eps_fit[:10]) and (source[:10] == C.EPS_SOURCES["fit"]).all()
-    assert (use[10:20] < 0.34 + cfg.trend_tol + 1e-9).all() and (source[10:20] == C.EPS_SOURCES["night"]).all()
-    season = float(np.median(eps_fit[:10]))  # night 2 has no clear frame: the season's typical ε0
-    assert np.allclose(use[20:], season + cfg.season_tol) and (source[20:] == C.EPS_SOURCES["season"]).all()
+    assert (use[10:20] <= 0.34 + 1e-9).all() and (source[10:20] == C.EPS_SOURCES["night"]).all()
+    # night 2 has nothing that looks clear: the driest clear sky of the season
+    assert np.allclose(use[20:], np.percentile(eps_fit[:10], 10)) and (source[20:] == C.EPS_SOURCES["season"]).all()
+    assert np.allclose(p, 0.6)
 
 
 def test_config_ranges() -> None:
