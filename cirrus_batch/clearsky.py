@@ -24,6 +24,7 @@ they are rare still has them; with none at all the physical shape alone is used,
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -356,7 +357,9 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
             weight /= np.mean(weight[zen_bins])
         eps_c, p_c, _ = _fit_eps(y, weight, theta, inv_sig, 0.01, cfg.eps_cap)
         p = float(np.median(p_c))
-        sig = np.nanmedian((q75 - q10)[clear], axis=0) / 1.956  # the 10-75 % range of a normal is 1.956 sigma
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # bins no clear frame reaches (behind obstacles)
+            sig = np.nanmedian((q75 - q10)[clear], axis=0) / 1.956  # the 10-75 % range of a normal: 1.956 sigma
         sig = np.where(np.isfinite(sig), sig, np.nanmax(sig[np.isfinite(sig)]) if np.isfinite(sig).any() else 0.02)
         sig = ndimage.gaussian_filter1d(np.hypot(sig, cfg.sigma_floor), 2.0, mode="nearest")
         inv_sig = 1.0 / sig
@@ -371,7 +374,9 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
             break
         clear = new
     if eps_c.size < cfg.min_clear:
-        sig = np.nanmedian((q75 - q10)[use], axis=0) / 1.956 if use.any() else np.full(theta.size, 0.02)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            sig = np.nanmedian((q75 - q10)[use], axis=0) / 1.956 if use.any() else np.full(theta.size, 0.02)
         sig = np.where(np.isfinite(sig), sig, 0.02)
         return ClearSkyModel(theta=theta.tolist(), weight=[1.0] * theta.size,
                              sigma=ndimage.gaussian_filter1d(np.hypot(sig, cfg.sigma_floor), 2.0,
