@@ -53,6 +53,14 @@ def _lock(args: argparse.Namespace, config: JobConfig, create: bool = False):
                      on_wait=lambda message: print(f"cirrus: {message}", file=sys.stderr, flush=True))  # fmt: skip
 
 
+def _tracking(uri: str) -> None:
+    """Fail at once when the MLflow tracking server is unreachable; fewer MLflow retries later on."""
+    from cirrus_batch.tracking import limit_retries, require_server
+
+    require_server(uri)
+    limit_retries()
+
+
 def _client(config: JobConfig):
     from cirrus_batch.cluster import connect
 
@@ -148,9 +156,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    config = _config(args, **{"train.tracking_uri": args.tracking_uri, "train.epochs": args.epochs})
+    _tracking(config.train.tracking_uri)
     from cirrus_batch.train import train, train_on_cluster
 
-    config = _config(args, **{"train.tracking_uri": args.tracking_uri, "train.epochs": args.epochs})
     tasks = ["classify", "segment"] if args.task == "both" else [args.task]
     on_cluster = config.cluster.kind != "local"  # local: train in this process (progress bars, Ctrl-C)
     rows = []
@@ -179,11 +188,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_reprocess(args: argparse.Namespace) -> int:
-    from cirrus_batch.reprocess import models_by_task, reprocess, resolve_model
-
     config = _config(args, **{"train.tracking_uri": args.tracking_uri, "reprocess.classifier": args.classifier,
                               "reprocess.unet": args.unet, "lock.wait": args.wait})  # fmt: skip
     tracking = config.train.tracking_uri
+    _tracking(tracking)
+    from cirrus_batch.reprocess import models_by_task, reprocess, resolve_model
+
     chosen = models_by_task(args.model or [], tracking)
     for task, option in (("classify", args.classifier), ("segment", args.unet)):
         if task in chosen and option:
@@ -227,9 +237,10 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    config = load_config(args.config, {"train.tracking_uri": args.tracking_uri})
+    _tracking(config.train.tracking_uri)
     from cirrus_batch.report import report
 
-    config = load_config(args.config, {"train.tracking_uri": args.tracking_uri})
     out = args.out or f"{args.store.rstrip('/').removesuffix('.zarr')}-report"
     result = report(args.store, out, tracking_uri=config.train.tracking_uri, experiment=config.train.experiment)
     rows = [[r.night, r.images, r.clear_images, f"{r.clear_hours:.2f}", f"{r.mean_cloud_fraction:.3f}"]
@@ -250,6 +261,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     config = _config(args, **{"tune.trials": args.trials, "tune.study_name": args.study, "tune.storage": args.storage,
                               "tune.timeout": args.timeout, "tune.retrain_best": False if args.no_retrain else None,
                               "train.tracking_uri": args.tracking_uri})  # fmt: skip
+    _tracking(config.train.tracking_uri)
     with _client(config) as client:
         result = tune(args.store, args.task, config.train, config.tune, client, progress=not args.no_progress)
     print(table(trial_rows(result.trials), TRIAL_HEADER))

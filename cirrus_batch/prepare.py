@@ -24,7 +24,7 @@ import zarr
 from distributed import Client, as_completed
 from tqdm.auto import tqdm
 
-from cirrus_batch import masks
+from cirrus_batch import masks, provenance
 from cirrus_batch.config import PrepareConfig, to_dict
 from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.store import Store, header_var, write_images
@@ -37,6 +37,14 @@ QUALITY_BITS = {"constant": masks.QUALITY_CONSTANT, "saturated": masks.QUALITY_S
                 "nodata": masks.QUALITY_NODATA}
 IMAGE_VARS = {"norm": ("float32", 0.0), "residual": ("float16", 0.0), "mask": ("uint8", 0)}
 VECTOR_VARS = {"cloud_fraction": ("float32", np.nan), "cloudy": ("bool", False), "quality": ("uint8", UNPREPARED)}
+FITTED_VARS = ("sky", *IMAGE_VARS, "cloud_fraction", "quality")
+"""Arrays made with the fitted models (``cloudy`` is relabelled over the whole season on every run)."""
+
+
+def fit_settings(cfg: PrepareConfig) -> dict[str, Any]:
+    """The ``[prepare]`` settings that the fitted models and :data:`FITTED_VARS` depend on."""
+    return {"sky": to_dict(cfg.sky), "mask": to_dict(cfg.mask), "fit_images": cfg.fit_images,
+            "ambient_key": cfg.ambient_key}  # fmt: skip
 
 
 @dataclass
@@ -193,6 +201,8 @@ def prepare(
     store.repair()
     report = PrepareReport(images=n)
     labels = read_labels(cfg.labels) if cfg.labels else {}  # fail early on a bad label file
+    if not refit:
+        provenance.require_current(group, FITTED_VARS, fit_settings(cfg), "prepare", "--refit")
     if refit or "prepare" not in group.attrs:
         models = client.submit(fit_models, store_url, n, cfg, pure=False).result()
         log.info("fitted the models on %d images (%d judged clear)", min(n, cfg.fit_images), models.clear_sky.n_clear)
@@ -204,6 +214,7 @@ def prepare(
         if refit:
             group["quality"][:] = np.full(n, UNPREPARED, np.uint8)
         group.attrs["prepare"] = models.to_attrs()
+        provenance.record(group, FITTED_VARS, fit_settings(cfg))
         report.fitted = True
     elif "residual" not in group:  # prepared by a version without the residual: prepare every image again
         _create_arrays(store, n, Models.from_store(group))
