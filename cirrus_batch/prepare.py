@@ -42,9 +42,9 @@ FITTED_VARS = ("sky", *IMAGE_VARS, "cloud_fraction", "quality")
 
 
 def fit_settings(cfg: PrepareConfig) -> dict[str, Any]:
-    """The ``[prepare]`` settings that the fitted models and :data:`FITTED_VARS` depend on."""
-    return {"sky": to_dict(cfg.sky), "mask": to_dict(cfg.mask), "fit_images": cfg.fit_images,
-            "ambient_key": cfg.ambient_key}  # fmt: skip
+    """The ``[prepare]`` settings of the recipe of :data:`FITTED_VARS` (``fit_images`` only sizes the fitting
+    sample of a refit: not part of it)."""
+    return {"sky": to_dict(cfg.sky), "mask": to_dict(cfg.mask), "ambient_key": cfg.ambient_key}
 
 
 @dataclass

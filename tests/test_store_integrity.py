@@ -75,3 +75,13 @@ def test_os_errors_are_one_line_naming_the_path(tmp_path, store, monkeypatch, ca
     assert cli.main(["prepare", store, "--cluster", "local", "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"cirrus: error: No space left on device ({store}/norm/c/0/0/0); what was committed is kept"]
+
+
+def test_report_hours_do_not_depend_on_the_store_order():
+    from cirrus_batch.report import image_hours
+
+    t = np.array(["2026-01-05T20:00", "2026-01-05T20:10", "2026-01-05T20:20", "2026-01-06T20:00",
+                  "2026-01-06T20:10"], dtype="datetime64[us]")  # fmt: skip
+    nights = t.astype("datetime64[D]")
+    arrival = np.array([3, 4, 1, 0, 2])  # a late night first, then one image of a night after the others
+    np.testing.assert_allclose(image_hours(t[arrival], nights[arrival]), image_hours(t, nights)[arrival])
