@@ -5,7 +5,11 @@ timing) with a plain serial loop that only reads the same FITS files with astrop
 (``astropy.io.fits.getdata``). Both read from a warm page cache. Target: ratio >= 1.0 on 2 cores.
 Runs on plain FITS and on tile-compressed ``.fits.fz`` archives of the same synthetic images.
 
-    python benchmarks/bench_ingest.py [--images 600] [--shape 512 640] [--repeat 3] [--formats plain fz]
+Then (``--late``, plain FITS) the cost of a night that arrives late: ingesting the season's first night into a
+store that holds the other nights (appended at the end) against ingesting the whole season into a new store
+(what a store that only grows in time order needs).
+
+    python benchmarks/bench_ingest.py [--images 600] [--shape 512 640] [--repeat 3] [--formats plain fz] [--late]
 """
 
 from __future__ import annotations
@@ -48,6 +52,31 @@ def bench(archive: Path, store: Path, client: Client, repeat: int) -> tuple[floa
     return statistics.median(serial), statistics.median(rates), len(files)
 
 
+def bench_late(archive: Path, workdir: Path, client: Client, repeat: int) -> tuple[float, float, int, int]:
+    """Median seconds to append the first night late, and to ingest the whole season anew; images of each."""
+    nights = sorted(d for d in (archive / "2026").iterdir() if d.is_dir())
+    held = workdir / "late-night"
+    append, rewrite, late = [], [], 0
+    for _ in range(repeat):
+        store = workdir / "late.zarr"
+        shutil.rmtree(store, ignore_errors=True)
+        shutil.move(nights[0], held)
+        try:
+            ingest(str(archive), str(store), client, IngestConfig(shard_size=100), progress=False)
+        finally:
+            shutil.move(held, nights[0])
+        report = ingest(str(archive), str(store), client, IngestConfig(shard_size=100), progress=False)
+        assert not report.rejected
+        append.append(report.seconds)
+        late = report.ingested
+        shutil.rmtree(store)
+        full = ingest(str(archive), str(store), client, IngestConfig(shard_size=100), progress=False)
+        rewrite.append(full.seconds)
+        total = full.ingested
+        shutil.rmtree(store)
+    return statistics.median(append), statistics.median(rewrite), late, total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=600)
@@ -55,7 +84,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--formats", nargs="+", default=["plain", "fz"], choices=["plain", "fz"])
     parser.add_argument("--workdir", type=Path, default=Path("bench-out"))
+    parser.add_argument("--late", action="store_true", help="also time a late night: append vs rewrite the season")
     args = parser.parse_args()
+    if args.late and "plain" not in args.formats:
+        parser.error("--late times the plain FITS archive: keep plain in --formats")
 
     cores = os.cpu_count() or 1
     print(f"{args.images} synthetic images of {args.shape[0]}x{args.shape[1]} uint16, {cores} cores, "
@@ -72,6 +104,11 @@ def main() -> None:
             print(f"[{fmt:5s}] serial astropy read-only loop {serial:7.1f} images/s | cirrus ingest {rate:7.1f} "
                   f"images/s | store {du(store) / 2**20:.0f} MiB for {fits_bytes / 2**20:.0f} MiB of FITS "
                   f"| RATIO {rate / serial:.2f} (target >= 1.0)")
+        if args.late:
+            archive = args.workdir / f"archive-plain-{args.images}-{args.shape[0]}x{args.shape[1]}"
+            append, rewrite, late, total = bench_late(archive, args.workdir, client, args.repeat)
+            print(f"[late ] append a late night of {late} images {append:6.2f} s | ingest the season of {total} "
+                  f"images anew {rewrite:6.2f} s | append costs {append / rewrite:.0%} of a rewrite")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,27 @@ def _config(args: argparse.Namespace, **overrides: Any) -> JobConfig:
     return load_config(args.config, {"cluster.kind": args.cluster, **overrides})
 
 
+def _writer(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", type=float, metavar="S",
+                   help="seconds to wait while another command writes STORE ([lock] wait, default 60)")
+
+
+def _lock(args: argparse.Namespace, config: JobConfig, create: bool = False):
+    """The store's writer lock for this command (waiting messages on stderr)."""
+    from cirrus_batch.lock import StoreLock
+
+    return StoreLock(args.store, args.command, config.lock, create=create,
+                     on_wait=lambda message: print(f"cirrus: {message}", file=sys.stderr, flush=True))  # fmt: skip
+
+
+def _tracking(uri: str) -> None:
+    """Fail at once when the MLflow tracking server is unreachable; fewer MLflow retries later on."""
+    from cirrus_batch.tracking import limit_retries, require_server
+
+    require_server(uri)
+    limit_retries()
+
+
 def _client(config: JobConfig):
     from cirrus_batch.cluster import connect
 
@@ -80,9 +101,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_ingest(args: argparse.Namespace) -> int:
     from cirrus_batch.ingest import NoImagesError, ingest
 
-    config = _config(args, **{"ingest.shard_size": args.shard_size})
+    config = _config(args, **{"ingest.shard_size": args.shard_size, "lock.wait": args.wait})
     try:
-        with _client(config) as client:
+        with _lock(args, config, create=True), _client(config) as client:
             report = ingest(args.source, args.store, client, config.ingest, progress=not args.no_progress)
     except NoImagesError as exc:
         _print_rejections(exc.report.rejected)
@@ -92,6 +113,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             [
                 ["files found", report.found],
                 ["already in the store", report.already],
+                ["same image as one in the store", report.copies],
                 ["rejected earlier, unchanged", report.previously_rejected],
                 ["ingested now", report.ingested],
                 ["rejected now", len(report.rejected)],
@@ -111,8 +133,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from cirrus_batch.prepare import evaluate_store, prepare
 
-    config = _config(args, **{"prepare.labels": args.labels})
-    with _client(config) as client:
+    config = _config(args, **{"prepare.labels": args.labels, "lock.wait": args.wait})
+    with _lock(args, config), _client(config) as client:
         report = prepare(args.store, client, config.prepare, refit=args.refit, progress=not args.no_progress)
         print(
             table(
@@ -139,9 +161,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    config = _config(args, **{"train.tracking_uri": args.tracking_uri, "train.epochs": args.epochs})
+    _tracking(config.train.tracking_uri)
     from cirrus_batch.train import train, train_on_cluster
 
-    config = _config(args, **{"train.tracking_uri": args.tracking_uri, "train.epochs": args.epochs})
     tasks = ["classify", "segment"] if args.task == "both" else [args.task]
     on_cluster = config.cluster.kind != "local"  # local: train in this process (progress bars, Ctrl-C)
     rows = []
@@ -170,11 +193,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_reprocess(args: argparse.Namespace) -> int:
+    config = _config(args, **{"train.tracking_uri": args.tracking_uri, "reprocess.classifier": args.classifier,
+                              "reprocess.unet": args.unet, "lock.wait": args.wait})  # fmt: skip
+    tracking = config.train.tracking_uri
+    _tracking(tracking)
     from cirrus_batch.reprocess import models_by_task, reprocess, resolve_model
 
-    config = _config(args, **{"train.tracking_uri": args.tracking_uri, "reprocess.classifier": args.classifier,
-                              "reprocess.unet": args.unet})  # fmt: skip
-    tracking = config.train.tracking_uri
     chosen = models_by_task(args.model or [], tracking)
     for task, option in (("classify", args.classifier), ("segment", args.unet)):
         if task in chosen and option:
@@ -184,7 +208,7 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     unet = chosen.get("segment", config.reprocess.unet)
     for uri in (classifier, unet):
         resolve_model(uri, tracking)  # a bad URI fails before a cluster starts
-    with _client(config) as client:
+    with _lock(args, config), _client(config) as client:
         report = reprocess(args.store, client, classifier, unet, config.reprocess, force=args.force,
                            progress=not args.no_progress, tracking_uri=tracking)  # fmt: skip
     print(
@@ -205,10 +229,23 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_remove(args: argparse.Namespace) -> int:
+    from cirrus_batch.remove import remove
+
+    config = load_config(args.config, {"lock.wait": args.wait})
+    with _lock(args, config):
+        report = remove(args.store, args.source or [], args.time or [], reason=args.reason or "")
+    if report.removed:
+        print(table(report.removed, ["removed image", "time"]))
+    print(f"{args.store}: removed {len(report.removed)} images; {report.total} left")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
+    config = load_config(args.config, {"train.tracking_uri": args.tracking_uri})
+    _tracking(config.train.tracking_uri)
     from cirrus_batch.report import report
 
-    config = load_config(args.config, {"train.tracking_uri": args.tracking_uri})
     out = args.out or f"{args.store.rstrip('/').removesuffix('.zarr')}-report"
     result = report(args.store, out, tracking_uri=config.train.tracking_uri, experiment=config.train.experiment)
     rows = [[r.night, r.images, r.clear_images, f"{r.clear_hours:.2f}", f"{r.mean_cloud_fraction:.3f}"]
@@ -229,6 +266,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     config = _config(args, **{"tune.trials": args.trials, "tune.study_name": args.study, "tune.storage": args.storage,
                               "tune.timeout": args.timeout, "tune.retrain_best": False if args.no_retrain else None,
                               "train.tracking_uri": args.tracking_uri})  # fmt: skip
+    _tracking(config.train.tracking_uri)
     with _client(config) as client:
         result = tune(args.store, args.task, config.train, config.tune, client, progress=not args.no_progress)
     print(table(trial_rows(result.trials), TRIAL_HEADER))
@@ -328,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="archive directory, glob, or fsspec URL (http://, webdav://, s3://, ...)")
     p.add_argument("store", help="zarr store path or URL (created on first ingest)")
     p.add_argument("--shard-size", type=int, help="images per shard of a new store")
+    _writer(p)
     _common(p)
     p.set_defaults(func=cmd_ingest)
 
@@ -337,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit", action="store_true", help="fit the models again and recompute every image")
     p.add_argument("--evaluate", metavar="TRUTH", help="score the masks against a true-mask store (cirrus synth)")
     p.add_argument("--panel", metavar="PNG", help="with --evaluate: raw / clear sky / residual / mask / truth panel")
+    _writer(p)
     _common(p)
     p.set_defaults(func=cmd_prepare)
 
@@ -360,8 +400,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a model URI used as classifier or U-Net by the task in its metadata (repeatable)")
     p.add_argument("--force", action="store_true", help="recompute every image, also those done by these models")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db or [train] tracking_uri)")
+    _writer(p)
     _common(p)
     p.set_defaults(func=cmd_reprocess)
+
+    p = sub.add_parser("remove", help="remove images (and their derived values) from STORE, recorded in its history")
+    p.add_argument("store")
+    p.add_argument("--source", metavar="PATTERN", action="append",
+                   help="source path as stored (fnmatch pattern: '2026/20260105/*'); repeatable")
+    p.add_argument("--time", metavar="T", action="append",
+                   help="DATE-OBS (to the precision given: 2099-01-01 is that day) or range T1/T2; repeatable")
+    p.add_argument("--reason", help="why (kept in the history and the rejection log)")
+    p.add_argument("--config", metavar="TOML", help="job config ([lock])")
+    _writer(p)
+    p.set_defaults(func=cmd_remove)
 
     p = sub.add_parser("report", help="season report: cloud fraction per night, clear hours, example frames (MLflow)")
     p.add_argument("store")
@@ -414,6 +466,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except CirrusError as exc:
         print(f"cirrus: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a read-only store, a full disk: one line naming the path
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"cirrus: error: {exc.strerror or exc}{where}; what was committed is kept", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("cirrus: interrupted; what was committed is kept (images, blocks, checkpoints, finished trials): "

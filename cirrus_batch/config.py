@@ -22,18 +22,81 @@ from cirrus_batch.masks import MaskConfig
 from cirrus_batch.sampling import SamplingConfig
 
 
+RANGE = "range"
+"""Field metadata key: ``(lo, hi)`` bounds of a numeric setting, inclusive, ``None`` for an open side; checked by
+:func:`from_dict` for every dataclass (``field(default=1, metadata={"range": (1, None)})``)."""
+STRICT = "strict"
+"""Field metadata key: ``"lo"``, ``"hi"`` or ``"both"``: those bounds of ``range`` are excluded."""
+CHOICES = "choices"
+"""Field metadata key: the allowed values of a setting."""
+
+
+def ranged(default: Any, lo: float | None = None, hi: float | None = None, *, strict: str = "",
+           choices: tuple[Any, ...] = ()) -> Any:  # fmt: skip
+    """A dataclass field with a checked range and/or choices (see :data:`RANGE`)."""
+    meta: dict[str, Any] = {RANGE: (lo, hi)} if (lo, hi) != (None, None) else {}
+    if strict:
+        meta[STRICT] = strict
+    if choices:
+        meta[CHOICES] = tuple(choices)
+    return field(default=default, metadata=meta)
+
+
+def range_problem(f: dataclasses.Field, value: Any) -> str | None:
+    """Why ``value`` is out of the range or choices ``f`` declares (``"must be >= 1, got 0"``), or None.
+    ``None`` values are not checked (the type allows them); a list is checked item by item."""
+    if value is None:
+        return None
+    if isinstance(value, list):
+        return next((p for v in value if (p := range_problem(f, v))), None)
+    choices = f.metadata.get(CHOICES)
+    if choices and value not in choices:
+        return f"must be one of {', '.join(map(str, choices))}, got {value!r}"
+    lo, hi = f.metadata.get(RANGE, (None, None))
+    strict = f.metadata.get(STRICT, "")
+    lo_x, hi_x = strict in ("lo", "both"), strict in ("hi", "both")
+    too_low = lo is not None and (value <= lo if lo_x else value < lo)
+    too_high = hi is not None and (value >= hi if hi_x else value > hi)
+    if not (too_low or too_high):
+        return None
+    if lo is not None and hi is not None:
+        return f"must be in {'(' if lo_x else '['}{lo:g}, {hi:g}{')' if hi_x else ']'}, got {value!r}"
+    if lo is not None:
+        return f"must be {'>' if lo_x else '>='} {lo:g}, got {value!r}"
+    return f"must be {'<' if hi_x else '<='} {hi:g}, got {value!r}"
+
+
+def check_ranges(obj: Any) -> None:
+    """Raise ``ValueError`` (``"IngestConfig.shard_size must be >= 1, got 0"``) for the first field of dataclass
+    instance ``obj`` out of its declared range; the ``__post_init__`` of the dataclasses here call it."""
+    for f in dataclasses.fields(obj):
+        problem = range_problem(f, getattr(obj, f.name))
+        if problem:
+            raise ValueError(f"{type(obj).__name__}.{f.name} {problem}")
+
+
 @dataclass
 class IngestConfig:
     """How FITS files become the ``raw`` store."""
 
-    shard_size: int = 100
+    shard_size: int = ranged(100, 1, 100_000)
     """Images per zarr shard (one image per chunk); 100-500 on real archives."""
     header_keys: list[str] = field(default_factory=lambda: ["EXPTIME", "AMBTEMP"])
     """Numeric FITS header keywords stored as per-image variables (lower-cased names)."""
-    shape: list[int] | None = None
+    shape: list[int] | None = ranged(None, 1, None)
     """Expected image shape [ny, nx]; by default a new store takes the most common shape."""
-    clevel: int = 3
+    clevel: int = ranged(3, 0, 9)
     """LZ4 compression level of ``raw`` (blosc, byte-shuffled)."""
+    future_margin_h: float = ranged(24.0, 0, None)
+    """Files whose DATE-OBS is more than this many hours after now are rejected (a wrong camera clock)."""
+    season_days: float = ranged(400.0, 0, None)
+    """Files whose DATE-OBS is more than this many days from the median time of the store and the run are
+    rejected (a reset camera clock); 0: no check."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if self.shape is not None and len(self.shape) != 2:
+            raise ValueError(f"IngestConfig.shape must be [ny, nx], got {self.shape}")
 
 
 @dataclass
@@ -43,46 +106,33 @@ class PrepareConfig:
     sky: SkyConfig = field(default_factory=SkyConfig)
     clear: ClearSkyConfig = field(default_factory=ClearSkyConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
-    fit_images: int = 60
+    fit_images: int = ranged(60, 3, None)
     """Images spread evenly over the season for fitting the sky geometry and the normalization (about 25 MB of
     memory each at 512x640); the clear-sky model searches ``[prepare.clear] search_images``."""
     ambient_key: str = "AMBTEMP"
     """FITS keyword of the ambient temperature (deg C) used by the clear-sky model; missing: no temperature term."""
-    cloudy_fraction: float = 0.05
+    cloudy_fraction: float = ranged(0.05, 0.0, 1.0)
     """An image is ``cloudy`` when its cloud fraction over sky pixels exceeds this."""
     labels: str | None = None
     """CSV ``source,label`` of human labels (cloudy/clear) that override the threshold."""
-    low_confidence: float = 0.5
+    low_confidence: float = ranged(0.5, 0.0, 1.0)
     """Masks whose confidence is below this are counted (and listed by reason) as low-confidence."""
-
     def __post_init__(self) -> None:
-        if self.fit_images < 3:
-            raise ValueError(f"fit_images must be >= 3, got {self.fit_images}")
-        if not 0.0 <= self.cloudy_fraction < 1.0:
-            raise ValueError(f"cloudy_fraction must be in [0, 1), got {self.cloudy_fraction}")
-        if not 0.0 <= self.low_confidence <= 1.0:
-            raise ValueError(f"low_confidence must be in [0, 1], got {self.low_confidence}")
+        check_ranges(self)
 
 
 @dataclass
 class AugmentConfig:
     """Ranges of the random transform; every parameter is drawn independently per sample."""
 
-    rotate_deg: float = 180.0  # rotation uniform in [-r, r]
+    rotate_deg: float = ranged(180.0, 0.0, 180.0)  # rotation uniform in [-r, r]
     flip: bool = True  # random horizontal and vertical flips
-    shear_deg: float = 10.0  # shear angle uniform in [-s, s]
-    zoom: float = 0.15  # isotropic scale uniform in [1 - z, 1 + z]
-    p: float = 1.0  # probability of augmenting a sample (otherwise identity)
+    shear_deg: float = ranged(10.0, 0.0, 90.0, strict="hi")  # shear angle uniform in [-s, s]
+    zoom: float = ranged(0.15, 0.0, 1.0, strict="hi")  # isotropic scale uniform in [1 - z, 1 + z]
+    p: float = ranged(1.0, 0.0, 1.0)  # probability of augmenting a sample (otherwise identity)
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.p <= 1.0:
-            raise ValueError(f"AugmentConfig.p must be in [0, 1], got {self.p}")
-        if not 0.0 <= self.zoom < 1.0:
-            raise ValueError(f"AugmentConfig.zoom must be in [0, 1), got {self.zoom}")
-        if self.rotate_deg < 0 or self.shear_deg < 0:
-            raise ValueError("AugmentConfig.rotate_deg and shear_deg must be >= 0")
-        if self.shear_deg >= 90:
-            raise ValueError(f"AugmentConfig.shear_deg must be < 90, got {self.shear_deg}")
+        check_ranges(self)
 
 
 IMAGES = ("norm", "residual")
@@ -93,13 +143,16 @@ IMAGES = ("norm", "residual")
 class NetConfig:
     """Architecture of one network (U-Net or CNN classifier)."""
 
-    base_channels: int = 16
-    depth: int = 4
-    dropout: float = 0.1
+    base_channels: int = ranged(16, 1, None)
+    depth: int = ranged(4, 1, None)
+    dropout: float = ranged(0.1, 0.0, 1.0, strict="hi")
     batch_norm: bool = True
     flip_average: bool = False
     """Test-time augmentation: evaluation and inference average the logits over the 4 flips of the input
     (4x the inference compute; U-Net IoU against the true masks +0.002 on a 3000-image season)."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass
@@ -110,35 +163,35 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     classifier: NetConfig = field(default_factory=NetConfig)
     unet: NetConfig = field(default_factory=lambda: NetConfig(dropout=0.0, flip_average=True))
-    bin: int = 4
+    bin: int = ranged(4, 1, None)
     """Images are averaged over bin x bin pixel blocks (512x640 -> 128x160 with 4)."""
     zenith_channel: bool = True
     """Give the networks the zenith angle as a second input channel (see ``data.InputSpec``)."""
-    image: str = "residual"
+    image: str = ranged("residual", choices=IMAGES)
     """What both networks read: ``residual`` (each image's clear-sky residual from prepare: faint cirrus stands
     out of it; reprocess then reads one image for both) or ``norm`` (normalized raw)."""
-    batch_size: int = 16
-    lr: float = 1e-3
+    batch_size: int = ranged(16, 1, None)
+    lr: float = ranged(1e-3, 0.0, None, strict="lo")
     """Adam learning rate."""
-    lr_patience: int = 2
+    lr_patience: int = ranged(2, 0, None)
     """Halve the learning rate after this many epochs without a lower validation loss."""
-    weight_decay: float = 0.0
-    pos_weight: float = 1.0
+    weight_decay: float = ranged(0.0, 0.0, None)
+    pos_weight: float = ranged(1.0, 0.0, None, strict="lo")
     """Weight of the cloudy class in the binary cross-entropy (loss weighting)."""
-    ema: float = 0.98
+    ema: float = ranged(0.98, 0.0, 1.0, strict="hi")
     """Decay of the exponential moving average of the weights (updated every step), which is what is validated,
     kept and logged; 0 = the plain weights."""
     calibrate: bool = True
     """After training, fit the temperature of the logits on the validation set (temperature scaling)."""
-    epochs: int = 20
-    patience: int = 4
+    epochs: int = ranged(20, 1, None)
+    patience: int = ranged(4, 1, None)
     """Early stopping: epochs without a lower validation loss."""
-    num_workers: int = 0
+    num_workers: int = ranged(0, 0, None)
     """DataLoader worker processes (0 = load in the training process)."""
-    cache_mb: float = 1024.0
+    cache_mb: float = ranged(1024.0, 0.0, None)
     """Training and validation samples (binned) kept in memory after their first read, up to this many MiB
     per set and loading process; 0 = read the store every epoch."""
-    threads: int = 0
+    threads: int = ranged(0, 0, None)
     """torch CPU threads; 0 = the cores this process may use."""
     soft_targets: bool = True
     """Segment: train on the cloud fraction of each binned pixel of ``mask`` instead of its majority (metrics
@@ -158,8 +211,7 @@ class TrainConfig:
     """Register the model as ``cirrus-classifier`` / ``cirrus-unet`` in the MLflow model registry."""
 
     def __post_init__(self) -> None:
-        if self.image not in IMAGES:
-            raise ValueError(f"image must be one of {', '.join(IMAGES)}, got {self.image!r}")
+        check_ranges(self)
 
 
 @dataclass
@@ -171,19 +223,16 @@ class ReprocessConfig:
     or ``runs:/RUN_ID/model``."""
     unet: str = "models:/cirrus-unet/latest"
     """MLflow URI of the U-Net (same forms)."""
-    batch_size: int = 16
+    batch_size: int = ranged(16, 1, None)
     """Images per forward pass."""
-    threshold: float = 0.5
+    threshold: float = ranged(0.5, 0.0, 1.0, strict="lo")
     """An image is ``cloudy_pred`` (and segmented) when ``p_cloudy`` >= this."""
     amp: bool = True
     """Mixed-precision inference where the hardware has it: float16 on CUDA, bfloat16 on CPUs with native bf16
     (``models.autocast_dtype``); probabilities move by a few thousandths, the forward pass is ~1.7x faster."""
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"ReprocessConfig.batch_size must be >= 1, got {self.batch_size}")
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"ReprocessConfig.threshold must be in (0, 1], got {self.threshold}")
+        check_ranges(self)
 
 
 @dataclass
@@ -227,49 +276,43 @@ class TuneConfig:
     storage: str = "sqlite:///optuna.db"
     """Optuna storage: an SQLAlchemy URL (``sqlite:///optuna.db``, ``postgresql+psycopg2://user:pw@host/db``) or
     ``journal:PATH`` (a journal file, e.g. on a cluster's shared filesystem). Workers open it themselves."""
-    metric: str = ""
+    metric: str = ranged("", choices=("", *TUNE_METRICS))
     """Validation metric to optimize (one of ``TUNE_METRICS``); empty: ``val_iou`` (segment), ``val_f1``
     (classify). A trial's value is its best epoch's; every epoch's value is reported for pruning."""
-    trials: int = 20
+    trials: int = ranged(20, 1, None)
     """Finished trials wanted in the study, counting those of earlier runs."""
-    timeout: float = 0.0
+    timeout: float = ranged(0.0, 0.0, None)
     """Seconds after which no new trial starts (running ones finish); 0: none."""
-    sampler: str = "tpe"
+    sampler: str = ranged("tpe", choices=("tpe", "random"))
     """``"tpe"`` or ``"random"``."""
     seed: int = 0
     """Seed of the sampler."""
-    pruner: str = "median"
+    pruner: str = ranged("median", choices=("median", "hyperband", "none"))
     """``"median"``, ``"hyperband"`` or ``"none"``; trials report every epoch."""
-    n_startup_trials: int = 2
+    n_startup_trials: int = ranged(2, 0, None)
     """Median pruner: no pruning before this many trials have finished."""
-    n_warmup_steps: int = 1
+    n_warmup_steps: int = ranged(1, 0, None)
     """Median pruner: epochs of a trial before it can be pruned."""
-    min_resource: int = 1
+    min_resource: int = ranged(1, 1, None)
     """Hyperband: epochs every trial gets (the maximum is ``[train] epochs``)."""
-    reduction_factor: int = 3
+    reduction_factor: int = ranged(3, 2, None)
     """Hyperband: the fraction 1/reduction_factor of trials goes on at each rung."""
-    heartbeat_interval: float = 30.0
+    heartbeat_interval: float = ranged(30.0, 0.0, None, strict="lo")
     """Seconds between the tuner's heartbeats for each trial it runs (a trial system attribute)."""
     grace_period: float = 120.0
     """A RUNNING trial without heartbeat for this long (its tuner died) is failed and retried."""
-    max_retries: int = 1
+    max_retries: int = ranged(1, 0, None)
     """Times an orphaned trial is queued again with the same parameters."""
     retrain_best: bool = True
     """Retrain the best configuration (and register it); False: register the best trial's own model."""
-    retrain_epochs: int = 0
+    retrain_epochs: int = ranged(0, 0, None)
     """Epochs of that retraining; 0: ``[train] epochs``."""
     space: dict[str, Any] = field(default_factory=dict)
     """The search space: dotted ``[train]`` keys (``lr``, ``unet.depth``, ``augment.zoom``) mapped to
     ``{type, low, high, log, step, choices}`` tables (see ``ParamSpec`` and ``jobs/tune.toml``)."""
 
     def __post_init__(self) -> None:
-        if self.metric and self.metric not in TUNE_METRICS:
-            raise ValueError(f"metric must be one of {', '.join(TUNE_METRICS)}, got {self.metric!r}")
-        for key, valid in (("sampler", ("tpe", "random")), ("pruner", ("median", "hyperband", "none"))):
-            if getattr(self, key) not in valid:
-                raise ValueError(f"{key} must be one of {', '.join(valid)}, got {getattr(self, key)!r}")
-        if self.trials < 1 or self.max_retries < 0 or self.heartbeat_interval <= 0:
-            raise ValueError("trials must be >= 1, max_retries >= 0 and heartbeat_interval > 0")
+        check_ranges(self)
         if self.grace_period <= self.heartbeat_interval:
             raise ValueError(f"grace_period ({self.grace_period}) must exceed heartbeat_interval "
                              f"({self.heartbeat_interval})")  # fmt: skip
@@ -297,20 +340,20 @@ def _search_space(node: dict[str, Any], prefix: str = "") -> dict[str, ParamSpec
 class SlurmConfig:
     """dask-jobqueue ``SLURMCluster`` settings; unset (None) keys fall back to ``jobqueue.slurm.*`` dask config."""
 
-    jobs: int = 2
+    jobs: int = ranged(2, 1, None)
     """Worker jobs to submit."""
     queue: str | None = None
     """SLURM partition (``-p``)."""
     account: str | None = None
-    cores: int | None = None
+    cores: int | None = ranged(None, 1, None)
     """CPU cores per job."""
     memory: str | None = None
     """Memory per job, e.g. ``"16GB"``."""
-    processes: int | None = None
+    processes: int | None = ranged(None, 1, None)
     """Dask worker processes per job."""
     walltime: str | None = None
     """``HH:MM:SS``."""
-    gpus_per_job: int = 0
+    gpus_per_job: int = ranged(0, 0, None)
     """Adds ``--gres=gpu:N`` and the worker resource ``GPU=N``."""
     python: str | None = None
     """Python on the compute nodes; default: this interpreter."""
@@ -324,8 +367,11 @@ class SlurmConfig:
     """Extra ``#SBATCH`` options."""
     job_directives_skip: list[str] = field(default_factory=list)
     worker_extra_args: list[str] = field(default_factory=list)
-    wait_timeout: float = 300.0
+    wait_timeout: float = ranged(300.0, 0.0, None, strict="lo")
     """Seconds to wait for the first worker before giving up (jobs are cancelled)."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass
@@ -333,15 +379,37 @@ class ClusterConfig:
     """Where Dask work runs: ``local`` (default), ``slurm``, or a scheduler address ``tcp://host:port``."""
 
     kind: str = "local"
-    n_workers: int | None = None
+    n_workers: int | None = ranged(None, 1, None)
     """Local workers; default: one per CPU core."""
-    threads_per_worker: int = 1
+    threads_per_worker: int = ranged(1, 1, None)
     memory_limit: str = "auto"
     dashboard_address: str = ":0"
     """``:0`` picks a free port; ``:8787`` for the usual one."""
     connect_timeout: str = "30s"
     """How long to wait for a scheduler given by address."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+@dataclass
+class LockConfig:
+    """The store's writer lock (``docs/store.md``): ingest, prepare, reprocess and remove hold it; readers never."""
+
+    wait: float = ranged(60.0, 0.0, None)
+    """Seconds a writer waits for the lock held by another before it gives up; 0: give up at once."""
+    stale_after: float = ranged(600.0, 1.0, None)
+    """A lock whose holder has not renewed it for this many seconds is stale and broken (a holder on this host
+    whose process is gone is stale at once)."""
+    heartbeat: float = ranged(30.0, 0.1, None)
+    """Seconds between the holder's renewals of its lock."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if self.heartbeat >= self.stale_after:
+            raise ValueError(f"LockConfig.heartbeat ({self.heartbeat}) must be less than stale_after "
+                             f"({self.stale_after})")  # fmt: skip
 
 
 @dataclass
@@ -354,6 +422,19 @@ class JobConfig:
     tune: TuneConfig = field(default_factory=TuneConfig)
     reprocess: ReprocessConfig = field(default_factory=ReprocessConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    lock: LockConfig = field(default_factory=LockConfig)
+
+
+class RangeError(ConfigError):
+    """A setting out of its declared range; ``key`` is its dotted name (``ingest.shard_size``)."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"{key} {problem}")
+        self.key = key
+
+
+def _key(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:
@@ -391,27 +472,31 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
-def from_dict(cls: type, data: Any, where: str = "config") -> Any:
-    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types. A nested table
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys, wrong types and values out of a field's
+    declared range or choices (:data:`RANGE`, a :class:`RangeError` naming the dotted key). A nested table
     starts from its field's default (``[train.unet]`` from the U-Net's defaults, not the classifier's)."""
+    at = f"{where}: " if where else ""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a table, got {data!r}")
+        raise ConfigError(f"{at}expected a table, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(fields)}"
-        )
+        raise ConfigError(f"{at}unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     data = {name: {**to_dict(fields[name].default_factory()), **value}  # type: ignore[misc]
             if isinstance(value, dict) and dataclasses.is_dataclass(hints[name])
             and fields[name].default_factory is not dataclasses.MISSING else value
             for name, value in data.items()}  # fmt: skip
-    kwargs = {name: _check_type(value, hints[name], f"{where}.{name}") for name, value in data.items()}
+    kwargs = {name: _check_type(value, hints[name], _key(where, name)) for name, value in data.items()}
+    for name, value in kwargs.items():
+        problem = range_problem(fields[name], value)
+        if problem:
+            raise RangeError(_key(where, name), problem)
     try:
         return cls(**kwargs)
-    except ValueError as exc:  # a dataclass's own range checks
-        raise ConfigError(f"{where}: {exc}") from None
+    except ValueError as exc:  # a dataclass's own cross-field checks
+        raise ConfigError(f"{at}{exc}") from None
 
 
 def absolute_url(url: str) -> str:
@@ -428,7 +513,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Read a job config (or the defaults when ``path`` is None) and apply ``overrides``.
 
     ``overrides`` maps dotted keys (``"ingest.shard_size"``) to values; ``None`` values are skipped so
-    unset command-line options fall through to the file and the defaults.
+    unset command-line options fall through to the file and the defaults. Errors start with where the value
+    came from: ``jobs/x.toml: ingest.shard_size must be >= 1, got 0`` (``command line: ...`` for an override).
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -439,6 +525,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"job config {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"job config {path} is not valid TOML: {exc}") from None
+    given = {dotted for dotted, value in (overrides or {}).items() if value is not None}
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -447,7 +534,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         for part in parents:
             node = node.setdefault(part, {})
         node[key] = value
-    return from_dict(JobConfig, data, where=str(path) if path else "config")
+    try:
+        return from_dict(JobConfig, data)
+    except RangeError as exc:
+        origin = "command line" if exc.key in given else str(path) if path else "config"
+        raise ConfigError(f"{origin}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{path or 'config'}: {exc}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

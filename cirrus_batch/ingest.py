@@ -3,15 +3,22 @@
 Two passes of Dask tasks:
 
 1. **scan**: read the leading bytes of every new file, parse the header, check it (FITS, one 2-D image,
-   complete, has DATE-OBS); meanwhile the client creates or sizes the store. It then sorts the good files
-   by time and gives each a store position.
+   complete, has DATE-OBS); meanwhile the client creates or sizes the store. It then screens the good files
+   (wrong clocks, images already in the store under another name, two contents for one time), sorts them by
+   time and gives each a store position after the last one: a night older than the newest image is appended
+   too (readers sort, :func:`~cirrus_batch.store.open_dataset`).
 2. **write**: the client writes the per-image vectors (time, source, header values) of the planned
    positions; one task per shard-aligned group of positions reads its files, decodes and checks the
-   pixels and writes the group's region of ``raw``. A group with a bad file writes nothing; the
-   run commits the groups before it, logs the bad file and plans the rest again.
+   pixels, writes the group's region of ``raw`` and returns the files' content digests. A group with a bad
+   file writes nothing; the run commits the groups before it, logs the bad file and plans the rest again.
 
 ``committed`` advances over the longest prefix of written groups, so a killed ingest loses nothing and
 the next run (which first cuts uncommitted tails) carries on with the files still missing.
+
+An image's identity is its DATE-OBS plus its content digest (:func:`content_digest`): a file at a path already
+in the store is that image (not read again); a file with a new path whose time is already taken is read, and
+is the same image (skipped) when its digest matches, or a conflict (rejected, naming both files) when not.
+Callers hold the store's writer lock (:class:`~cirrus_batch.lock.StoreLock`; the CLI does).
 """
 
 from __future__ import annotations
@@ -25,10 +32,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import PurePosixPath
 
 import fsspec
+import google_crc32c
 import numpy as np
 import zarr
 from distributed import Client, as_completed
@@ -36,10 +45,10 @@ from fsspec.core import url_to_fs
 from fsspec.utils import stringify_path
 from tqdm.auto import tqdm
 
-from cirrus_batch.config import IngestConfig
+from cirrus_batch.config import IngestConfig, check_ranges
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.fitsio import ImageHeader, Layout, Rejected, find_image, header_values, observation_time, read_raw
-from cirrus_batch.store import Rejection, Store, header_var, write_images
+from cirrus_batch.store import NO_DIGEST, Rejection, Store, header_var, write_images
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +86,10 @@ class Scanned:
     def shape(self) -> tuple[int, ...]:
         return self.layout.shape if self.layout else ()
 
+    @property
+    def time_us(self) -> int:
+        return int(np.datetime64(self.time, "us").astype(np.int64))
+
 
 @dataclass
 class IngestReport:
@@ -85,6 +98,8 @@ class IngestReport:
     store: str
     found: int = 0
     already: int = 0
+    copies: int = 0
+    """Files with a new path that hold an image already in the store (same DATE-OBS and content)."""
     previously_rejected: int = 0
     ingested: int = 0
     dropped_uncommitted: int = 0
@@ -175,22 +190,42 @@ def scan_files(fs: fsspec.AbstractFileSystem, entries: Sequence[FileEntry], keys
     return out
 
 
+def content_digest(buf: bytes) -> int:
+    """A file's content digest: its size in the high 32 bits, the CRC32C of its bytes in the low 32 (hardware
+    CRC32C: about 0.1 ms per 512x640 image, a fifth of compressing it). Two different files count as one image
+    only with the same DATE-OBS, size and CRC (odds 2**-32 for camera files, which are not crafted to collide)."""
+    return (len(buf) % 2**32) << 32 | google_crc32c.value(buf) or 1  # never NO_DIGEST
+
+
+def digest_files(fs: fsspec.AbstractFileSystem, entries: Sequence[FileEntry]) -> list[int | str]:
+    """Task: the content digest of each file, or why it cannot be read."""
+    out: list[int | str] = []
+    for entry in entries:
+        try:
+            out.append(content_digest(fs.cat_file(entry.path)))
+        except OSError as exc:
+            out.append(f"unreadable: {exc}")
+    return out
+
+
 def write_group(
     fs: fsspec.AbstractFileSystem, raw: zarr.Array, keys: list[str], files: Sequence[tuple[FileEntry, Layout]],
     start: int,
-) -> tuple[list[Rejection], dict[int, Scanned]]:  # fmt: skip
+) -> tuple[list[Rejection], dict[int, Scanned], np.ndarray]:  # fmt: skip
     """Write task: decode ``files`` (each with the layout the scan found) into ``raw`` at positions ``start...``;
     write nothing if any is bad.
 
     Returns the bad files' rejections, or the files checked again because their size changed since the scan
-    (by position), whose vectors the client writes again.
+    (by position), whose vectors the client writes again, and the files' content digests.
     """
     shape = raw.shape[1:]
     block = np.empty((len(files), *shape), dtype=raw.dtype)
+    digests = np.empty(len(files), dtype=np.uint64)
     changed, bad = {}, []
     for i, (entry, layout) in enumerate(files):
         try:
             buf = fs.cat_file(entry.path)
+            digests[i] = content_digest(buf)
             if len(buf) != entry.size:
                 entry = dataclasses.replace(entry, size=len(buf))
                 changed[start + i] = _check(entry, find_image(buf), keys)
@@ -201,9 +236,9 @@ def write_group(
         except Rejected as exc:
             bad.append(entry.rejection(str(exc)))
     if bad:
-        return bad, {}
+        return bad, {}, digests[:0]
     write_images(raw, slice(start, start + len(files)), block)
-    return [], changed
+    return [], changed, digests
 
 
 def write_vectors(group: zarr.Group, start: int, items: Sequence[Scanned]) -> None:
@@ -213,6 +248,78 @@ def write_vectors(group: zarr.Group, start: int, items: Sequence[Scanned]) -> No
     group["source"][region] = np.array([item.entry.source for item in items], dtype=object)
     for key in group.attrs["header_keys"]:
         group[header_var(key)][region] = np.array([item.values[key] for item in items])
+
+
+# -- screening ------------------------------------------------------------------------------------
+def clock_problem(t: int, now: int, median: int | None, cfg: IngestConfig) -> str | None:
+    """Why time ``t`` (µs) cannot be right: in the future beyond the margin, or far from the season's ``median``."""
+    us_h = 3_600_000_000
+    if t > now + cfg.future_margin_h * us_h:
+        return (f"DATE-OBS {np.datetime64(t, 'us')} is in the future (now {np.datetime64(now, 's')} UTC, "
+                f"[ingest] future_margin_h = {cfg.future_margin_h:g}): a wrong camera clock")  # fmt: skip
+    if median is not None and cfg.season_days and abs(t - median) > cfg.season_days * 24 * us_h:
+        days = abs(t - median) / (24 * us_h)
+        return (f"DATE-OBS {np.datetime64(t, 'us')} is {days:.0f} days from the season's median time "
+                f"{np.datetime64(median, 's')} ([ingest] season_days = {cfg.season_days:g}): a wrong camera clock")
+    return None
+
+
+def identify(
+    items: Sequence[Scanned], held: dict[int, tuple[int, str]], digests: Callable[[list[FileEntry]], list[int | str]]
+) -> tuple[list[Scanned], int, list[Rejection]]:  # fmt: skip
+    """Split ``items`` (sorted by time, source) into new images, the number of copies of images already held,
+    and conflicts. ``held`` maps the times (µs) already taken in the store that ``items`` share to their
+    ``(digest, source)``. Only files whose time is taken, in the store or by another item, are read (by
+    ``digests``) to compare contents; the first of equal times (by source) is the one kept."""
+    counts = Counter(s.time_us for s in items)
+    need = [s for s in items if s.time_us in held or counts[s.time_us] > 1]
+    digest = dict(zip((s.entry.path for s in need), digests([s.entry for s in need]))) if need else {}
+    owner = dict(held)
+    new, copies, conflicts = [], 0, []
+    for s in items:
+        mine = digest.get(s.entry.path, NO_DIGEST)
+        if isinstance(mine, str):
+            conflicts.append(s.entry.rejection(mine))
+        elif s.time_us not in owner:
+            owner[s.time_us] = (mine, s.entry.source)
+            new.append(s)
+        elif owner[s.time_us][0] == mine:
+            copies += 1
+        else:
+            theirs, other = owner[s.time_us]
+            why = " (ingested before content digests)" if theirs == NO_DIGEST else ""
+            conflicts.append(s.entry.rejection(
+                f"DATE-OBS {np.datetime64(s.time_us, 'us')} is already taken by {other}{why}, with different content"))
+    return new, copies, conflicts
+
+
+def screen(
+    store: Store, good: Sequence[Scanned], cfg: IngestConfig, digests: Callable[[list[FileEntry]], list[int | str]]
+) -> tuple[list[Scanned], int, list[Rejection]]:  # fmt: skip
+    """The good files to write, in time order: not of another shape, no wrong clock, not an image already in
+    the store; plus the number of copies skipped and the rejections."""
+    shape, times = store.image_shape, store.times()
+    now = int(np.datetime64(datetime.now(UTC).replace(tzinfo=None), "us").astype(np.int64))
+    ordered = sorted(good, key=lambda s: (s.time, s.entry.source))
+    every = np.concatenate([times, np.array([s.time_us for s in ordered], dtype=np.int64)])
+    median = int(np.median(every)) if len(every) else None
+    rejections, kept = [], []
+    for s in ordered:
+        problem = (f"shape {s.shape} differs from the store's {shape}" if s.shape != shape
+                   else clock_problem(s.time_us, now, median, cfg))  # fmt: skip
+        if problem:
+            rejections.append(s.entry.rejection(problem))
+        else:
+            kept.append(s)
+    wanted = np.array([s.time_us for s in kept], dtype=np.int64)
+    taken = np.flatnonzero(np.isin(times, wanted))
+    held = {}
+    if len(taken):
+        digest = store.group["digest"].get_orthogonal_selection(taken)
+        source = store.group["source"].get_orthogonal_selection(taken)
+        held = {int(times[i]): (int(d), str(src)) for i, d, src in zip(taken, digest, source)}
+    new, copies, conflicts = identify(kept, held, digests)
+    return new, copies, rejections + conflicts
 
 
 # -- planning -------------------------------------------------------------------------------------
@@ -273,6 +380,7 @@ def ingest(
 ) -> IngestReport:
     """Add the new files of ``source`` to the store at ``store_url`` (created on first use)."""
     cfg = config or IngestConfig()
+    check_ranges(cfg)
     t0 = time.perf_counter()
     store_url = stringify_path(store_url)
     report = IngestReport(store=store_url)
@@ -288,6 +396,7 @@ def ingest(
                         report.dropped_uncommitted)
         known = store.sources()
         rejected_before = {r.source: r for r in store.rejections()}
+    before = store.committed if store else 0
     new = []
     for e in entries:
         if e.source in known:
@@ -328,16 +437,9 @@ def ingest(
         shape = Counter(s.shape for s in good).most_common(1)[0][0]
         if store is None or shape != store.image_shape:  # the first good file did not have the usual shape
             store = _create_store(store_url, source, cfg, shape, overwrite=store is not None)
-    shape, last = store.image_shape, store.last_time()
-    accepted = []
-    for s in sorted(good, key=lambda s: (s.time, s.entry.source)):
-        if s.shape != shape:
-            rejections.append(s.entry.rejection(f"shape {s.shape} differs from the store's {shape}"))
-        elif last is not None and s.time < last:
-            reason = f"older ({s.time}) than the newest image in the store ({last}); ingest it into a new store"
-            rejections.append(s.entry.rejection(reason))
-        else:
-            accepted.append(s)
+    store.require_digest()
+    accepted, report.copies, screened = screen(store, good, cfg, partial(_digests, client, fs))
+    rejections += screened
     store.add_rejections(rejections)
     report.rejected = list(rejections)
 
@@ -357,9 +459,12 @@ def ingest(
             nxt = 0
             try:
                 for fut in as_completed(futures):
-                    outcome[futures[fut]], changed = fut.result()
+                    start = futures[fut]
+                    outcome[start], changed, digests = fut.result()
                     for position, item in changed.items():
                         write_vectors(store.group, position, [item])
+                    if len(digests):
+                        store.group["digest"][start : start + len(digests)] = digests
                     while nxt < len(groups) and outcome.get(groups[nxt][0]) == []:
                         store.commit(groups[nxt][0] + len(groups[nxt][1]))
                         bar.update(len(groups[nxt][1]))
@@ -378,9 +483,15 @@ def ingest(
             bar.refresh()
         store.resize(store.committed)
     report.total = store.committed
-    report.ingested = report.total - len(known)
+    report.ingested = report.total - before
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _digests(client: Client, fs: fsspec.AbstractFileSystem, entries: list[FileEntry]) -> list[int | str]:
+    """Content digests of ``entries``, read by the workers in batches."""
+    batches = [entries[i : i + SCAN_TASK_FILES] for i in range(0, len(entries), SCAN_TASK_FILES)]
+    return [d for batch in client.gather(client.map(partial(digest_files, fs), batches, pure=False)) for d in batch]
 
 
 def _create_store(url: str, source: str, cfg: IngestConfig, shape: Sequence[int], overwrite: bool = False) -> Store:

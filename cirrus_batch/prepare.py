@@ -27,7 +27,7 @@ import zarr
 from distributed import Client, as_completed
 from tqdm.auto import tqdm
 
-from cirrus_batch import clearsky, geometry, masks, panels, scoring
+from cirrus_batch import clearsky, geometry, masks, panels, provenance, scoring
 from cirrus_batch.config import PrepareConfig, to_dict
 from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.normalization import Normalization, fit_normalization, normalize
@@ -42,10 +42,19 @@ QUALITY_BITS = {"constant": masks.QUALITY_CONSTANT, "saturated": masks.QUALITY_S
 IMAGE_VARS = {"norm": ("float32", 0.0), "residual": ("float16", 0.0), "brightness": ("float16", 0.0),
               "mask": ("uint8", 0)}
 VECTOR_VARS = {"cloud_fraction": ("float32", np.nan), "cloudy": ("bool", False), "quality": ("uint8", UNPREPARED),
-               "eps_fit": ("float32", np.nan), "p_fit": ("float32", np.nan), "sky_excess": ("float32", np.nan), "sky_clear": ("float32", np.nan),
-               "clear_eps": ("float32", np.nan), "clear_p": ("float32", np.nan),
+               "eps_fit": ("float32", np.nan), "p_fit": ("float32", np.nan), "sky_excess": ("float32", np.nan),
+               "sky_clear": ("float32", np.nan), "clear_eps": ("float32", np.nan), "clear_p": ("float32", np.nan),
                "clear_eps_source": ("uint8", 0), "mask_confidence": ("float32", np.nan),
                "mask_flags": ("uint8", 0)}  # fmt: skip
+FITTED_VARS = ("sky", "pixel_class", *IMAGE_VARS, *(v for v in VECTOR_VARS if v != "cloudy"))
+"""Arrays made with the fitted models (``cloudy`` is relabelled over the whole season on every run)."""
+
+
+def fit_settings(cfg: PrepareConfig) -> dict[str, Any]:
+    """The ``[prepare]`` settings of the recipe of :data:`FITTED_VARS` (``fit_images`` only sizes the fitting
+    sample of a refit: not part of it)."""
+    return {"sky": to_dict(cfg.sky), "clear": to_dict(cfg.clear), "mask": to_dict(cfg.mask),
+            "ambient_key": cfg.ambient_key}
 
 
 @dataclass
@@ -269,6 +278,8 @@ def prepare(
     current = "prepare" in group.attrs and "clear_config" in group.attrs["prepare"] and "pixel_class" in group
     if "prepare" in group.attrs and not current:
         log.warning("%s was prepared by an older version of cirrus: fitting the models again", store_url)
+    if current and not refit:
+        provenance.require_current(group, FITTED_VARS, fit_settings(cfg), "prepare", "--refit")
     if refit or not current:
         models = fit_models(store_url, n, client, cfg, shard)
         for name, values, meanings in (
@@ -283,6 +294,7 @@ def prepare(
         _create_arrays(store, n, models)
         group["quality"][:] = np.full(n, UNPREPARED, np.uint8)
         group.attrs["prepare"] = models.to_attrs()
+        provenance.record(group, FITTED_VARS, fit_settings(cfg))
         report.fitted = True
     models = Models.from_store(group)
     report.clear_sky = _model_summary(models)

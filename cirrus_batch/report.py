@@ -111,12 +111,14 @@ def image_hours(times: np.ndarray, nights: np.ndarray) -> np.ndarray:
     """Hours each image stands for: the time to the next image of its night, at most twice the night's median
     cadence; the last image of a night (or a night of one image: the season's median cadence) gets the median."""
     seconds = np.asarray(times, "datetime64[us]").astype(np.int64) / 1e6
-    same = nights[1:] == nights[:-1]
-    steps = np.diff(seconds)[same]
+    order = np.argsort(seconds, kind="stable")
+    same = nights[order][1:] == nights[order][:-1]
+    steps = np.diff(seconds[order])[same]
     season = float(np.median(steps)) if len(steps) else 0.0
     hours = np.zeros(len(seconds))
     for night in np.unique(nights):
         idx = np.flatnonzero(nights == night)
+        idx = idx[np.argsort(seconds[idx], kind="stable")]  # store order is arrival order (late images)
         dt = np.diff(seconds[idx])
         cadence = float(np.median(dt)) if len(dt) else season
         hours[idx] = np.append(np.minimum(dt, 2 * cadence), cadence) / 3600

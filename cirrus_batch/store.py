@@ -1,9 +1,12 @@
-"""The zarr v3 image store: schema, creation, the commit protocol and the rejection log.
+"""The zarr v3 image store: schema, creation, the commit protocol, the rejection log and the history.
 
 One store holds one camera archive (schema in ``docs/store.md``). Every array whose first dimension is
 ``time`` grows together. Writers first resize those arrays, write shard-aligned regions, then advance
 the root attribute ``committed``; only the first ``committed`` images are valid. A writer killed in
 the middle leaves arrays longer than ``committed``; :meth:`Store.repair` cuts them back.
+
+Images are stored in the order they arrived (a night that comes late is appended at the end, so no shard is
+ever rewritten for it); readers see them sorted by time: :func:`open_dataset` and :func:`time_order`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ from cirrus_batch.shards import write_shards
 SCHEMA = "cirrus-store/1"
 TIME_UNITS = "microseconds since 1970-01-01"
 _TIME_ATTRS = {"units": TIME_UNITS, "calendar": "proleptic_gregorian", "long_name": "DATE-OBS (UTC)"}
+DIGEST_ATTRS = {"long_name": "content digest of the file: size << 32 | CRC32C of its bytes (0: unknown)"}
 REJECTIONS = "rejections"
+REMOVING = "removing"
+"""Group holding the kept tail of an image removal until it is applied (see :meth:`Store.remove`)."""
+NO_DIGEST = 0
+"""``digest`` of an image ingested before content digests were recorded."""
 
 
 def header_var(key: str) -> str:
@@ -116,6 +124,7 @@ class Store:
         vectors: dict[str, tuple[Any, Any, dict[str, Any]]] = {
             "time": ("int64", 0, _TIME_ATTRS),
             "source": (str, "", {"long_name": "file path relative to the archive root"}),
+            "digest": ("uint64", NO_DIGEST, DIGEST_ATTRS),
         }
         for key in header_keys:
             vectors[header_var(key)] = ("float64", np.nan, {"long_name": f"FITS header {key}", "header_key": key})
@@ -196,22 +205,85 @@ class Store:
         self.group.attrs["committed"] = int(n)
 
     def repair(self) -> int:
-        """Cut arrays back to the committed length after an interrupted write; returns images dropped."""
+        """Finish an interrupted removal, cut arrays back to the committed length after an interrupted write;
+        returns the images dropped."""
+        if REMOVING in self.group:
+            if self.group[REMOVING].attrs.get("complete"):
+                self._apply_removal()
+            else:  # killed while copying: the images are untouched
+                del self.group[REMOVING]
         n = self.committed
         longest = max(a.shape[0] for a in self.time_arrays())
         self.resize(n)
         return longest - n
+
+    # -- removal -------------------------------------------------------------------------------------
+    def remove(self, positions: Iterable[int], entry: dict[str, Any], why: str = "removed") -> int:
+        """Remove the committed images at ``positions`` and every value of every time array at them; the
+        images after the first one move down. ``entry`` goes to the history, the files to the rejection log
+        with the reason ``why``. Returns the images removed.
+
+        Crash-safe: the kept images after the first removed one are first copied to the group
+        :data:`REMOVING` (then marked complete), then copied down, the arrays cut and ``committed`` lowered;
+        :meth:`repair` replays an interrupted copy-down from that snapshot. Costs a copy of the store from the
+        first removed image on, twice; readers meanwhile may see moving images (writers hold the lock)."""
+        n = self.committed
+        gone = np.unique(np.asarray(list(positions), dtype=np.int64))
+        if not len(gone):
+            return 0
+        if gone[0] < 0 or gone[-1] >= n:
+            raise StoreError(f"positions {gone.tolist()} are not all images of {self.url} (it has {n})")
+        start = int(gone[0])
+        keep = np.setdiff1d(np.arange(start, n), gone)
+        if REMOVING in self.group:
+            del self.group[REMOVING]
+        snap = self.group.create_group(REMOVING)
+        for array in self.time_arrays():
+            tail = snap.create_array(array.basename, shape=(len(keep), *array.shape[1:]), chunks=array.chunks,
+                                     shards=array.shards, dtype=array.dtype, fill_value=array.fill_value,
+                                     dimension_names=array.metadata.dimension_names)  # fmt: skip
+            _copy(array, keep, tail, 0)
+        sizes = (self.group["digest"].get_orthogonal_selection(gone) >> np.uint64(32)).astype(np.int64)
+        names = self.group["source"].get_orthogonal_selection(gone).tolist()
+        rejected = [[name, why, int(size) or -1] for name, size in zip(names, sizes)]
+        snap.attrs.update({"start": start, "length": n - len(gone), "entry": entry, "rejected": rejected,
+                           "complete": True})  # fmt: skip
+        self._apply_removal()
+        return len(gone)
+
+    def _apply_removal(self) -> None:
+        snap = self.group[REMOVING]
+        start, length, entry = int(snap.attrs["start"]), int(snap.attrs["length"]), dict(snap.attrs["entry"])
+        for _, tail in snap.arrays():
+            _copy(tail, np.arange(tail.shape[0]), self.group[tail.basename], start)
+        self.commit(length)
+        self.resize(length)
+        if entry not in self.history():
+            self.add_rejections(Rejection(str(name), str(why), int(size)) for name, why, size in snap.attrs["rejected"])
+            self.add_history(entry)
+        del self.group[REMOVING]
 
     # -- contents ----------------------------------------------------------------------------------
     def sources(self) -> set[str]:
         n = self.committed
         return set(self.group["source"][:n].tolist()) if n else set()
 
-    def last_time(self) -> np.datetime64 | None:
-        n = self.committed
-        if not n:
-            return None
-        return np.datetime64(int(self.group["time"][n - 1]), "us")
+    def times(self) -> np.ndarray:
+        """``time`` of the committed images as int64 microseconds, in store (arrival) order."""
+        return np.asarray(self.group["time"][: self.committed], dtype="int64")
+
+    def require_digest(self) -> None:
+        """Give a store written before content digests its ``digest`` array (:data:`NO_DIGEST` for old images)."""
+        if "digest" not in self.group:
+            self.add_time_arrays(self.group["time"].shape[0], {}, {"digest": ("uint64", NO_DIGEST)},
+                                 {"digest": DIGEST_ATTRS})  # fmt: skip
+
+    def history(self) -> list[dict[str, Any]]:
+        """The store's history of operations that changed images other than by appending (``cirrus remove``)."""
+        return list(self.group.attrs.get("history", []))
+
+    def add_history(self, entry: dict[str, Any]) -> None:
+        self.group.attrs["history"] = [*self.history(), entry]
 
     def rejections(self) -> list[Rejection]:
         rej = self.group[REJECTIONS]
@@ -235,6 +307,19 @@ class Store:
             rej[name][n0:] = values
 
 
+def _copy(source: zarr.Array, index: np.ndarray, dest: zarr.Array, start: int) -> None:
+    """``dest[start + i] = source[index[i]]``, block by block (images one by one, as orthogonal reads of sharded
+    images decode whole shards per image)."""
+    step = dest.chunks[0] if dest.ndim == 1 else (dest.shards or dest.chunks)[0]
+    for a in range(0, len(index), step):
+        part = index[a : a + step]
+        if source.ndim == 1:
+            values = source.get_orthogonal_selection(part)
+        else:
+            values = np.stack([source[int(i)] for i in part])
+        dest[start + a : start + a + len(part)] = values
+
+
 def write_images(array: zarr.Array, region: slice, values: np.ndarray) -> None:
     """Write whole images ``values`` into ``array[region]`` (a shard-aligned block). Whole shards are encoded
     by :func:`~cirrus_batch.shards.write_shards`, the rest by zarr. Every chunk is stored, even one equal to the
@@ -243,11 +328,20 @@ def write_images(array: zarr.Array, region: slice, values: np.ndarray) -> None:
         array.with_config({"write_empty_chunks": True})[region] = values
 
 
+def time_order(times: np.ndarray) -> np.ndarray | slice:
+    """Positions that sort ``times`` (stable: equal times keep the store order); a plain slice when the store
+    is already sorted, which keeps dask reads contiguous."""
+    if len(times) < 2 or bool((np.diff(times) >= 0).all()):
+        return slice(0, len(times))
+    return np.argsort(times, kind="stable")
+
+
 def open_dataset(url: str) -> xr.Dataset:
-    """The store as an xarray Dataset of its committed images (lazy, dask-backed)."""
+    """The store as an xarray Dataset of its committed images sorted by time (lazy, dask-backed). Positions in
+    it are not store positions when a night arrived late; select by ``time`` or ``source``."""
     store = Store.open(url, mode="r")
     ds = xr.open_zarr(url, consolidated=False, zarr_format=3)
-    return ds.isel(time=slice(0, store.committed))
+    return ds.isel(time=slice(0, store.committed)).isel(time=time_order(store.times()))
 
 
 def open_rejections(url: str) -> xr.Dataset:

@@ -1,4 +1,5 @@
-"""Ingest: round trip, idempotence, increments, bad input, kill -9 recovery, remote SOURCE."""
+"""Ingest: round trip, idempotence, increments, bad input, kill -9 recovery, remote SOURCE; identity by content,
+late nights, wrong clocks and removal."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from conftest import SHAPE, frame, make_archive, write_fits
 from cirrus_batch.config import IngestConfig
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.fitsio import NODATA
-from cirrus_batch.ingest import NoImagesError, discover, ingest, plan_groups, scan_files, write_group, write_vectors
+from cirrus_batch.ingest import (NoImagesError, content_digest, discover, ingest, plan_groups, scan_files, write_group,
+                                 write_vectors)  # fmt: skip
+from cirrus_batch.remove import remove
 from cirrus_batch.store import Store, open_dataset, open_rejections
 
 CFG = IngestConfig(shard_size=4)
@@ -64,8 +67,9 @@ def test_file_changed_after_the_scan_is_checked_again(tmp_path):
     store.resize(4)
     write_vectors(store.group, 0, items)
     files = [(s.entry, s.layout) for s in items]
-    rejections, changed = write_group(fs, store.group["raw"], CFG.header_keys, files, 0)
+    rejections, changed, digests = write_group(fs, store.group["raw"], CFG.header_keys, files, 0)
     assert not rejections and list(changed) == [2]
+    assert digests.tolist() == [content_digest(p.read_bytes()) for p in paths]
     assert changed[2].values == {"EXPTIME": 0.5, "AMBTEMP": -3.0}
     assert changed[2].time == np.datetime64("2026-01-05T20:04:30")
     np.testing.assert_array_equal(store.group["raw"][2], frame(7))
@@ -174,13 +178,91 @@ def test_bad_input_is_logged_and_nothing_valid_lost(tmp_path, client):
     assert fixed.ingested == 1 and fixed.total == len(good) + 1
 
 
-def test_older_file_arriving_late_is_rejected_with_reason(tmp_path, client):
+def test_a_late_night_is_appended_and_readers_see_time_sorted(tmp_path, client):
     root, store = tmp_path / "archive", tmp_path / "s.zarr"
-    make_archive(root, nights=1, per_night=3, start_day=8)
+    make_archive(root, nights=2, per_night=3, start_day=8)
     run(root, store, client)
-    write_fits(root / "late.fits", frame(9), "2026-01-01T20:00:00")
+    shard_files = sorted((store / "raw" / "c").iterdir())
+    mtimes = [p.stat().st_mtime_ns for p in shard_files[:-1]]
+    make_archive(root, nights=1, per_night=5, start_day=5)  # a night copied late from the camera
+    write_fits(root / "gap.fits", frame(1), "2026-01-08T23:00:00")  # and one image between two nights
     report = run(root, store, client)
-    assert report.ingested == 0 and "older" in report.rejected[0].reason
+    assert (report.ingested, report.rejected, report.total) == (6, [], 12)
+    assert [p.stat().st_mtime_ns for p in shard_files[:-1]] == mtimes  # full shards before are not rewritten
+    stored = zarr.open_group(str(store), mode="r")["time"][:]
+    assert not (np.diff(stored) >= 0).all()  # appended in arrival order...
+    assert_matches_files(store, root)  # ...read sorted, each image with its own file
+    assert open_dataset(str(store))["source"].values[8] == "gap.fits"
+
+
+def test_same_image_through_another_root_or_name_is_skipped(tmp_path, client):
+    root, store = tmp_path / "archive", tmp_path / "s.zarr"
+    paths = make_archive(root, nights=2, per_night=5)
+    run(root / "2026" / "20260105", store, client)  # one night first, then the whole archive
+    report = run(root, store, client)
+    assert (report.ingested, report.copies, report.rejected, report.total) == (5, 5, [], 10)
+    (root / "renamed.fits").write_bytes(paths[7].read_bytes())
+    again = run(root, store, client)  # copies under other paths are read again (and skipped) on every run
+    assert (again.ingested, again.copies, again.already, again.rejected) == (0, 6, 5, [])
+    ds = open_dataset(str(store))
+    assert len(set(ds["time"].values.tolist())) == 10
+    assert (ds["digest"].values != 0).all()
+
+
+def test_two_contents_for_one_time_are_a_conflict_naming_both(tmp_path, client):
+    root, store = tmp_path / "archive", tmp_path / "s.zarr"
+    make_archive(root, nights=1, per_night=3)
+    write_fits(root / "a_twin.fits", frame(1), "2026-01-05T20:02:00")  # the time of the second image
+    write_fits(root / "x1.fits", frame(2), "2026-01-05T23:00:00")
+    write_fits(root / "x2.fits", frame(3), "2026-01-05T23:00:00")
+    report = run(root, store, client)
+    assert report.total == 4
+    reasons = {Path(r.source).name: r.reason for r in report.rejected}
+    assert set(reasons) == {"a_twin.fits", "x2.fits"}  # the first by source is kept
+    assert "already taken by 2026/20260105/cam_20260105T200200.fits, with different content" in reasons["a_twin.fits"]
+    assert "already taken by x1.fits" in reasons["x2.fits"]
+    write_fits(root / "late" / "x3.fits", frame(4), "2026-01-05T23:00:00")  # against an image in the store
+    later = run(root, store, client)
+    assert later.ingested == 0 and "already taken by x1.fits" in later.rejected[0].reason
+
+
+def test_wrong_clocks_are_rejected_and_later_nights_still_ingested(tmp_path, client):
+    root, store = tmp_path / "archive", tmp_path / "s.zarr"
+    make_archive(root, nights=1, per_night=3)
+    write_fits(root / "future.fits", frame(1), "2099-01-01T00:00:00")
+    write_fits(root / "reset.fits", frame(2), "2000-01-01T00:00:00")
+    report = run(root, store, client)
+    reasons = {r.source: r.reason for r in report.rejected}
+    assert report.total == 3 and "in the future" in reasons["future.fits"] and "wrong camera clock" in reasons["future.fits"]
+    assert "days from the season's median" in reasons["reset.fits"]
+    make_archive(root, nights=1, per_night=4, start_day=9)
+    assert run(root, store, client).ingested == 4
+    lax = ingest(str(root), str(tmp_path / "lax.zarr"), client, IngestConfig(shard_size=4, season_days=0),
+                 progress=False)  # fmt: skip
+    assert [r.source for r in lax.rejected] == ["future.fits"]
+
+
+def test_remove_takes_images_and_derived_values_out_and_keeps_them_out(tmp_path, client, monkeypatch):
+    root, store = tmp_path / "archive", tmp_path / "s.zarr"
+    make_archive(root, nights=2, per_night=5)
+    run(root, store, client)
+    s = Store.open(str(store))
+    s.add_time_arrays(10, {}, {"derived": ("int64", -1)})
+    s.group["derived"][:] = s.times()  # a derived vector that must stay aligned with raw
+    monkeypatch.setattr(Store, "_apply_removal", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # killed after the snapshot: the next writer finishes the removal
+        remove(str(store), sources=["2026/20260105/*"], times=["2026-01-06T20:04"], reason="test")
+    monkeypatch.undo()
+    assert Store.open(str(store)).committed == 10
+    Store.open(str(store)).repair()
+    ds = open_dataset(str(store))
+    assert ds.sizes["time"] == 4 and not any(s.startswith("2026/20260105") for s in ds["source"].values)
+    np.testing.assert_array_equal(ds["derived"].values, ds["time"].values.astype("datetime64[us]").astype(np.int64))
+    assert_matches_files(store, root)
+    history = Store.open(str(store)).history()
+    assert len(history) == 1 and history[0]["reason"] == "test" and len(history[0]["removed"]) == 6
+    again = run(root, store, client)
+    assert (again.ingested, again.previously_rejected) == (0, 6)  # removed files stay out while unchanged
 
 
 def test_new_store_takes_the_most_common_shape_not_the_first_files(tmp_path, client):
