@@ -144,7 +144,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                     ["models fitted now", "yes" if report.fitted else "no (kept; --refit to fit again)"],
                     *[[f"flagged {name}", count] for name, count in report.flagged.items()],
                     ["cloudy", f"{report.cloudy} ({report.cloudy / report.images:.0%})"],
+                    ["judged clear", report.images - report.cloudy],
                     ["human labels applied", report.labelled],
+                    [f"masks of low confidence (< {config.prepare.low_confidence:g})", report.low_confidence],
+                    *[[f"  because {name.replace('_', ' ')}", count] for name, count in report.reasons.items() if count],
+                    *[[f"clear sky: {key}", value] for key, value in report.clear_sky.items()],
                 ],
                 ["prepare", "count"],
             )
@@ -157,6 +161,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             print(format_scores(scores))
             if args.panel:
                 print(f"panel: {args.panel}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from cirrus_batch.prepare import calibrate
+
+    config = _config(args)
+    with _client(config) as client:
+        geom = calibrate(args.store, client, config.prepare, args.panel)
+    attrs = geom.to_attrs()
+    print(table([[k, v] for k, v in attrs.items()], ["geometry", "value"]))
+    print(f"panel: {args.panel}")
+    print("\nput this in the job config to reproduce the circle and projection:\n")
+    print(geom.config_block())
     return 0
 
 
@@ -379,6 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     _writer(p)
     _common(p)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("calibrate", help="fit the sky geometry (image circle, projection, pixel classes), write a "
+                       "panel and print the [prepare.sky] block")
+    p.add_argument("store")
+    p.add_argument("--panel", metavar="PNG", default="geometry.png", help="the geometry panel (default: %(default)s)")
+    _common(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("train", help="train the clear/cloudy classifier and/or the cloud U-Net (MLflow)")
     p.add_argument("store")

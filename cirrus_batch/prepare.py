@@ -143,6 +143,17 @@ def fit_geometry(store_url: str, n: int, cfg: PrepareConfig) -> tuple[geometry.S
         raise CirrusError(f"{store_url}: {exc}") from None
 
 
+def calibrate(store_url: str, client: Client, cfg: PrepareConfig, panel: str | Path) -> geometry.SkyGeometry:
+    """The sky geometry of a store (as ``prepare`` fits it; the store is not changed) and its panel PNG."""
+    store = Store.open(store_url, mode="r")
+    n = store.require_images()
+    geom, _ = client.submit(fit_geometry, store_url, n, cfg, pure=False).result()
+    index = spread_index(n, cfg.fit_images)
+    median = np.median(read_images(store.group["raw"], index), axis=0)
+    panels.geometry_panel(median, geom, panel, title=f"{store_url}: {len(index)} frames")
+    return geom
+
+
 def profile_block(store_url: str, index: np.ndarray, geom: geometry.SkyGeometry, ambient_key: str,
                   cfg: clearsky.ClearSkyConfig) -> clearsky.Profiles:  # fmt: skip
     """Task: clear-sky :class:`~cirrus_batch.clearsky.Profiles` of the images at ``index``."""
