@@ -133,7 +133,11 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, pos_wei
 
 def fit_temperature(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
     """Temperature T minimizing the binary cross-entropy of ``logits / T`` on ``loader`` (weighted like the
-    metrics, no class weighting): temperature scaling, which calibrates without changing any decision."""
+    metrics, no class weighting): temperature scaling, which calibrates without changing any decision.
+
+    Never below 1 on a set the model separates (every item on its side of 0.5): with hard targets the
+    cross-entropy there falls for ever as T -> 0, so the fit only says "sharper", which such a set cannot support
+    (the demo's 41 separated validation images gave T = 0.076 and p_cloudy = 2e-25). T is in [0.05, 20]."""
     model.eval()
     parts: list[tuple[torch.Tensor, ...]] = []
     with torch.no_grad():
@@ -154,7 +158,9 @@ def fit_temperature(model: nn.Module, loader: DataLoader, device: torch.device) 
         return loss
 
     optimizer.step(nll)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
+    temperature = float(log_t.detach().exp().clamp(0.05, 20.0))
+    separated = bool(torch.all((z > 0) == (y > 0.5)))
+    return max(temperature, 1.0) if separated else temperature
 
 
 def _ema_update(decay: float, averaged: list[torch.Tensor], current: list[torch.Tensor],
@@ -234,7 +240,8 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
     split = Split.from_json(state["split"]) if state else choose_split(store_url, task, cfg)
     spec = input_spec(task, cfg)
     sets = {name: StoreSamples(store_url, getattr(split, name), spec, cfg.soft_targets,
-                               cfg.cache_mb if name != "test" else 0.0)  # the test set is read once
+                               cfg.cache_mb if name != "test" else 0.0,  # the test set is read once
+                               label_width=cfg.label_width if cfg.soft_targets else 0.0)
             for name in ("train", "val", "test")}
     sizes = {name: len(ds) for name, ds in sets.items()}
     if cfg.num_workers and multiprocessing.current_process().daemon:

@@ -99,6 +99,38 @@ def test_fit_temperature_undoes_overconfidence():
     assert fit_temperature(ThreeTimesTooSure(), loader, torch.device("cpu")) == pytest.approx(3.0, rel=0.1)
 
 
+@pytest.mark.parametrize("scale", [0.3, 5.0])
+def test_fit_temperature_never_sharpens_a_separated_set(scale):
+    # the model puts every validation item on its side of 0.5 (hard targets): the cross-entropy falls for ever
+    # as T -> 0, so an unconstrained fit says T = 0.05; the rule keeps T >= 1 (never sharper than trained)
+    class Logit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("temperature", torch.ones(()))
+
+        def forward(self, x):
+            return scale * x[:, 0, 0, 0] / self.temperature
+
+    z = torch.tensor([-3.0, -1.0, -0.2, 0.4, 2.0, 6.0])
+    y = (z > 0).float()
+    loader = DataLoader(TensorDataset(z[:, None, None, None], y, torch.ones(6)), batch_size=4)
+    assert fit_temperature(Logit(), loader, torch.device("cpu")) >= 1.0
+    # one item on the wrong side: the fit is free again (the weak logits are sharpened)
+    y[2] = 1.0
+    assert (fit_temperature(Logit(), loader, torch.device("cpu")) < 1.0) == (scale < 1.0)
+
+
+def test_soft_labels_follow_the_cloud_fraction():
+    from cirrus_batch.data import soft_labels
+
+    cf = np.array([0.0, 0.02, 0.045, 0.055, 0.08, 0.5, 0.01, np.nan])
+    cloudy = np.array([0, 0, 0, 1, 1, 1, 1, 1])  # the 1 % image is cloudy by a human label
+    t = soft_labels(cf, cloudy, 0.05, 0.01)
+    assert np.all(np.diff(t[:6]) > 0) and 0.3 < t[2] < 0.5 < t[3] < 0.7
+    assert t[0] < 0.01 and t[5] > 0.99 and t[6] == 1.0 and t[7] == 1.0
+    np.testing.assert_array_equal(soft_labels(cf, cloudy, 0.05, 0.0), cloudy)
+
+
 def test_reproducible_on_cpu(store, tmp_path):
     a = train(store, "segment", tiny(tmp_path / "a", **{"train.register": False}), progress=False)
     b = train(store, "segment", tiny(tmp_path / "b", **{"train.register": False}), progress=False)
