@@ -142,11 +142,16 @@ class TrainConfig:
     checkpoint_dir: str = "checkpoints"
     """One checkpoint per task (``classify.pt``, ``segment.pt``), written every epoch; ``--resume`` reads it."""
     tracking_uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI; a relative sqlite path is relative to the store's folder (``cirrus_batch.tracking``)."""
     experiment: str = "cirrus"
+    """MLflow experiment of the trainings and studies; season reports go to ``<experiment>-reports``."""
     log_model: bool = True
     """Log the trained model to MLflow (with an input example); needed to register it."""
     register: bool = True
     """Register the model as ``cirrus-classifier`` / ``cirrus-unet`` in the MLflow model registry."""
+    promote: bool = True
+    """After registering, move the alias ``champion`` (what ``reprocess`` uses) to the new version if it beats
+    the current champion on the same test images (``cirrus_batch.registry``); else ``cirrus promote`` later."""
 
     def __post_init__(self) -> None:
         if self.image not in IMAGES:
@@ -157,10 +162,10 @@ class TrainConfig:
 class ReprocessConfig:
     """Season reprocessing with the trained models (``cirrus reprocess``); MLflow tracking is ``[train]``'s."""
 
-    classifier: str = "models:/cirrus-classifier/latest"
-    """MLflow URI of the classifier: ``models:/NAME/VERSION``, ``models:/NAME/latest``, ``models:/NAME@ALIAS``
-    or ``runs:/RUN_ID/model``."""
-    unet: str = "models:/cirrus-unet/latest"
+    classifier: str = "models:/cirrus-classifier@champion"
+    """MLflow URI of the classifier: ``models:/NAME@ALIAS`` (default: the champion, see ``cirrus promote``),
+    ``models:/NAME/VERSION``, ``models:/NAME/latest`` or ``runs:/RUN_ID/model``."""
+    unet: str = "models:/cirrus-unet@champion"
     """MLflow URI of the U-Net (same forms)."""
     batch_size: int = 16
     """Images per forward pass."""

@@ -57,22 +57,41 @@ def test_both_tasks_log_register_and_reload(store, tmp_path):
         client = MlflowClient(cfg.tracking_uri)
         run = client.get_run(result.run_id)
         assert run.data.params["task"] == task and run.data.params["sampling.min_gap_min"] == "0.0"
-        assert {"val_loss", "val_f1", "val_iou", "val_ece", "test_accuracy", "val_roc_auc", "test_truth_iou",
-                "test_labels_truth_accuracy", "train_loss"} <= set(run.data.metrics)  # fmt: skip
-        assert len(client.get_metric_history(result.run_id, "val_loss")) == 2
+        # metric names grouped by "/" (sections in the MLflow UI)
+        assert {"val/loss", "val/f1", "val/iou", "val/ece", "val/ece_adaptive", "test/accuracy", "val/roc_auc",
+                "test/ece_adaptive", "test_truth/iou", "test_truth/ece_adaptive", "test_labels_truth/accuracy",
+                "train/loss", "train/lr", "calibration/temperature"} <= set(run.data.metrics)  # fmt: skip
+        assert not any("_" in k.split("/")[0] and k.split("/")[0] not in ("test_truth", "test_labels_truth")
+                       for k in run.data.metrics if k not in ("system",) and not k.startswith("system/"))  # fmt: skip
+        assert len(client.get_metric_history(result.run_id, "val/loss")) == 2
         artifacts = {a.path for a in client.list_artifacts(result.run_id)} | {
             a.path for a in client.list_artifacts(result.run_id, "report")}
-        assert {"split.json", "train_config.json", "report/learning_curves.png", "report/confusion_matrix.png",
-                "report/predictions.png", "report/reliability.png"} <= artifacts  # fmt: skip
+        assert {"split.json", "split.csv", "train_config.json", "report/learning_curves.png",
+                "report/confusion_matrix.png", "report/gallery.png", "report/reliability.png"} <= artifacts  # fmt: skip
+        # tags, description and the store as a dataset
+        tags = run.data.tags
+        assert tags["task"] == task and tags["store"] == store and tags["camera.shape"] == "96x120"
+        assert tags["code_version"].startswith("0.") and float(tags["camera.radius"]) > 0
+        assert "test against" in tags["mlflow.note.content"] and "test_truth/" in tags["mlflow.note.content"]
+        (dataset,) = run.inputs.dataset_inputs
+        assert dataset.dataset.name == "s.zarr" and store in dataset.dataset.source and dataset.dataset.digest
+        assert {t.key: t.value for t in dataset.tags}["images"] == str(sum(result.split_sizes.values()))
+        split_csv = mlflow.artifacts.load_text(f"runs:/{result.run_id}/split.csv").splitlines()
+        assert split_csv[0].startswith("source,time,split") and len(split_csv) == 1 + sum(result.split_sizes.values())
         assert result.registered_version == "1"
-        assert client.get_model_version(name, "1").run_id == result.run_id
+        version = client.get_model_version(name, "1")
+        assert version.run_id == result.run_id
+        # the version is described and tagged, and the first one becomes the champion
+        assert "test" in version.description and store in version.description and version.tags["task"] == task
+        assert "first champion" in version.tags["promotion"] and "first champion" in result.promotion
+        assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
         # the registered model is the trained one: it reproduces the logged test accuracy
         mlflow.set_tracking_uri(cfg.tracking_uri)
         model = mlflow.pytorch.load_model(f"models:/{name}/1")
         info = mlflow.models.get_model_info(f"models:/{name}/1")
         # what inference needs
         assert info.metadata == {"task": task, "bin": 2, "zenith_channel": True, "image": "residual"}
-        assert float(model.temperature) == pytest.approx(run.data.metrics["temperature"]) != 1.0  # calibrated
+        assert float(model.temperature) == pytest.approx(run.data.metrics["calibration/temperature"])
         split = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/split.json")
         test = StoreSamples(store, np.array(split["test"]), input_spec(task, cfg))
         x, y, w = (torch.stack(t) for t in zip(*[test[i] for i in range(len(test))]))
@@ -151,7 +170,7 @@ def test_epoch_callback_prunes_and_runs_nest(store, tmp_path):
     run = MlflowClient(cfg.tracking_uri).get_run(result.run_id)
     assert run.info.status == "KILLED" and run.data.tags["pruned"] == "true"
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.info.run_name == "trial-0"
-    assert "test_loss" not in run.data.metrics
+    assert "test/loss" not in run.data.metrics
     with pytest.raises(CirrusError, match="stopped after epoch 1 .*--resume"):
         train(store, "segment", cfg, progress=False, should_stop=lambda: True)
 
