@@ -256,7 +256,13 @@ class TuneConfig:
     """Epochs of that retraining; 0: ``[train] epochs``."""
     space: dict[str, Any] = field(default_factory=dict)
     """The search space: dotted ``[train]`` keys (``lr``, ``unet.depth``, ``augment.zoom``) mapped to
-    ``{type, low, high, log, step, choices}`` tables (see ``ParamSpec`` and ``jobs/tune.toml``)."""
+    ``{type, low, high, log, step, choices}`` tables (see ``ParamSpec`` and ``jobs/tune.toml``), searched for
+    either task. A key of the other task's network (``unet.*`` for ``classify``, ``classifier.*`` for
+    ``segment``) is an error: it cannot change the result."""
+    space_classify: dict[str, Any] = field(default_factory=dict)
+    """Keys searched only when tuning the classifier (``classifier.depth``, ...), added to ``space``."""
+    space_segment: dict[str, Any] = field(default_factory=dict)
+    """Keys searched only when tuning the U-Net (``unet.depth``, ...), added to ``space``."""
 
     def __post_init__(self) -> None:
         if self.metric and self.metric not in TUNE_METRICS:
@@ -270,6 +276,8 @@ class TuneConfig:
             raise ValueError(f"grace_period ({self.grace_period}) must exceed heartbeat_interval "
                              f"({self.heartbeat_interval})")  # fmt: skip
         self.space = _search_space(self.space)
+        self.space_classify = _search_space(self.space_classify)
+        self.space_segment = _search_space(self.space_segment)
 
 
 def _search_space(node: dict[str, Any], prefix: str = "") -> dict[str, ParamSpec]:

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from cirrus_batch.data import InputSpec, StoreSamples
 from cirrus_batch.errors import CirrusError
+from cirrus_batch.metrics import MetricAccumulator
 from cirrus_batch.tracking import require_tracking_store
 
 log = logging.getLogger(__name__)
@@ -117,14 +118,14 @@ def _sources(split: dict[str, Any], names: tuple[str, ...]) -> set[str]:
 def score(model_uri: str, store_url: str, positions: np.ndarray) -> dict[str, float]:
     """Metrics of the model at ``model_uri`` on store images ``positions`` against the store's hard labels or
     masks (the current MLflow tracking URI)."""
-    from cirrus_batch.train import evaluate  # train imports this module
-
     info = mlflow.models.get_model_info(model_uri)
     spec = InputSpec.from_metadata(info.metadata)
-    model = mlflow.pytorch.load_model(model_uri)
-    loader = DataLoader(StoreSamples(store_url, positions, spec), batch_size=16)
-    metrics, _ = evaluate(model, loader, torch.device("cpu"), 1.0)
-    return metrics
+    model = mlflow.pytorch.load_model(model_uri)  # exported in inference mode
+    acc = MetricAccumulator()
+    with torch.inference_mode():
+        for x, y, w in DataLoader(StoreSamples(store_url, positions, spec), batch_size=16):
+            acc.update(torch.sigmoid(model(x).float()).numpy(), y.numpy(), w.numpy())
+    return acc.compute()
 
 
 def beats(task: str, candidate: dict[str, float], champion: dict[str, float]) -> bool:

@@ -25,6 +25,7 @@ from cirrus_batch.data import InputSpec, store_zenith
 from cirrus_batch.errors import StoreError
 from cirrus_batch.ingest import ingest
 from cirrus_batch.prepare import UNPREPARED, prepare
+from cirrus_batch.registry import promote
 from cirrus_batch.reprocess import (
     NOT_COMPUTED,
     PROB_SCALE,
@@ -198,8 +199,13 @@ def test_second_run_does_nothing_force_and_a_new_version_redo_all(trained, tmp_p
 
     mlflow.set_tracking_uri(tracking)
     mlflow.register_model(f"runs:/{forced.unet.run_id}/model", "cirrus-unet")  # version 2, same weights
+    assert reprocess(store, client, cfg=trained.cfg(), progress=False, tracking_uri=tracking).processed == 0
+    # the same weights do not beat the champion: only forced does version 2 become it (and that is recorded)
+    assert not promote(tracking, "cirrus-unet", "2").promoted
+    assert promote(tracking, "cirrus-unet", "2", force=True).promoted
+    assert MlflowClient(tracking).get_model_version("cirrus-unet", "2").tags["promoted_by_force"] == "true"
     newer = reprocess(store, client, cfg=trained.cfg(), progress=False, tracking_uri=tracking)
-    assert newer.processed == 32 and newer.model_index == 1 and newer.unet.label == "cirrus-unet v2"
+    assert newer.processed == 32 and newer.model_index == 1 and newer.unet.label == "cirrus-unet v2 (@champion)"
     now = outputs(store)
     assert (now["pred_model"] == 1).all()
     assert [e["unet"]["version"] for e in zarr.open_group(store)["pred_model"].attrs["models"]] == ["1", "2"]

@@ -27,6 +27,7 @@ from cirrus_batch.data import StoreSamples
 from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.ingest import ingest
 from cirrus_batch.synth import write_archive
+from cirrus_batch.registry import promote
 from cirrus_batch.train import fit_temperature, input_spec, train, train_on_cluster
 
 SHAPE = (96, 120)
@@ -148,6 +149,24 @@ def test_soft_labels_follow_the_cloud_fraction():
     assert np.all(np.diff(t[:6]) > 0) and 0.3 < t[2] < 0.5 < t[3] < 0.7
     assert t[0] < 0.01 and t[5] > 0.99 and t[6] == 1.0 and t[7] == 1.0
     np.testing.assert_array_equal(soft_labels(cf, cloudy, 0.05, 0.0), cloudy)
+
+
+def test_a_worse_retrain_does_not_move_the_champion(store, tmp_path):
+    cfg = tiny(tmp_path, **{"train.epochs": 4, "train.patience": 8})
+    first = train(store, "classify", cfg, progress=False)
+    assert "first champion" in first.promotion
+    # the same split, a learning rate that leaves the network near its random initialization
+    worse = train(store, "classify", tiny(tmp_path, **{"train.lr": 1e-7, "train.epochs": 1}), progress=False)
+    assert worse.registered_version == "2" and "v2 does not beat v1 on" in worse.promotion, worse.promotion
+    client = MlflowClient(cfg.tracking_uri)
+    assert str(client.get_model_version_by_alias("cirrus-classifier", "champion").version) == "1"
+    assert "does not beat" in client.get_model_version("cirrus-classifier", "2").tags["promotion"]
+    # promote says so again, and only --force moves the champion (recorded)
+    assert not promote(cfg.tracking_uri, "cirrus-classifier").promoted
+    forced = promote(cfg.tracking_uri, "cirrus-classifier", "2", force=True)
+    assert forced.promoted and forced.images == worse.split_sizes["test"] and "forced" in forced.summary
+    assert str(client.get_model_version_by_alias("cirrus-classifier", "champion").version) == "2"
+    assert client.get_model_version("cirrus-classifier", "2").tags["promoted_by_force"] == "true"
 
 
 def test_reproducible_on_cpu(store, tmp_path):
