@@ -83,7 +83,7 @@ def learning_curves_figure(history: Sequence[dict[str, float]]) -> Figure:
             y = np.array([_value(row, key) for row in history], dtype=float)
             ok = np.isfinite(y) & np.isfinite(x)
             if ok.any():
-                ax.plot(x[ok], y[ok], marker="o", markersize=3, label=key.removeprefix("val_"))
+                ax.plot(x[ok], y[ok], marker="o", markersize=3, label=key if ax is axes[0] else key.removeprefix("val_"))
         if ax.lines:
             ax.legend(fontsize=8)
         else:
@@ -204,8 +204,8 @@ def classifier_gallery(images: np.ndarray, prob: np.ndarray, label: np.ndarray, 
             wrong = (prob[i] > 0.5) != (label[i] > 0.5)
             ax.set_title(f"{str(times[i])[:16]}\np={prob[i]:.3g} {'cloudy' if label[i] > 0.5 else 'clear'} "
                          f"cf={100 * cloud_fraction[i]:.1f}%", fontsize=8, color="tab:red" if wrong else "black")  # fmt: skip
-    fig.suptitle("Classifier on test frames: p = p_cloudy; label and cf (cloud fraction) from prepare "
-                 f"(cloudy above {100 * threshold:g} %); red: misclassified", fontsize=9)  # fmt: skip
+    fig.suptitle("Classifier on test frames: p = p_cloudy;\nlabel and cf (cloud fraction) from prepare "
+                 f"(cloudy above {100 * threshold:g} %);\nred title: misclassified", fontsize=9)  # fmt: skip
     fig.tight_layout()
     return save(fig, out_png)
 
@@ -241,6 +241,7 @@ def segmentation_gallery(images: np.ndarray, masks: np.ndarray, probs: np.ndarra
     axes = np.atleast_2d(fig.subplots(n, 4, squeeze=False))
     red = ListedColormap([(0, 0, 0, 0), (1.0, 0.15, 0.1, 0.5)])
     prob_cmap = colormaps["viridis"].with_extremes(bad="0.6")
+    mask_cmap = colormaps["gray"].with_extremes(bad="0.6")
     for r, (kind, i) in enumerate(picks):
         valid = sky[i]
         gray = _stretch(images[i], valid)
@@ -251,7 +252,7 @@ def segmentation_gallery(images: np.ndarray, masks: np.ndarray, probs: np.ndarra
         row = axes[r]
         row[0].imshow(gray, cmap="gray", vmin=0, vmax=1)
         row[0].set_ylabel(f"{str(times[i])[:16]}\n{kind}", fontsize=9)
-        row[1].imshow(np.ma.masked_invalid(np.where(valid, truth, np.nan)), cmap="gray", vmin=0, vmax=1,
+        row[1].imshow(np.ma.masked_invalid(np.where(valid, truth, np.nan)), cmap=mask_cmap, vmin=0, vmax=1,
                       interpolation="nearest")  # fmt: skip
         row[1].set_title(f"cloud fraction {100 * cf[i]:.1f}%", fontsize=8)
         im = row[2].imshow(np.ma.masked_invalid(p), cmap=prob_cmap, vmin=0, vmax=1)

@@ -344,3 +344,31 @@ def test_cli_reprocess(trained, tmp_path):
     out = subprocess.run([*cli, "--unet", "models:/nope/1"], capture_output=True, text=True, timeout=300,
                          check=False)  # fmt: skip
     assert out.returncode == 1 and out.stderr.startswith("cirrus: error: no model models:/nope/1 in sqlite:")
+
+
+def test_cli_from_another_directory_uses_the_tracking_store_beside_the_store(trained, tmp_path):
+    """The default tracking URI sqlite:///mlflow.db is relative to the store's folder, not to where one stands;
+    a folder without one is a clear error that names it, and no empty database is created."""
+    season = tmp_path / "season"
+    store = trained.copy(season)
+    shutil.copy(trained.root / "mlflow.db", season / "mlflow.db")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    config = tmp_path / "job.toml"
+    config.write_text(f"[reprocess]\nthreshold = {trained.threshold!r}\nbatch_size = 4\n")
+    cli = [sys.executable, "-m", "cirrus_batch.cli", "reprocess", "--config", str(config), "--no-progress"]
+    out = subprocess.run([*cli, store], capture_output=True, text=True, timeout=300, check=False, cwd=elsewhere)
+    assert out.returncode == 0, out.stderr
+    assert f"MLflow tracking: sqlite:///{season}/mlflow.db" in out.stdout
+    assert "models:/cirrus-classifier@champion -> cirrus-classifier v1 (@champion)" in out.stdout
+    assert (zarr.open_group(store, mode="r")["pred_model"][:] == 0).all() and not list(elsewhere.iterdir())
+    lonely = trained.copy(tmp_path / "lonely")
+    out = subprocess.run([*cli, lonely], capture_output=True, text=True, timeout=300, check=False, cwd=elsewhere)
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"cirrus: error: no MLflow tracking store at {tmp_path / 'lonely' / 'mlflow.db'}")
+    assert not (tmp_path / "lonely" / "mlflow.db").exists() and not list(elsewhere.iterdir())
+    # an empty registry: the error names the tracking URI searched
+    empty = f"sqlite:///{tmp_path}/empty.db"
+    MlflowClient(empty).search_experiments()
+    with pytest.raises(ModelError, match=f"no version of 'cirrus-unet' has the alias 'champion' in {empty}"):
+        resolve_model("models:/cirrus-unet@champion", empty)
