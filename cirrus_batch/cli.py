@@ -15,6 +15,8 @@ from cirrus_batch.config import JobConfig, load_config
 from cirrus_batch.errors import CirrusError
 
 log = logging.getLogger("cirrus_batch")
+TRACKING_HELP = ("MLflow tracking URI (default [train] tracking_uri, sqlite:///mlflow.db; a relative sqlite path is "
+                 "relative to the store's folder)")  # fmt: skip
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -53,12 +55,16 @@ def _lock(args: argparse.Namespace, config: JobConfig, create: bool = False):
                      on_wait=lambda message: print(f"cirrus: {message}", file=sys.stderr, flush=True))  # fmt: skip
 
 
-def _tracking(uri: str) -> None:
-    """Fail at once when the MLflow tracking server is unreachable; fewer MLflow retries later on."""
-    from cirrus_batch.tracking import limit_retries, require_server
+def _tracking(config: JobConfig, store: str) -> str:
+    """The tracking URI of ``store`` (a relative sqlite path is relative to the store's folder), printed; an
+    unreachable tracking server is an error at once, and MLflow's HTTP retries are shortened."""
+    from cirrus_batch.tracking import limit_retries, require_server, resolve_tracking_uri
 
+    uri = resolve_tracking_uri(config.train.tracking_uri, store)
     require_server(uri)
     limit_retries()
+    print(f"MLflow tracking: {uri}", flush=True)
+    return uri
 
 
 def _client(config: JobConfig):
@@ -180,7 +186,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     config = _config(args, **{"train.tracking_uri": args.tracking_uri, "train.epochs": args.epochs})
-    _tracking(config.train.tracking_uri)
+    config.train.tracking_uri = _tracking(config, args.store)
     from cirrus_batch.train import train, train_on_cluster
 
     tasks = ["classify", "segment"] if args.task == "both" else [args.task]
@@ -196,16 +202,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     for task, result in zip(tasks, results):
         t = result.test
         rows.append([task, result.epochs_run, *(result.split_sizes[k] for k in ("train", "val", "test")),
-                     *(f"{t[k]:.3f}" for k in ("accuracy", "f1", "iou", "roc_auc", "ece")),
+                     *(f"{t[k]:.3f}" for k in ("accuracy", "f1", "iou", "roc_auc", "ece_adaptive")),
                      f"{result.seconds:.0f} s", result.registered_version or "-"])  # fmt: skip
-        print(f"{task}: MLflow run {result.run_id}, model {result.model_uri}")
+        print(f"{task}: MLflow run {result.run_id}, model {result.model_uri}, temperature {result.temperature:.3f}")
+        if result.promotion:
+            print(f"  {result.promotion}")
         if args.truth:
             print(f"  against the true {'masks' if task == 'segment' else 'labels'}: network "
                   f"IoU {t['truth_iou']:.3f} F1 {t['truth_f1']:.3f} accuracy {t['truth_accuracy']:.3f} "
-                  f"ECE {t['truth_ece']:.3f}; its training labels IoU {t['labels_truth_iou']:.3f} "
+                  f"ECE (equal-mass bins) {t['truth_ece_adaptive']:.3f}; its training labels IoU "
+                  f"{t['labels_truth_iou']:.3f} "
                   f"accuracy {t['labels_truth_accuracy']:.3f}")  # fmt: skip
-    print(table(rows, ["task", "epochs", "train", "val", "test", "accuracy", "F1", "IoU", "AUC", "ECE", "time",
-                       "version"]))  # fmt: skip
+    print(table(rows, ["task", "epochs", "train", "val", "test", "accuracy", "F1", "IoU", "AUC", "ECE (eq. mass)",
+                       "time", "version"]))  # fmt: skip
     print(f"compare runs: mlflow ui --backend-store-uri {config.train.tracking_uri} --host 127.0.0.1")
     return 0
 
@@ -213,8 +222,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_reprocess(args: argparse.Namespace) -> int:
     config = _config(args, **{"train.tracking_uri": args.tracking_uri, "reprocess.classifier": args.classifier,
                               "reprocess.unet": args.unet, "lock.wait": args.wait})  # fmt: skip
-    tracking = config.train.tracking_uri
-    _tracking(tracking)
+    tracking = _tracking(config, args.store)
     from cirrus_batch.reprocess import models_by_task, reprocess, resolve_model
 
     chosen = models_by_task(args.model or [], tracking)
@@ -224,8 +232,8 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
             raise CirrusError(f"--model {chosen[task]} and {flag} {option} both give the {flag[2:]}: give one")
     classifier = chosen.get("classify", config.reprocess.classifier)
     unet = chosen.get("segment", config.reprocess.unet)
-    for uri in (classifier, unet):
-        resolve_model(uri, tracking)  # a bad URI fails before a cluster starts
+    for uri in (classifier, unet):  # a bad URI fails before a cluster starts
+        print(f"{uri} -> {resolve_model(uri, tracking).label}", flush=True)
     with _lock(args, config), _client(config) as client:
         report = reprocess(args.store, client, classifier, unet, config.reprocess, force=args.force,
                            progress=not args.no_progress, tracking_uri=tracking)  # fmt: skip
@@ -261,17 +269,17 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     config = load_config(args.config, {"train.tracking_uri": args.tracking_uri})
-    _tracking(config.train.tracking_uri)
     from cirrus_batch.report import report
 
     out = args.out or f"{args.store.rstrip('/').removesuffix('.zarr')}-report"
-    result = report(args.store, out, tracking_uri=config.train.tracking_uri, experiment=config.train.experiment)
+    result = report(args.store, out, tracking_uri=_tracking(config, args.store), experiment=config.train.experiment)
     rows = [[r.night, r.images, r.clear_images, f"{r.clear_hours:.2f}", f"{r.mean_cloud_fraction:.3f}"]
             for r in result.nights]  # fmt: skip
     print(table(rows, ["night", "images", "clear images", "clear hours", "mean cloud fraction"]))
     if result.processed < result.images:
         print(f"({result.images - result.processed} images not reprocessed yet: run `cirrus reprocess {args.store}`)")
-    print(f"report: {result.out_dir / 'report.md'} ({len(result.files)} files); MLflow run {result.run_id}")
+    print(f"report: {result.out_dir / 'report.md'} ({len(result.files)} files); MLflow run {result.run_id} "
+          f"(experiment {config.train.experiment}-reports)")
     return 0
 
 
@@ -284,7 +292,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     config = _config(args, **{"tune.trials": args.trials, "tune.study_name": args.study, "tune.storage": args.storage,
                               "tune.timeout": args.timeout, "tune.retrain_best": False if args.no_retrain else None,
                               "train.tracking_uri": args.tracking_uri})  # fmt: skip
-    _tracking(config.train.tracking_uri)
+    config.train.tracking_uri = _tracking(config, args.store)
     with _client(config) as client:
         result = tune(args.store, args.task, config.train, config.tune, client, progress=not args.no_progress)
     print(table(trial_rows(result.trials), TRIAL_HEADER))
@@ -293,6 +301,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(best_summary(result))
     print(f"compare runs: mlflow ui --backend-store-uri {config.train.tracking_uri} --host 127.0.0.1")
     return 0 if result.best is not None else 1
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from cirrus_batch.registry import promote
+    from cirrus_batch.train import REGISTERED
+
+    config = load_config(args.config, {"train.tracking_uri": args.tracking_uri})
+    tracking = _tracking(config, args.store)
+    tasks = ["classify", "segment"] if args.task == "both" else [args.task]
+    if args.version and len(tasks) > 1:
+        raise CirrusError("--version names one model's version: give --task classify or --task segment")
+    for task in tasks:
+        result = promote(tracking, REGISTERED[task], args.version, args.store, force=args.force)
+        print(result.summary)
+    return 0
 
 
 def cmd_cluster_script(args: argparse.Namespace) -> int:
@@ -410,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["classify", "segment", "both"], default="both")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
     p.add_argument("--epochs", type=int, help="overrides [train] epochs")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db or [train] tracking_uri)")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
     p.add_argument("--truth", metavar="TRUTH", help="also score the test images against a true-mask store")
     _common(p)
     p.set_defaults(func=cmd_train)
@@ -418,13 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reprocess", help="classify and segment every image with the trained models (MLflow)")
     p.add_argument("store")
     p.add_argument("--classifier", metavar="URI", help="classifier model URI (default [reprocess] classifier: "
-                   "models:/cirrus-classifier/latest); also models:/NAME/VERSION, models:/NAME@ALIAS, runs:/ID/model")
+                   "models:/cirrus-classifier@champion); also models:/NAME/VERSION, models:/NAME/latest, runs:/ID/model")
     p.add_argument("--unet", metavar="URI", help="U-Net model URI (default [reprocess] unet: "
-                   "models:/cirrus-unet/latest)")
+                   "models:/cirrus-unet@champion)")
     p.add_argument("--model", metavar="URI", action="append",
                    help="a model URI used as classifier or U-Net by the task in its metadata (repeatable)")
     p.add_argument("--force", action="store_true", help="recompute every image, also those done by these models")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db or [train] tracking_uri)")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
     _writer(p)
     _common(p)
     p.set_defaults(func=cmd_reprocess)
@@ -444,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--out", metavar="DIR", help="report folder (default: STORE without .zarr, plus -report)")
     p.add_argument("--config", metavar="TOML", help="job config ([train] tracking_uri and experiment)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db or [train] tracking_uri)")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("tune", help="Optuna hyperparameter search on the Dask workers (MLflow), best model registered")
@@ -455,9 +478,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="Optuna storage: sqlite:///optuna.db (default), postgresql+psycopg2://..., journal:PATH")
     p.add_argument("--timeout", type=float, metavar="S", help="start no new trial after S seconds")
     p.add_argument("--no-retrain", action="store_true", help="register the best trial's model instead of retraining it")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///mlflow.db or [train] tracking_uri)")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
     _common(p)
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("promote", help="make a registered version the champion if it beats the current one")
+    p.add_argument("store", help="the store whose test images both models are scored on (the one trained on)")
+    p.add_argument("--task", choices=["classify", "segment", "both"], default="both")
+    p.add_argument("--version", help="the candidate version (default: the newest)")
+    p.add_argument("--force", action="store_true", help="make it champion whatever the scores (recorded in its tags)")
+    p.add_argument("--config", metavar="TOML", help="job config ([train] tracking_uri)")
+    p.add_argument("--tracking-uri", help=TRACKING_HELP)
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("cluster-script", help="print the SLURM job script of a Dask worker (--cluster slurm)")
     p.add_argument("--config", metavar="TOML", help="job config ([cluster.slurm]); unset: jobqueue.slurm.* dask config")

@@ -196,7 +196,11 @@ class TrainConfig:
     soft_targets: bool = True
     """Segment: train on the cloud fraction of each binned pixel of ``mask`` instead of its majority (metrics
     still score the majority); measured on a 3000-image season: IoU against the true masks 0.935 vs 0.932,
-    ECE 0.017 vs 0.024."""
+    ECE 0.017 vs 0.024. Classify: train on ``data.soft_labels`` of each image's cloud fraction (``label_width``)."""
+    label_width: float = 0.01
+    """Classify with ``soft_targets``: width of the smooth step of the target around the cloudy threshold
+    (``sigmoid((cloud_fraction - threshold) / label_width)``: 0.05 at 2 %, 0.95 at 8 % cloud with threshold 5 %);
+    borderline images then get probabilities near 0.5 instead of 1e-25 or 1. 0 = hard labels."""
     amp: bool = True
     """Mixed-precision training steps: float16 on CUDA, bfloat16 on CPUs with native bf16 (AVX512-BF16, AMX;
     ~1.9x faster steps), float32 elsewhere (``models.autocast_dtype``)."""
@@ -204,11 +208,16 @@ class TrainConfig:
     checkpoint_dir: str = "checkpoints"
     """One checkpoint per task (``classify.pt``, ``segment.pt``), written every epoch; ``--resume`` reads it."""
     tracking_uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI; a relative sqlite path is relative to the store's folder (``cirrus_batch.tracking``)."""
     experiment: str = "cirrus"
+    """MLflow experiment of the trainings and studies; season reports go to ``<experiment>-reports``."""
     log_model: bool = True
     """Log the trained model to MLflow (with an input example); needed to register it."""
     register: bool = True
     """Register the model as ``cirrus-classifier`` / ``cirrus-unet`` in the MLflow model registry."""
+    promote: bool = True
+    """After registering, move the alias ``champion`` (what ``reprocess`` uses) to the new version if it beats
+    the current champion on the same test images (``cirrus_batch.registry``); else ``cirrus promote`` later."""
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -218,10 +227,10 @@ class TrainConfig:
 class ReprocessConfig:
     """Season reprocessing with the trained models (``cirrus reprocess``); MLflow tracking is ``[train]``'s."""
 
-    classifier: str = "models:/cirrus-classifier/latest"
-    """MLflow URI of the classifier: ``models:/NAME/VERSION``, ``models:/NAME/latest``, ``models:/NAME@ALIAS``
-    or ``runs:/RUN_ID/model``."""
-    unet: str = "models:/cirrus-unet/latest"
+    classifier: str = "models:/cirrus-classifier@champion"
+    """MLflow URI of the classifier: ``models:/NAME@ALIAS`` (default: the champion, see ``cirrus promote``),
+    ``models:/NAME/VERSION``, ``models:/NAME/latest`` or ``runs:/RUN_ID/model``."""
+    unet: str = "models:/cirrus-unet@champion"
     """MLflow URI of the U-Net (same forms)."""
     batch_size: int = ranged(16, 1, None)
     """Images per forward pass."""
@@ -309,7 +318,13 @@ class TuneConfig:
     """Epochs of that retraining; 0: ``[train] epochs``."""
     space: dict[str, Any] = field(default_factory=dict)
     """The search space: dotted ``[train]`` keys (``lr``, ``unet.depth``, ``augment.zoom``) mapped to
-    ``{type, low, high, log, step, choices}`` tables (see ``ParamSpec`` and ``jobs/tune.toml``)."""
+    ``{type, low, high, log, step, choices}`` tables (see ``ParamSpec`` and ``jobs/tune.toml``), searched for
+    either task. A key of the other task's network (``unet.*`` for ``classify``, ``classifier.*`` for
+    ``segment``) is an error: it cannot change the result."""
+    space_classify: dict[str, Any] = field(default_factory=dict)
+    """Keys searched only when tuning the classifier (``classifier.depth``, ...), added to ``space``."""
+    space_segment: dict[str, Any] = field(default_factory=dict)
+    """Keys searched only when tuning the U-Net (``unet.depth``, ...), added to ``space``."""
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -317,6 +332,8 @@ class TuneConfig:
             raise ValueError(f"grace_period ({self.grace_period}) must exceed heartbeat_interval "
                              f"({self.heartbeat_interval})")  # fmt: skip
         self.space = _search_space(self.space)
+        self.space_classify = _search_space(self.space_classify)
+        self.space_segment = _search_space(self.space_segment)
 
 
 def _search_space(node: dict[str, Any], prefix: str = "") -> dict[str, ParamSpec]:

@@ -16,7 +16,7 @@ from cirrus_batch.errors import StoreError
 from cirrus_batch.geometry import zenith_map
 from cirrus_batch.store import Store
 
-NEEDS = {"classify": ("cloudy", "quality", "sky"), "segment": ("mask", "cloudy", "quality", "sky")}
+NEEDS = {"classify": ("cloudy", "cloud_fraction", "quality", "sky"), "segment": ("mask", "cloudy", "quality", "sky")}
 
 
 def bin_image(x: np.ndarray, factor: int) -> np.ndarray:
@@ -27,6 +27,20 @@ def bin_image(x: np.ndarray, factor: int) -> np.ndarray:
     lead, (h, w) = t.shape[:-2], t.shape[-2:]
     out = F.avg_pool2d(t.reshape(-1, 1, h, w), factor)
     return out.reshape(*lead, *out.shape[-2:]).numpy()
+
+
+def soft_labels(cloud_fraction: np.ndarray, cloudy: np.ndarray, threshold: float, width: float) -> np.ndarray:
+    """Classifier targets: ``sigmoid((cloud_fraction - threshold) / width)``, a smooth step that says an image
+    at 4.5 % cloud (threshold 5 %) is almost as likely cloudy as clear; the hard ``cloudy`` label where
+    ``width`` is 0, the cloud fraction is not finite, or the label disagrees with it (a human label)."""
+    hard = np.asarray(cloudy, dtype=np.float32)
+    cf = np.asarray(cloud_fraction, dtype=np.float64)
+    if width <= 0:
+        return hard
+    with np.errstate(invalid="ignore", over="ignore"):
+        soft = 1.0 / (1.0 + np.exp(-np.clip((cf - threshold) / width, -50, 50)))
+        keep = np.isfinite(cf) & ((cf > threshold) == (hard > 0.5))
+    return np.where(keep, soft, hard).astype(np.float32)
 
 
 def store_zenith(group: zarr.Group) -> np.ndarray:
@@ -110,20 +124,22 @@ class StoreSamples(Dataset):
 
     image: :meth:`InputSpec.inputs`, shape (c, h, w) float32. Segment: target = ``mask`` binned (its majority,
     or with ``soft`` its cloud fraction per binned pixel) and weight = the binned sky mask, both (1, h, w).
-    Classify: target = ``cloudy`` and weight 1, scalars.
+    Classify: target = ``cloudy`` (with ``label_width`` > 0: :func:`soft_labels` of the image's cloud fraction)
+    and weight 1, scalars.
     The arrays open lazily in each DataLoader worker. Each process (DataLoader worker) keeps the samples it
     has built, up to ``cache_mb`` MiB (binned, ~0.25 MiB per 128x160 segment sample): later epochs then cost
     no store read, decoding or binning, which would take CPU from the training step.
     """
 
     def __init__(self, store_url: str, positions: np.ndarray, spec: InputSpec, soft: bool = False,
-                 cache_mb: float = 0.0):  # fmt: skip
+                 cache_mb: float = 0.0, label_width: float = 0.0):  # fmt: skip
         if spec.task not in NEEDS:
             raise ValueError(f"task must be one of {sorted(NEEDS)}, got {spec.task!r}")
         self.store_url, self.spec, self.soft = store_url, spec, soft
         self.positions = np.asarray(positions, dtype=np.int64)
         group = check_store(store_url, spec).group
-        self.cloudy = group["cloudy"][:].astype(np.float32)
+        self.cloudy = soft_labels(group["cloud_fraction"][:], group["cloudy"][:],
+                                  float(group["cloudy"].attrs.get("threshold", 0.05)), label_width)  # fmt: skip
         self.zenith = spec.zenith_input(store_zenith(group)) if spec.zenith else None
         sky = bin_image(group["sky"][:].astype(np.float32), spec.bin) > 0.5
         self.sky = torch.from_numpy(sky.astype(np.float32))

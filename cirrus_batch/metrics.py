@@ -7,6 +7,10 @@ Items whose ``prob`` is not finite are ignored as well. A prediction is positive
 Undefined quantities (precision with no positive prediction, ROC AUC with one class, anything on zero items)
 are ``nan``, never exceptions. :class:`MetricAccumulator` computes the same numbers over many batches in
 constant memory (ROC AUC from per-class histograms, see its docstring).
+
+Two calibration errors: ``ece`` over equal-width bins of [0, 1], and ``ece_adaptive`` over equal-mass bins
+(each holds the same number of items). With most probabilities near 0 or 1, equal-width bins put nearly
+everything in the two end bins and hide how the rest is calibrated; equal-mass bins do not.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 __all__ = [
     "METRIC_KEYS",
     "MetricAccumulator",
+    "adaptive_calibration_error",
     "binary_metrics",
     "calibration_bins",
     "confusion_matrix",
@@ -31,6 +36,7 @@ METRIC_KEYS = (
     "roc_auc",
     "brier",
     "ece",
+    "ece_adaptive",
     "n",
     "positive_rate",
     "pred_positive_rate",
@@ -120,10 +126,38 @@ def expected_calibration_error(
     return _ece_from_bins(*calibration_bins(prob, target, bins, weight))
 
 
+def adaptive_calibration_error(
+    prob: np.ndarray, target: np.ndarray, bins: int = 15, weight: np.ndarray | None = None
+) -> float:
+    """ECE over ``bins`` equal-mass bins: the items sorted by probability, cut into ``bins`` runs of (nearly)
+    equal length, ``sum_b n_b / n * |mean prob_b - fraction positive_b|``."""
+    p, t = _prepare(prob, target, weight)
+    if p.size == 0:
+        return NAN
+    order = np.argsort(p, kind="stable")
+    edges = np.linspace(0, p.size, min(bins, p.size) + 1).round().astype(np.int64)
+    sum_prob = np.add.reduceat(p[order], edges[:-1])
+    sum_target = np.add.reduceat(t[order].astype(np.float64), edges[:-1])
+    return float(np.abs(sum_prob - sum_target).sum() / p.size)
+
+
+def _adaptive_from_fine(count: np.ndarray, sum_prob: np.ndarray, sum_target: np.ndarray, bins: int) -> float:
+    """Adaptive ECE from a fine histogram in increasing probability: consecutive fine bins merged into ``bins``
+    groups of about equal mass (a fine bin is never split)."""
+    n = count.sum()
+    if n <= 0:
+        return NAN
+    group = np.minimum((np.cumsum(count) - count / 2) * bins // n, bins - 1).astype(np.int64)
+    gp = np.bincount(group, weights=sum_prob, minlength=bins)
+    gt = np.bincount(group, weights=sum_target, minlength=bins)
+    return float(np.abs(gp - gt).sum() / n)
+
+
 def binary_metrics(
     prob: np.ndarray, target: np.ndarray, threshold: float = 0.5, weight: np.ndarray | None = None
 ) -> dict[str, float]:
-    """Accuracy, precision, recall, F1, IoU, ROC AUC, Brier, ECE (15 bins), n and positive rates.
+    """Accuracy, precision, recall, F1, IoU, ROC AUC, Brier, ECE (15 equal-width and 15 equal-mass bins), n and
+    positive rates.
 
     ``roc_auc`` is :func:`sklearn.metrics.roc_auc_score` (exact), ``nan`` when only one class is present.
     """
@@ -139,6 +173,7 @@ def binary_metrics(
         out["roc_auc"] = NAN
     out["brier"] = float(np.mean((p - t) ** 2)) if t.size else NAN
     out["ece"] = expected_calibration_error(p, t, 15)
+    out["ece_adaptive"] = adaptive_calibration_error(p, t, 15)
     return {k: out[k] for k in METRIC_KEYS}
 
 
@@ -152,7 +187,14 @@ class MetricAccumulator:
     are ordered exactly, pairs within one bin count as ties (1/2), so the error is at most half the fraction
     of positive/negative pairs sharing a bin, in practice < 1e-3 with 1000 bins unless the probabilities
     pile up inside a single 1/``auc_bins`` interval.
+
+    ``ece_adaptive`` comes from a fine histogram of the logit (``FINE_BINS`` bins over [-``FINE_LOGIT``,
+    ``FINE_LOGIT``], each with count, sum of prob and sum of target) whose consecutive bins are merged into
+    ``bins`` groups of about equal mass: within ~1e-3 of the exact value unless many items share one fine bin.
     """
+
+    FINE_BINS = 4000
+    FINE_LOGIT = 20.0
 
     def __init__(self, threshold: float = 0.5, bins: int = 15, auc_bins: int = 1000) -> None:
         if bins < 1 or auc_bins < 1:
@@ -171,6 +213,7 @@ class MetricAccumulator:
         self.brier_sum = 0.0
         self.hist_pos = np.zeros(self.auc_bins, dtype=np.int64)
         self.hist_neg = np.zeros(self.auc_bins, dtype=np.int64)
+        self.fine = np.zeros((3, self.FINE_BINS), dtype=np.float64)
 
     def update(self, prob: np.ndarray, target: np.ndarray, weight: np.ndarray | None = None) -> None:
         """Add one batch (same conventions as :func:`binary_metrics`)."""
@@ -187,6 +230,12 @@ class MetricAccumulator:
         aidx = _bin_index(p, self.auc_bins)
         self.hist_pos += np.bincount(aidx[t], minlength=self.auc_bins)
         self.hist_neg += np.bincount(aidx[~t], minlength=self.auc_bins)
+        with np.errstate(divide="ignore"):
+            logit = np.clip(np.log(p) - np.log1p(-p), -self.FINE_LOGIT, self.FINE_LOGIT)
+        fidx = _bin_index((logit + self.FINE_LOGIT) / (2 * self.FINE_LOGIT), self.FINE_BINS)
+        self.fine[0] += np.bincount(fidx, minlength=self.FINE_BINS)
+        self.fine[1] += np.bincount(fidx, weights=p, minlength=self.FINE_BINS)
+        self.fine[2] += np.bincount(fidx, weights=tf, minlength=self.FINE_BINS)
 
     def roc_auc(self) -> float:
         """Histogram ROC AUC: P(score_pos > score_neg) + P(same bin) / 2; ``nan`` with one class."""
@@ -206,4 +255,5 @@ class MetricAccumulator:
         out["roc_auc"] = self.roc_auc()
         out["brier"] = self.brier_sum / n if n > 0 else NAN
         out["ece"] = _ece_from_bins(self.cal_count, self.cal_sum_prob, self.cal_sum_target)
+        out["ece_adaptive"] = _adaptive_from_fine(*self.fine, self.bins)
         return {k: out[k] for k in METRIC_KEYS}

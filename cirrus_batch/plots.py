@@ -17,9 +17,11 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cirrus_batch.metrics import calibration_bins
+from cirrus_batch.metrics import adaptive_calibration_error, calibration_bins
 
-__all__ = ["confusion_matrix_plot", "learning_curves", "new_figure", "prediction_panel", "reliability_diagram", "save"]
+__all__ = ["classifier_gallery", "classifier_picks", "confusion_matrix_plot", "learning_curves",
+           "learning_curves_figure", "new_figure", "reliability_diagram", "save", "segmentation_gallery",
+           "segmentation_picks"]
 
 DPI = 100
 
@@ -47,25 +49,33 @@ def _value(row: dict[str, float], key: str) -> float:
         return math.nan
 
 
-def learning_curves(history: Sequence[dict[str, float]], out_png: str | Path) -> Path:
-    """Loss curves (left: every ``*loss`` key) and validation metrics (right: every other ``val_*`` key).
+CURVE_PANELS = (
+    ("Loss", ("loss",)),
+    ("Validation: IoU / F1 / accuracy", ("iou", "f1", "accuracy", "precision", "recall", "roc_auc")),
+    ("Validation: calibration", ("ece", "ece_adaptive", "brier")),
+)
+"""The panels of :func:`learning_curves` and the metric names (after ``val_``/``train_``) each one draws;
+counts (``n``), rates and the learning rate are drawn nowhere: they are not on a 0-1 metric scale."""
 
-    ``history`` has one dict per epoch; the x axis is its ``"epoch"`` when present, else 1, 2, ...; keys
-    missing from some epochs are gaps.
+
+def learning_curves_figure(history: Sequence[dict[str, float]]) -> Figure:
+    """Three panels over the epochs: every ``*loss`` key; the validation IoU, F1, accuracy, precision, recall,
+    ROC AUC; the validation ECE (equal-width and equal-mass bins) and Brier score (see :data:`CURVE_PANELS`).
+
+    ``history`` has one dict per epoch; the x axis is its ``"epoch"`` (+1: epochs count from 1) when present,
+    else 1, 2, ...; keys missing from some epochs are gaps.
     """
     keys: list[str] = []
     for row in history:
         keys.extend(k for k in row if k not in keys)
-    x = np.array(
-        [_value(row, "epoch") if "epoch" in row else i + 1 for i, row in enumerate(history)], dtype=float
-    )
-    loss_keys = [k for k in keys if k != "epoch" and k.endswith("loss")]
-    metric_keys = [k for k in keys if k.startswith("val_") and not k.endswith("loss")]
-
-    fig = new_figure(11, 4.2)
-    ax_loss, ax_met = fig.subplots(1, 2)
-    for ax, group, title in ((ax_loss, loss_keys, "Loss"), (ax_met, metric_keys, "Validation metrics")):
-        ax.set_title(title)
+    x = np.array([_value(row, "epoch") + 1 if "epoch" in row else i + 1 for i, row in enumerate(history)],
+                 dtype=float)  # fmt: skip
+    groups = [[k for k in keys if k != "epoch" and k.endswith("loss")]]
+    groups += [[f"val_{m}" for m in names if f"val_{m}" in keys] for _, names in CURVE_PANELS[1:]]
+    fig = new_figure(15, 4.2)
+    axes = fig.subplots(1, 3)
+    for ax, group, (title, _) in zip(axes, groups, CURVE_PANELS):
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
@@ -73,18 +83,28 @@ def learning_curves(history: Sequence[dict[str, float]], out_png: str | Path) ->
             y = np.array([_value(row, key) for row in history], dtype=float)
             ok = np.isfinite(y) & np.isfinite(x)
             if ok.any():
-                ax.plot(x[ok], y[ok], marker="o", markersize=3, label=key)
+                ax.plot(x[ok], y[ok], marker="o", markersize=3, label=key if ax is axes[0] else key.removeprefix("val_"))
         if ax.lines:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
+    ax_loss = axes[0]
     if ax_loss.lines and all(ln.get_ydata().min() > 0 for ln in ax_loss.lines):
         ymin = min(ln.get_ydata().min() for ln in ax_loss.lines)
         ymax = max(ln.get_ydata().max() for ln in ax_loss.lines)
         if ymax > 20 * ymin:
             ax_loss.set_yscale("log")
+    if axes[1].lines:
+        axes[1].set_ylim(min(0.0, *(ln.get_ydata().min() for ln in axes[1].lines)), 1.02)
+    if axes[2].lines:
+        axes[2].set_ylim(0.0, max(0.05, *(1.1 * ln.get_ydata().max() for ln in axes[2].lines)))
     fig.tight_layout()
-    return save(fig, out_png)
+    return fig
+
+
+def learning_curves(history: Sequence[dict[str, float]], out_png: str | Path) -> Path:
+    """:func:`learning_curves_figure` written as PNG."""
+    return save(learning_curves_figure(history), out_png)
 
 
 def confusion_matrix_plot(
@@ -118,13 +138,6 @@ def confusion_matrix_plot(
     return save(fig, out_png)
 
 
-def _stack(a: np.ndarray | None, n_dims: int = 3) -> np.ndarray | None:
-    if a is None:
-        return None
-    a = np.asarray(a)
-    return a[None] if a.ndim == n_dims - 1 else a
-
-
 def _stretch(image: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     """Robust 1-99 percentile stretch to [0, 1] (percentiles over ``valid`` finite pixels)."""
     img = np.asarray(image, dtype=np.float64)
@@ -138,71 +151,133 @@ def _stretch(image: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     return np.where(np.isfinite(out), out, 0.0)
 
 
-def prediction_panel(
-    images: np.ndarray,
-    masks: np.ndarray | None,
-    probs: np.ndarray,
-    out_png: str | Path,
-    titles: list[str] | None = None,
-    sky: np.ndarray | None = None,
-) -> Path:
-    """One row per sample: image, true mask (when given), probability map, prediction (> 0.5) overlay.
+GALLERY_KINDS = ("clear", "cloudy", "borderline", "misclassified")
 
-    ``images``/``masks``/``probs`` are ``(N, H, W)`` (or a single ``(H, W)``); ``sky`` is an optional bool
-    mask ``(H, W)`` or ``(N, H, W)``: pixels outside it are grey in the mask and probability columns and
-    ignored by the image stretch.
-    """
-    imgs = _stack(images)
-    prb = _stack(probs)
-    msk = _stack(masks)
-    n = imgs.shape[0]
-    if prb.shape != imgs.shape or (msk is not None and msk.shape != imgs.shape):
-        raise ValueError("images, masks and probs must have the same shape")
-    if sky is not None:
-        sky = np.broadcast_to(np.asarray(sky, dtype=bool), imgs.shape)
-    cols = ["image"] + (["true mask"] if msk is not None else []) + ["probability", "prediction > 0.5"]
-    ncol = len(cols)
-    h, w = imgs.shape[1:]
+
+def classifier_picks(prob: np.ndarray, label: np.ndarray, cloud_fraction: np.ndarray, threshold: float,
+                     per_kind: int = 4) -> dict[str, list[int]]:  # fmt: skip
+    """Test frames worth looking at, by kind: ``clear`` and ``cloudy`` (right, the most confident first),
+    ``borderline`` (cloud fraction nearest ``threshold``) and ``misclassified`` (the most confident mistakes);
+    each index appears once."""
+    prob, label, cf = (np.asarray(a, dtype=np.float64) for a in (prob, label, cloud_fraction))
+    pred, truth = prob > 0.5, label > 0.5
+    taken: set[int] = set()
+
+    def take(candidates: np.ndarray, key: np.ndarray) -> list[int]:
+        out = [int(i) for i in candidates[np.argsort(key[candidates], kind="stable")] if int(i) not in taken]
+        taken.update(out[:per_kind])
+        return out[:per_kind]
+
+    wrong = np.flatnonzero(pred != truth)
+    picks = {"misclassified": take(wrong, -np.abs(prob - 0.5))}
+    picks["borderline"] = take(np.flatnonzero(np.isfinite(cf)), np.abs(cf - threshold))
+    picks["clear"] = take(np.flatnonzero(~pred & ~truth), prob)
+    picks["cloudy"] = take(np.flatnonzero(pred & truth), -prob)
+    return {kind: picks[kind] for kind in GALLERY_KINDS}
+
+
+def classifier_gallery(images: np.ndarray, prob: np.ndarray, label: np.ndarray, cloud_fraction: np.ndarray,
+                       times: Sequence[str], out_png: str | Path, threshold: float = 0.05,
+                       sky: np.ndarray | None = None, per_kind: int = 4) -> Path:  # fmt: skip
+    """One row per kind of :func:`classifier_picks` (clear, cloudy, borderline, misclassified test frames), each
+    frame titled with its time, ``p_cloudy``, its label and cloud fraction (red title: misclassified)."""
+    picks = classifier_picks(prob, label, cloud_fraction, threshold, per_kind)
+    h, w = np.asarray(images).shape[1:]
+    cell = 2.4
+    fig = new_figure(cell * per_kind + 1.0, (cell * h / w + 0.6) * len(picks) + 0.4)
+    axes = np.atleast_2d(fig.subplots(len(picks), per_kind, squeeze=False))
+    for r, (kind, idx) in enumerate(picks.items()):
+        axes[r, 0].set_ylabel(f"{kind}\n({len(idx)})", fontsize=10)
+        if not idx:
+            axes[r, 0].text(0.5, 0.5, f"no {kind} frame", ha="center", va="center", color="gray",
+                            transform=axes[r, 0].transAxes)  # fmt: skip
+        for c in range(per_kind):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(idx):
+                if c:
+                    ax.set_axis_off()
+                continue
+            i = idx[c]
+            ax.imshow(_stretch(images[i], sky), cmap="gray", vmin=0, vmax=1)
+            wrong = (prob[i] > 0.5) != (label[i] > 0.5)
+            ax.set_title(f"{str(times[i])[:16]}\np={prob[i]:.3g} {'cloudy' if label[i] > 0.5 else 'clear'} "
+                         f"cf={100 * cloud_fraction[i]:.1f}%", fontsize=8, color="tab:red" if wrong else "black")  # fmt: skip
+    fig.suptitle("Classifier on test frames: p = p_cloudy;\nlabel and cf (cloud fraction) from prepare "
+                 f"(cloudy above {100 * threshold:g} %);\nred title: misclassified", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    return save(fig, out_png)
+
+
+SEGMENT_KINDS = (("clear", 0.0, 0.05), ("partly cloudy", 0.05, 0.4), ("broken", 0.4, 0.85), ("overcast", 0.85, 1.01))
+"""Kinds of test frame of the U-Net gallery, by the label's cloud fraction [low, high)."""
+
+
+def segmentation_picks(cloud_fraction: np.ndarray, per_kind: int = 1) -> list[tuple[str, int]]:
+    """(kind, index) of up to ``per_kind`` frames of each :data:`SEGMENT_KINDS` kind, the middle of its range."""
+    cf = np.asarray(cloud_fraction, dtype=np.float64)
+    out = []
+    for kind, lo, hi in SEGMENT_KINDS:
+        inside = np.flatnonzero((cf >= lo) & (cf < hi))
+        mid = min((lo + hi) / 2, 1.0)
+        out += [(kind, int(i)) for i in inside[np.argsort(np.abs(cf[inside] - mid), kind="stable")][:per_kind]]
+    return out
+
+
+def segmentation_gallery(images: np.ndarray, masks: np.ndarray, probs: np.ndarray, sky: np.ndarray,
+                         times: Sequence[str], out_png: str | Path, per_kind: int = 1) -> Path:  # fmt: skip
+    """Test frames spanning :data:`SEGMENT_KINDS` (by the label's cloud fraction), one per row: the image; the
+    prepare label; the U-Net probability; the U-Net cloud (> 0.5, red) with the label's outline (cyan).
+    Each row is titled with its time, kind, label cloud fraction and the image's IoU."""
+    masks = np.asarray(masks) > 0.5
+    sky = np.broadcast_to(np.asarray(sky, dtype=bool), masks.shape)
+    cf = np.array([m[s].mean() if s.any() else np.nan for m, s in zip(masks, sky)])
+    picks = segmentation_picks(cf, per_kind)
+    n = max(len(picks), 1)
+    h, w = masks.shape[1:]
     cell = 2.6
-    fig = new_figure(cell * ncol + 0.8, max(cell * n * h / w, 2.0) + 0.5)
-    axes = np.atleast_2d(fig.subplots(n, ncol, squeeze=False))
-    red = ListedColormap([(0, 0, 0, 0), (1.0, 0.15, 0.1, 0.45)])
+    fig = new_figure(cell * 4 + 0.8, (cell * h / w + 0.5) * n + 0.9)
+    axes = np.atleast_2d(fig.subplots(n, 4, squeeze=False))
+    red = ListedColormap([(0, 0, 0, 0), (1.0, 0.15, 0.1, 0.5)])
     prob_cmap = colormaps["viridis"].with_extremes(bad="0.6")
     mask_cmap = colormaps["gray"].with_extremes(bad="0.6")
-    for i in range(n):
-        valid = None if sky is None else sky[i]
-        gray = _stretch(imgs[i], valid)
-        p = np.asarray(prb[i], dtype=np.float64)
-        if valid is not None:
-            p = np.where(valid, p, np.nan)
-        pred = (np.nan_to_num(p, nan=0.0) > 0.5).astype(np.uint8)
-        row = list(axes[i])
-        ax = row.pop(0)
-        ax.imshow(gray, cmap="gray", vmin=0, vmax=1)
-        if titles is not None and i < len(titles):
-            ax.set_ylabel(titles[i], fontsize=8)
-        if msk is not None:
-            ax = row.pop(0)
-            m = np.asarray(msk[i], dtype=np.float64)
-            if valid is not None:
-                m = np.where(valid, m, np.nan)
-            ax.imshow(np.ma.masked_invalid(m), cmap=mask_cmap, vmin=0, vmax=1, interpolation="nearest")
-        ax = row.pop(0)
-        im = ax.imshow(np.ma.masked_invalid(p), cmap=prob_cmap, vmin=0, vmax=1)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-        ax = row.pop(0)
-        ax.imshow(gray, cmap="gray", vmin=0, vmax=1)
-        ax.imshow(pred, cmap=red, vmin=0, vmax=1, interpolation="nearest")
-        if msk is not None:
-            truth = np.asarray(msk[i]) > 0.5
-            if truth.any() and not truth.all():
-                ax.contour(truth.astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
-    for j, name in enumerate(cols):
-        axes[0, j].set_title(name, fontsize=9)
+    for r, (kind, i) in enumerate(picks):
+        valid = sky[i]
+        gray = _stretch(images[i], valid)
+        p = np.where(valid, np.asarray(probs[i], dtype=np.float64), np.nan)
+        pred, truth = (p > 0.5) & valid, masks[i] & valid
+        union = np.count_nonzero(pred | truth)
+        iou = np.count_nonzero(pred & truth) / union if union else float("nan")
+        row = axes[r]
+        row[0].imshow(gray, cmap="gray", vmin=0, vmax=1)
+        row[0].set_ylabel(f"{str(times[i])[:16]}\n{kind}", fontsize=9)
+        row[1].imshow(np.ma.masked_invalid(np.where(valid, truth, np.nan)), cmap=mask_cmap, vmin=0, vmax=1,
+                      interpolation="nearest")  # fmt: skip
+        row[1].set_title(f"cloud fraction {100 * cf[i]:.1f}%", fontsize=8)
+        im = row[2].imshow(np.ma.masked_invalid(p), cmap=prob_cmap, vmin=0, vmax=1)
+        fig.colorbar(im, ax=row[2], fraction=0.046, pad=0.03)
+        row[3].imshow(gray, cmap="gray", vmin=0, vmax=1)
+        row[3].imshow(pred.astype(np.uint8), cmap=red, vmin=0, vmax=1, interpolation="nearest")
+        if truth.any() and not truth[valid].all():
+            row[3].contour(truth.astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
+        row[3].set_title(f"IoU {iou:.3f}" if np.isfinite(iou) else "IoU - (no cloud in either)", fontsize=8)
+    for j, name in enumerate(("image (stretched)", "prepare label (white: cloud)", "U-Net probability",
+                              "U-Net cloud > 0.5")):  # fmt: skip
+        axes[0, j].set_title(f"{name}\n{axes[0, j].get_title()}", fontsize=9)
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
+    if not picks:
+        axes[0, 0].text(0.5, 0.5, "no test frame", ha="center", va="center", transform=axes[0, 0].transAxes)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    fig.legend(handles=[Patch(color=(1.0, 0.15, 0.1, 0.5), label="U-Net cloud (p > 0.5)"),
+                        Line2D([], [], color="cyan", lw=1, label="prepare label outline"),
+                        Patch(color="0.6", label="not sky")],
+               loc="lower center", ncol=3, fontsize=8, frameon=False)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     return save(fig, out_png)
 
 
@@ -212,14 +287,17 @@ def reliability_diagram(
     out_png: str | Path,
     bins: int = 15,
     weight: np.ndarray | None = None,
+    title: str = "",
 ) -> Path:
-    """Calibration curve (fraction positive vs mean probability per bin, with ECE) over a count histogram."""
+    """Calibration curve (fraction positive vs mean probability per equal-width bin, with the count of each bin
+    written beside its point) over a count histogram; the title gives n, the ECE and the equal-mass ECE."""
     count, sum_prob, sum_target = calibration_bins(prob, target, bins, weight)
     n = count.sum()
     ok = count > 0
     mean_p = np.divide(sum_prob, count, out=np.full(bins, np.nan), where=ok)
     frac_pos = np.divide(sum_target, count, out=np.full(bins, np.nan), where=ok)
     ece = float(np.abs(sum_prob - sum_target).sum() / n) if n > 0 else math.nan
+    ece_adaptive = adaptive_calibration_error(prob, target, bins, weight)
     edges = np.linspace(0, 1, bins + 1)
     centers = 0.5 * (edges[:-1] + edges[1:])
     width = 1.0 / bins
@@ -230,10 +308,13 @@ def reliability_diagram(
     ax.bar(centers[ok], frac_pos[ok] - mean_p[ok], bottom=mean_p[ok], width=width * 0.9, color="tab:red",
            alpha=0.3, label="gap")
     ax.plot(mean_p[ok], frac_pos[ok], marker="o", color="tab:blue", label="model")
+    for xp, yp, c in zip(mean_p[ok], frac_pos[ok], count[ok]):
+        ax.annotate(f"{int(c):,}", (xp, yp), textcoords="offset points", xytext=(4, -10), fontsize=7, color="0.3")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_ylabel("fraction positive")
-    ax.set_title(f"Reliability diagram (n={int(n):,}, ECE={ece:.4f})", fontsize=10)
+    ax.set_title(f"{title + chr(10) if title else ''}Reliability (n={int(n):,}, ECE={ece:.4f}, "
+                 f"equal-mass ECE={ece_adaptive:.4f})", fontsize=10)  # fmt: skip
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(True, alpha=0.3)
     ax_hist.bar(centers, count, width=width * 0.9, color="tab:blue", alpha=0.7)

@@ -31,6 +31,7 @@ from cirrus_batch.prepare import QUALITY_BITS, UNPREPARED, Models, read_images
 from cirrus_batch.reprocess import NOT_COMPUTED, PROB_SCALE, UNPROCESSED
 from cirrus_batch.sampling import block_keys
 from cirrus_batch.store import Store
+from cirrus_batch.tracking import require_tracking_store, resolve_tracking_uri
 
 PANEL_COLUMNS = 4
 
@@ -57,6 +58,7 @@ class SeasonReport:
     nights: list[NightRow]
     files: list[Path] = field(default_factory=list)
     run_id: str | None = None
+    tracking_uri: str = ""
 
     @property
     def clear_hours(self) -> float:
@@ -282,10 +284,33 @@ def write_markdown(out: Path, store_url: str, season: Season, rows: list[NightRo
     return path
 
 
+def model_tags(season: Season) -> dict[str, str]:
+    """Tags naming the model versions that produced the season's predictions (``classifier`` = ``cirrus-
+    classifier v3``, ``classifier.run_id``, ...; several pairs: comma-separated, by images)."""
+    used = Counter(int(i) for i in season.pred_model[season.processed])
+    tags: dict[str, list[str]] = {}
+    for index, _ in used.most_common():
+        if index >= len(season.models):
+            continue
+        entry = season.models[index]
+        for role in ("classifier", "unet"):
+            model = entry.get(role, {})
+            label = f"{model['name']} v{model['version']}" if model.get("name") else str(model.get("uri", ""))
+            for key, value in ((role, label), (f"{role}.run_id", str(model.get("run_id", ""))),
+                               (f"{role}.uri", str(model.get("uri", "")))):  # fmt: skip
+                if value not in tags.setdefault(key, []):
+                    tags[key].append(value)
+    return {k: ", ".join(v) for k, v in tags.items()}
+
+
 def report(store_url: str, out_dir: str | Path, tracking_uri: str | None = None, experiment: str = "cirrus",
            examples: int = 4) -> SeasonReport:  # fmt: skip
     """Write the season report of the reprocessed store to ``out_dir`` and log it to MLflow as the artifacts of
-    a run ``report-YYYYMMDD-HHMMSS`` in ``experiment`` (tag ``store``)."""
+    a run ``report-YYYYMMDD-HHMMSS`` in the experiment ``<experiment>-reports`` (tags: the store and the model
+    versions used). ``tracking_uri``: a relative sqlite path is relative to the store's folder; the tracking
+    store must exist (the one training wrote to), it is never created here."""
+    tracking = resolve_tracking_uri(tracking_uri or mlflow.get_tracking_uri(), store_url)
+    require_tracking_store(tracking)
     store = Store.open(store_url, mode="r")
     season = load_season(store.group, store_url)
     out = Path(out_dir)
@@ -300,14 +325,18 @@ def report(store_url: str, out_dir: str | Path, tracking_uri: str | None = None,
         figures.append(examples_plot(store.group, season, cloudy + clear, out / "examples.png"))
     flag_files, reasons, flags = flag_summary(store, season, out)
     result.files += [*figures, *flag_files, write_markdown(out, store_url, season, rows, reasons, flags, figures)]
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_experiment(f"{experiment}-reports")
+    models = model_tags(season)
     with mlflow.start_run(run_name=f"report-{time.strftime('%Y%m%d-%H%M%S')}") as run:
-        mlflow.set_tags({"store": store_url, "kind": "season report"})
+        mlflow.set_tags({"store": store_url, "kind": "season report", **models,
+                         "mlflow.note.content": f"Season report of `{store_url}`: {result.images} images, "
+                         f"{len(rows)} nights, {result.clear_hours:.2f} clear hours; predictions by "
+                         f"{models.get('classifier', '-')} and {models.get('unet', '-')}."})  # fmt: skip
         mlflow.log_metrics({"images": result.images, "reprocessed": result.processed, "nights": len(rows),
                             "clear_hours": result.clear_hours, "rejected": sum(reasons.values()),
                             "flagged": int(season.flagged.sum())})  # fmt: skip
         mlflow.log_artifacts(str(out))
         result.run_id = run.info.run_id
+    result.tracking_uri = tracking
     return result

@@ -35,12 +35,14 @@ from tqdm.auto import tqdm
 
 from cirrus_batch.normalization import Normalization, normalize
 from cirrus_batch.cluster import gpu_resources
-from cirrus_batch.config import ReprocessConfig, absolute_url
+from cirrus_batch.config import ReprocessConfig
 from cirrus_batch.data import InputSpec, store_zenith
 from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.models import MEMORY_FORMAT, autocast_dtype, pick_device
 from cirrus_batch.prepare import UNPREPARED, Models
+from cirrus_batch.registry import CHAMPION
 from cirrus_batch.store import Store, write_images
+from cirrus_batch.tracking import require_tracking_store, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +92,12 @@ class ModelIdentity:
 
     @property
     def label(self) -> str:
-        """``cirrus-unet v3`` for a registered version, else the URI."""
-        return f"{self.name} v{self.version}" if self.name else self.uri
+        """``cirrus-unet v3`` for a registered version (``cirrus-unet v3 (@champion)`` through an alias), else
+        the URI."""
+        if not self.name:
+            return self.uri
+        alias = self.uri.partition("@")[2]
+        return f"{self.name} v{self.version}" + (f" (@{alias})" if alias else "")
 
     def to_attrs(self) -> dict[str, Any]:
         """Its ``pred_model.attrs["models"]`` entry (docs/store.md)."""
@@ -131,10 +137,16 @@ class Job:
 
 
 # -- model resolution (client) --------------------------------------------------------------------
-def _registered(uri: str, client: MlflowClient) -> tuple[str | None, str | None]:
+def _registered(uri: str, client: MlflowClient, tracking_uri: str) -> tuple[str | None, str | None]:
     """(name, version) of a ``models:/NAME/VERSION|latest`` or ``models:/NAME@ALIAS`` URI; (None, None) else."""
     if m := re.fullmatch(r"models:/([^/@]+)@([^/]+)", uri):
-        return m[1], str(client.get_model_version_by_alias(m[1], m[2]).version)
+        try:
+            return m[1], str(client.get_model_version_by_alias(m[1], m[2]).version)
+        except MlflowException:
+            hint = (f"`cirrus promote STORE --task {'classify' if 'classif' in m[1] else 'segment'}` names one"
+                    if m[2] == CHAMPION else "set it with MlflowClient().set_registered_model_alias")  # fmt: skip
+            raise ModelError(f"{uri}: no version of {m[1]!r} has the alias {m[2]!r} in {tracking_uri} ({hint}; "
+                             f"or give a version: models:/{m[1]}/latest)") from None  # fmt: skip
     m = re.fullmatch(r"models:/([^/@]+)/([^/]+)", uri)
     if not m:
         return None, None
@@ -145,16 +157,17 @@ def _registered(uri: str, client: MlflowClient) -> tuple[str | None, str | None]
         raise ModelError(f"{uri}: use a version number, 'latest' or an alias (models:/{name}@ALIAS), not a stage")
     versions = client.search_model_versions(f"name='{name}'")
     if not versions:
-        raise ModelError(f"{uri}: the registered model {name!r} has no version")
+        raise ModelError(f"{uri}: the registered model {name!r} has no version in {tracking_uri}")
     return name, str(max(int(v.version) for v in versions))
 
 
 def resolve_model(uri: str, tracking_uri: str, image_shape: tuple[int, int] | None = None) -> ModelIdentity:
     """The concrete model behind ``uri`` (``latest`` and aliases pinned to a version) and its input spec;
     with ``image_shape``, a clear error where the model was exported for other inputs than such images give."""
+    require_tracking_store(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     try:
-        name, version = _registered(uri, MlflowClient(tracking_uri))
+        name, version = _registered(uri, MlflowClient(tracking_uri), tracking_uri)
         info = mlflow.models.get_model_info(f"models:/{name}/{version}" if name else uri)
     except MlflowException as exc:
         raise ModelError(f"no model {uri} in {tracking_uri}: {str(exc).splitlines()[0]}") from None
@@ -359,7 +372,8 @@ def reprocess(
 ) -> ReprocessReport:
     """Predict every image of the store not yet predicted by these models (all of them with ``force``).
 
-    URIs default to ``cfg.classifier`` / ``cfg.unet``; ``tracking_uri`` to MLflow's current one.
+    URIs default to ``cfg.classifier`` / ``cfg.unet`` (the champions); ``tracking_uri`` to MLflow's current one,
+    a relative sqlite path resolved against the store's folder (``cirrus_batch.tracking``).
     ``on_block`` is called with the number of images processed so far after each finished block.
     """
     cfg = cfg or ReprocessConfig()
@@ -367,7 +381,7 @@ def reprocess(
     store = Store.open(store_url)
     group, n, shard = store.group, store.require_images(), store.shard_size
     Models.from_store(group)  # a clear error when the store is not prepared
-    tracking = absolute_url(tracking_uri or mlflow.get_tracking_uri())
+    tracking = resolve_tracking_uri(tracking_uri or mlflow.get_tracking_uri(), store_url)
     classifier = _expect(resolve_model(classifier_uri or cfg.classifier, tracking, store.image_shape), "classify")
     unet = _expect(resolve_model(unet_uri or cfg.unet, tracking, store.image_shape), "segment")
     store.repair()

@@ -1,9 +1,24 @@
-"""MLflow tracking server checks: one clear error at once instead of minutes of retries."""
+"""One MLflow tracking store wherever a command is run from.
+
+Rule: a relative ``sqlite:///PATH`` tracking URI (the default ``sqlite:///mlflow.db``) is a path **relative to
+the folder that holds the store**: ``cirrus train demo/season.zarr`` and ``cirrus reprocess season.zarr`` run
+inside ``demo/`` both use ``demo/mlflow.db``. Every command resolves it once (:func:`resolve_tracking_uri`)
+and prints the absolute URI it uses. For a store given as a remote URL (``s3://…``) the current directory
+stands in for its folder. Absolute paths (``sqlite:////abs/mlflow.db``), servers (``http://…``) and other
+schemes are used as given.
+
+Commands that only read the tracking store (``reprocess``, ``report``, ``promote``) never create one:
+:func:`require_tracking_store` fails with an error naming the file where it is missing.
+
+An ``http(s)://`` tracking server that does not accept connections is one clear error at once
+(:func:`require_server`), and MLflow's own HTTP retries are shortened (:func:`limit_retries`).
+"""
 
 from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from cirrus_batch.errors import CirrusError
@@ -32,3 +47,37 @@ def require_server(uri: str, timeout: float = 5.0) -> None:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         raise CirrusError(f"the MLflow tracking server {uri} does not answer ({reason}): start it, or give "
                           "another --tracking-uri") from None  # fmt: skip
+
+
+SQLITE = "sqlite:///"
+
+
+def store_folder(store_url: str) -> Path:
+    """The folder holding a local store (``file://`` URLs too); the current directory for remote URLs."""
+    path = store_url.removeprefix("file://")
+    if "://" in path:
+        return Path.cwd()
+    return Path(os.path.abspath(path.rstrip("/"))).parent
+
+
+def resolve_tracking_uri(uri: str, store_url: str) -> str:
+    """``uri`` with a relative sqlite path made absolute against :func:`store_folder` (see the module rule)."""
+    if not uri.startswith(SQLITE) or uri.startswith(SQLITE + "/") or ":memory:" in uri:
+        return uri
+    return SQLITE + str(store_folder(store_url) / uri.removeprefix(SQLITE))
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an absolute ``sqlite:////…`` URI; None for other stores."""
+    if uri.startswith(SQLITE + "/"):
+        return Path(uri.removeprefix(SQLITE).split("?", 1)[0])
+    return None
+
+
+def require_tracking_store(uri: str) -> None:
+    """A clear error when ``uri`` is an sqlite file that does not exist (MLflow would create an empty one)."""
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise CirrusError(f"no MLflow tracking store at {path} (tracking URI {uri}): train there first "
+                          "(`cirrus train STORE`; a relative sqlite path is relative to the store's folder) "
+                          "or give --tracking-uri")  # fmt: skip

@@ -19,6 +19,7 @@ import socket
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -45,7 +46,9 @@ from cirrus_batch.errors import CirrusError
 from cirrus_batch.metrics import MetricAccumulator, binary_metrics, confusion_matrix
 from cirrus_batch.models import MEMORY_FORMAT, autocast_dtype, build_model, pick_device
 from cirrus_batch.prepare import read_images, truth_index
+from cirrus_batch.registry import champion_uri, code_version, describe_version, promote
 from cirrus_batch.sampling import Split, make_split
+from cirrus_batch.tracking import resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +70,30 @@ class TrainResult:
     registered_version: str | None = None
     split_sizes: dict[str, int] = field(default_factory=dict)
     pruned: bool = False
+    temperature: float = 1.0
+    promotion: str | None = None
+    """What :func:`registry.promote` did with the registered version (one line)."""
+    tracking_uri: str = ""
 
 
 EpochCallback = Callable[[int, dict[str, float]], bool | None]
+
+GROUPS = ("test_labels_truth", "test_truth", "test", "val", "train")
+
+
+def mlflow_name(key: str) -> str:
+    """The MLflow name of a metric: ``val_iou`` -> ``val/iou``, ``test_truth_ece`` -> ``test_truth/ece``,
+    ``lr`` -> ``train/lr``, ``temperature`` -> ``calibration/temperature`` (the UI groups by the prefix)."""
+    if key in ("lr", "temperature"):
+        return f"{'train' if key == 'lr' else 'calibration'}/{key}"
+    for group in GROUPS:
+        if key.startswith(group + "_"):
+            return f"{group}/{key.removeprefix(group + '_')}"
+    return key
+
+
+def _log_metrics(values: dict[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics({mlflow_name(k): float(v) for k, v in values.items() if np.isfinite(v)}, step=step)
 
 
 def net_config(task: str, cfg: TrainConfig) -> NetConfig:
@@ -133,7 +157,11 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, pos_wei
 
 def fit_temperature(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
     """Temperature T minimizing the binary cross-entropy of ``logits / T`` on ``loader`` (weighted like the
-    metrics, no class weighting): temperature scaling, which calibrates without changing any decision."""
+    metrics, no class weighting): temperature scaling, which calibrates without changing any decision.
+
+    Never below 1 on a set the model separates (every item on its side of 0.5): with hard targets the
+    cross-entropy there falls for ever as T -> 0, so the fit only says "sharper", which such a set cannot support
+    (the demo's 41 separated validation images gave T = 0.076 and p_cloudy = 2e-25). T is in [0.05, 20]."""
     model.eval()
     parts: list[tuple[torch.Tensor, ...]] = []
     with torch.no_grad():
@@ -154,7 +182,9 @@ def fit_temperature(model: nn.Module, loader: DataLoader, device: torch.device) 
         return loss
 
     optimizer.step(nll)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
+    temperature = float(log_t.detach().exp().clamp(0.05, 20.0))
+    separated = bool(torch.all((z > 0) == (y > 0.5)))
+    return max(temperature, 1.0) if separated else temperature
 
 
 def _ema_update(decay: float, averaged: list[torch.Tensor], current: list[torch.Tensor],
@@ -222,6 +252,7 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
     if task not in TASKS:
         raise CirrusError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     cfg = cfg or TrainConfig()
+    cfg = dataclasses.replace(cfg, tracking_uri=resolve_tracking_uri(cfg.tracking_uri, store_url))
     if cfg.register and not cfg.log_model:
         raise CirrusError("[train] register = true needs log_model = true (only a logged model can be registered)")
     t0 = time.perf_counter()
@@ -234,7 +265,8 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
     split = Split.from_json(state["split"]) if state else choose_split(store_url, task, cfg)
     spec = input_spec(task, cfg)
     sets = {name: StoreSamples(store_url, getattr(split, name), spec, cfg.soft_targets,
-                               cfg.cache_mb if name != "test" else 0.0)  # the test set is read once
+                               cfg.cache_mb if name != "test" else 0.0,  # the test set is read once
+                               label_width=cfg.label_width if cfg.soft_targets else 0.0)
             for name in ("train", "val", "test")}
     sizes = {name: len(ds) for name, ds in sets.items()}
     if cfg.num_workers and multiprocessing.current_process().daemon:
@@ -282,6 +314,7 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
                               ) as run:  # fmt: skip
             if not state:
                 _log_setup(store_url, task, cfg, split, sizes, device)
+            log.info("MLflow run %s in %s", run.info.run_id, cfg.tracking_uri)
             augment_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
             if state:
                 augment_gen.set_state(state["augment_generator"])
@@ -294,7 +327,7 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
                        **{f"val_{k}": v for k, v in val.items()}}  # fmt: skip
                 scheduler.step(val["loss"])
                 history.append(row)
-                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=epoch)
+                _log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
                 if val["loss"] < best:
                     best, bad_epochs, best_state = val["loss"], 0, copy.deepcopy(judged.state_dict())
                 else:
@@ -326,18 +359,26 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
                 model.load_state_dict(best_state)
             if cfg.calibrate:
                 model.temperature.fill_(fit_temperature(model, loaders["val"], device))
-                mlflow.log_metric("temperature", float(model.temperature))
+            temperature = float(model.temperature)
+            _log_metrics({"temperature": temperature})
             test, (prob, target, weight) = evaluate(model, loaders["test"], device, cfg.pos_weight, keep=True)
             if truth:
                 test.update(truth_scores(store_url, truth, sets["test"], prob, target))
-            mlflow.log_metrics({f"test_{k}": v for k, v in test.items() if np.isfinite(v)})
-            _log_artifacts(prob, target, weight, sets["test"], history, task)
+            _log_metrics({f"test_{k}": v for k, v in test.items()})
+            _log_artifacts(prob, target, weight, sets["test"], history, task, store_url)
             model_uri, version = _log_model(model, sets["test"], task, cfg, device) if cfg.log_model else ("", None)
+            promotion = None
+            if version is not None:
+                promotion = _register(task, version, run.info.run_id, store_url, cfg, test, sizes, split,
+                                      temperature)  # fmt: skip
+            mlflow.set_tag("mlflow.note.content", describe_run(task, store_url, sizes, test, temperature,
+                                                                version, promotion))  # fmt: skip
     finally:
         if previous is not None:
             signal.signal(signal.SIGUSR1, previous)
     return TrainResult(task, run.info.run_id, model_uri, history, test, len(history), time.perf_counter() - t0,
-                       version, sizes)  # fmt: skip
+                       version, sizes, temperature=temperature, promotion=promotion,
+                       tracking_uri=cfg.tracking_uri)  # fmt: skip
 
 
 def train_on_cluster(client: Client, store_url: str, task: str, cfg: TrainConfig, resume: bool = False,
@@ -347,6 +388,8 @@ def train_on_cluster(client: Client, store_url: str, task: str, cfg: TrainConfig
     SIGUSR1 here (the driver job near its walltime) is passed on: the task stops after its epoch and keeps
     its checkpoint, as in-process training does.
     """
+    cfg = dataclasses.replace(cfg, tracking_uri=resolve_tracking_uri(cfg.tracking_uri, store_url))
+    store_url = store_url if "://" in store_url else os.path.abspath(store_url)  # the worker's directory differs
     stop = Event(f"cirrus-stop-{uuid.uuid4().hex}", client=client)
     previous = _on_signal(signal.SIGUSR1, lambda *_: stop.set())
     try:
@@ -397,15 +440,115 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
     return total / max(count, 1)
 
 
+def split_table(store_url: str, split: Split) -> "pd.DataFrame":
+    """One row per image of the split: source, time, split, the store's cloud fraction and cloudy label."""
+    import pandas as pd
+
+    group = zarr.open_group(store_url, mode="r", zarr_format=3)
+    rows = []
+    for name in ("train", "val", "test"):
+        pos = np.asarray(getattr(split, name), dtype=np.int64)
+        rows.append(pd.DataFrame({
+            "source": np.asarray(group["source"].get_orthogonal_selection(pos), dtype=object).astype(str),
+            "time": np.asarray(group["time"].get_orthogonal_selection(pos), dtype="int64").astype("datetime64[us]"),
+            "split": name, "position": pos,
+            "cloud_fraction": group["cloud_fraction"].get_orthogonal_selection(pos).astype(np.float64),
+            "cloudy": group["cloudy"].get_orthogonal_selection(pos).astype(bool),
+        }))  # fmt: skip
+    return pd.concat(rows, ignore_index=True)
+
+
+def store_tags(store_url: str) -> dict[str, str]:
+    """Tags of the store: its image count, time span, image shape and the camera geometry fitted by prepare."""
+    group = zarr.open_group(store_url, mode="r", zarr_format=3)
+    n = int(group.attrs["committed"])
+    times = np.asarray(group["time"][[0, n - 1]] if n else [], dtype="int64").astype("datetime64[s]")
+    geometry = (group.attrs.get("prepare") or {}).get("geometry", {})
+    return {"store.images": str(n), "store.start": str(times[0]) if n else "", "store.end": str(times[-1]) if n else "",
+            "camera.shape": "x".join(map(str, group["raw"].shape[1:])),
+            "camera.center": ", ".join(f"{c:.1f}" for c in geometry.get("center", [])),
+            "camera.radius": f"{geometry['radius']:.1f}" if "radius" in geometry else ""}  # fmt: skip
+
+
 def _log_setup(store_url: str, task: str, cfg: TrainConfig, split: Split, sizes: dict[str, int],
                device: torch.device) -> None:  # fmt: skip
+    """Params (the full config), tags (task, store, camera, code version), the split (``split.json`` with
+    positions, sources and times; ``split.csv``) and the store as an MLflow dataset (one row per image)."""
     params = {"task": task, "store": store_url, "device": str(device), **{f"n_{k}": v for k, v in sizes.items()}}
     params.update(_flatten(to_dict(cfg)))
     mlflow.log_params(params)
+    tags = store_tags(store_url)
     mlflow.set_tags({"task": task, "store": store_url, "host": socket.gethostname(), "pid": os.getpid(),
-                     **({"slurm_job_id": os.environ["SLURM_JOB_ID"]} if "SLURM_JOB_ID" in os.environ else {})})
+                     "code_version": code_version(), "image": cfg.image, **tags,
+                     **({"slurm_job_id": os.environ["SLURM_JOB_ID"]} if "SLURM_JOB_ID" in os.environ else {})})  # fmt: skip
     mlflow.log_dict(split.to_json(), "split.json")
     mlflow.log_dict(to_dict(cfg), "train_config.json")
+    table = split_table(store_url, split)
+    with tempfile.TemporaryDirectory() as tmp:
+        table.to_csv(Path(tmp) / "split.csv", index=False)
+        mlflow.log_artifact(str(Path(tmp) / "split.csv"))
+    with warnings.catch_warnings():  # "the source can be interpreted in multiple ways": a local path
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(table, source=store_url, name=Path(store_url.rstrip("/")).name,
+                                          targets="cloudy" if task == "classify" else None)  # fmt: skip
+    mlflow.log_input(dataset, context="training", tags={
+        "images": str(len(table)), "time span": f"{table.time.min()} .. {table.time.max()}",
+        "store images": tags["store.images"], **{k: str(v) for k, v in sizes.items()}})  # fmt: skip
+    mlflow.set_tag("mlflow.note.content", describe_run(task, store_url, sizes))
+
+
+KEY_FIGURES = ("f1", "iou", "accuracy", "roc_auc", "ece", "ece_adaptive", "brier")
+
+
+def describe_run(task: str, store_url: str, sizes: dict[str, int], test: dict[str, float] | None = None,
+                 temperature: float | None = None, version: str | None = None,
+                 promotion: str | None = None) -> str:  # fmt: skip
+    """The run's description (Markdown, shown on its MLflow page): what, on which images, the key figures."""
+    what = "clear/cloudy classifier" if task == "classify" else "cloud U-Net"
+    lines = [f"**{what}** trained on `{store_url}`: {sizes.get('train', 0)} train / {sizes.get('val', 0)} val / "
+             f"{sizes.get('test', 0)} test images, split by whole nights (`split.csv`, dataset tab)."]  # fmt: skip
+    if test:
+        def row(prefix: str) -> str:
+            return " | ".join(f"{test[prefix + k]:.4f}" if np.isfinite(test.get(prefix + k, np.nan)) else "-"
+                              for k in KEY_FIGURES)  # fmt: skip
+
+        lines += ["", "| test against | " + " | ".join(KEY_FIGURES) + " |", "|---" * (len(KEY_FIGURES) + 1) + "|",
+                  f"| prepare's {'labels' if task == 'classify' else 'masks'} (`test/`) | {row('')} |"]  # fmt: skip
+        if "truth_iou" in test:
+            lines.append(f"| true {'labels' if task == 'classify' else 'masks'} (`test_truth/`) | {row('truth_')} |")
+            lines.append(f"\n`test_labels_truth/`: prepare's {'labels' if task == 'classify' else 'masks'} "
+                         "themselves scored against the truth (the ceiling of learning from them).")  # fmt: skip
+        lines.append(f"\nTemperature {temperature:.3f} (fitted on validation, never < 1 on a separated set). "
+                     "ECE: 15 equal-width bins; `ece_adaptive`: 15 equal-mass bins.")  # fmt: skip
+    if version:
+        lines.append(f"\nRegistered as **{REGISTERED[task]} v{version}**. {promotion or ''}")
+    lines.append("\nMetric groups: `train/`, `val/` (every epoch), `test/`, `test_truth/`, `calibration/`.")
+    return "\n".join(lines)
+
+
+def _register(task: str, version: str, run_id: str, store_url: str, cfg: TrainConfig, test: dict[str, float],
+              sizes: dict[str, int], split: Split, temperature: float) -> str | None:  # fmt: skip
+    """Describe and tag the new registered version, then promote it when ``cfg.promote``; the promotion line."""
+    name = REGISTERED[task]
+    client = mlflow.MlflowClient(cfg.tracking_uri)
+    figures = ", ".join(f"{k} {test[k]:.4f}" for k in KEY_FIGURES if np.isfinite(test.get(k, np.nan)))
+    truth = (", ".join(f"{k} {test['truth_' + k]:.4f}" for k in ("f1", "iou", "ece_adaptive"))
+             if "truth_iou" in test else "")  # fmt: skip
+    times = split.times or {}
+    span = (f"{min(str(np.min(t)) for t in times.values() if len(t))[:19]} .. "
+            f"{max(str(np.max(t)) for t in times.values() if len(t))[:19]}" if times else "")  # fmt: skip
+    description = (f"{task} trained on {store_url} (run {run_id}); split by nights: train {sizes['train']}, val "
+                   f"{sizes['val']}, test {sizes['test']} images ({span}). Test against prepare's labels: "
+                   f"{figures}.{' Against the truth: ' + truth + '.' if truth else ''} "
+                   f"Temperature {temperature:.3f}.")  # fmt: skip
+    describe_version(client, name, version, description, {
+        "task": task, "store": store_url, "run_id": run_id, "code_version": code_version(), "image": cfg.image,
+        "split": f"{sizes['train']}/{sizes['val']}/{sizes['test']}", "time_span": span,
+        "temperature": f"{temperature:.4f}",
+        **{f"test/{k}": f"{test[k]:.4f}" for k in KEY_FIGURES if np.isfinite(test.get(k, np.nan))}})  # fmt: skip
+    if not cfg.promote:
+        return f"Not promoted ([train] promote = false): `cirrus promote` compares it with {champion_uri(name)}."
+    return promote(cfg.tracking_uri, name, version, store_url).summary + "."
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -436,27 +579,40 @@ def truth_scores(store_url: str, truth_url: str, dataset: StoreSamples, prob: np
         weight = np.broadcast_to(bin_image(truth["sky"][:].astype(np.float32), dataset.bin) > 0.5, true.shape)
     ours = binary_metrics(prob, true, weight=weight)
     theirs = binary_metrics(labels, true, weight=weight)
-    keys = ("accuracy", "precision", "recall", "f1", "iou", "roc_auc", "ece", "brier")
+    keys = ("accuracy", "precision", "recall", "f1", "iou", "roc_auc", "ece", "ece_adaptive", "brier")
     return {**{f"truth_{k}": ours[k] for k in keys}, **{f"labels_truth_{k}": theirs[k] for k in keys[:5]}}
 
 
 def _log_artifacts(prob: np.ndarray, target: np.ndarray, weight: np.ndarray, dataset: StoreSamples,
-                   history: list[dict[str, float]], task: str) -> None:  # fmt: skip
+                   history: list[dict[str, float]], task: str, store_url: str) -> None:  # fmt: skip
+    """Learning curves, confusion matrix, reliability diagram and a gallery of test frames, under ``report/``."""
+    group = zarr.open_group(store_url, mode="r", zarr_format=3)
+    pos = dataset.positions
+    times = [str(t) for t in np.asarray(group["time"].get_orthogonal_selection(pos), dtype="int64")
+             .astype("datetime64[s]")]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         plots.learning_curves(history, tmp / "learning_curves.png")
+        what = "images" if task == "classify" else "sky pixels"
         plots.confusion_matrix_plot(confusion_matrix(prob, target, weight=weight), ("clear", "cloud"),
-                                    tmp / "confusion_matrix.png", title=f"{task}: test")  # fmt: skip
-        plots.reliability_diagram(prob, target, tmp / "reliability.png", weight=weight)
-        k = min(4, len(dataset))
-        images = np.stack([dataset[i][0][0].numpy() for i in range(k)])
+                                    tmp / "confusion_matrix.png", title=f"{task}: test {what}")  # fmt: skip
+        plots.reliability_diagram(prob, target > 0.5, tmp / "reliability.png", weight=weight,
+                                  title=f"{task}: test {what} against prepare's labels")  # fmt: skip
         if task == "segment":
-            plots.prediction_panel(images, target[:k, 0], prob[:k, 0], tmp / "predictions.png",
-                                   sky=dataset.sky.numpy())  # fmt: skip
+            k = min(len(dataset), 400)  # the gallery picks among the first 400 test frames
+            images = np.stack([dataset[i][0][0].numpy() for i in range(k)])
+            plots.segmentation_gallery(images, target[:k, 0], prob[:k, 0], dataset.sky.numpy().astype(bool),
+                                       times[:k], tmp / "gallery.png")  # fmt: skip
         else:
-            titles = [f"p(cloudy)={p:.2f} label={int(t)}" for p, t in zip(prob[:k], target[:k])]
-            plots.prediction_panel(images, None, np.repeat(prob[:k, None, None], images.shape[1], 1).repeat(
-                images.shape[2], 2), tmp / "predictions.png", titles=titles)  # fmt: skip
+            cf = group["cloud_fraction"].get_orthogonal_selection(pos).astype(np.float64)
+            threshold = float(group["cloudy"].attrs.get("threshold", 0.05))
+            picks = plots.classifier_picks(prob, target, cf, threshold)
+            chosen = sorted({i for idx in picks.values() for i in idx})
+            images = np.zeros((len(prob), *dataset[0][0].shape[1:]), np.float32)
+            for i in chosen:
+                images[i] = dataset[i][0][0].numpy()
+            plots.classifier_gallery(images, prob, target, cf, times, tmp / "gallery.png", threshold,
+                                     sky=dataset.sky.numpy().astype(bool))  # fmt: skip
         (tmp / "history.json").write_text(json.dumps(history, indent=1))
         mlflow.log_artifacts(str(tmp), "report")
 

@@ -45,6 +45,8 @@ from cirrus_batch.cluster import gpu_resources
 from cirrus_batch.config import ConfigError, ParamSpec, TrainConfig, TuneConfig, absolute_url, from_dict, to_dict
 from cirrus_batch.data import check_store
 from cirrus_batch.errors import CirrusError
+from cirrus_batch.registry import promote
+from cirrus_batch.tracking import resolve_tracking_uri
 from cirrus_batch.train import REGISTERED, TASKS, TrainResult, input_spec, train
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,8 @@ class TuneResult:
     model_run_id: str | None = None
     """The MLflow run whose model was registered (the retraining, or the best trial)."""
     registered_version: str | None = None
+    promotion: str = ""
+    """The registered version against the champion (``registry.Promotion.summary``)."""
 
 
 # -- configuration ---------------------------------------------------------------------------------------
@@ -119,11 +123,29 @@ def trial_config(base: TrainConfig, params: dict[str, Any], **fixed: Any) -> Tra
     return from_dict(TrainConfig, data, "train")
 
 
+OTHER_NETWORK = {"classify": ("unet", "segment"), "segment": ("classifier", "classify")}
+"""Per task: the ``[train]`` table of the network it does not train, and the task that does."""
+
+
+def task_space(cfg: TuneConfig, task: str) -> dict[str, ParamSpec]:
+    """The search space of ``task``: ``[tune.space]`` and ``[tune.space_<task>]``; a parameter of the other
+    task's network is refused (it cannot change the result, and would make half the study noise)."""
+    own = cfg.space_classify if task == "classify" else cfg.space_segment
+    table, other = OTHER_NETWORK[task]
+    for where, space in ((f"tune.space_{task}", own), ("tune.space", cfg.space)):
+        for name in space:
+            if name.split(".")[0] == table:
+                raise ConfigError(f"{where}.{name}: a parameter of the {'U-Net' if table == 'unet' else 'classifier'}"
+                                  f" cannot change the {'classifier' if task == 'classify' else 'U-Net'} "
+                                  f"(--task {task}): move it to [tune.space_{other}]")  # fmt: skip
+    return {**cfg.space, **own}
+
+
 def search_space(base: TrainConfig, space: dict[str, ParamSpec]) -> dict[str, BaseDistribution]:
     """Optuna distributions of ``space``; every bound and choice is checked against ``[train]`` first."""
     if not space:
         raise ConfigError("tune.space is empty: give the search space in the job config's [tune.space] "
-                          "(see jobs/tune.toml)")  # fmt: skip
+                          "or [tune.space_TASK] (see jobs/tune.toml)")  # fmt: skip
     dists = {}
     for name, spec in space.items():
         try:
@@ -376,11 +398,12 @@ def _parent_run(ml: MlflowClient, study: StudySpec, label: str) -> str:
         return found[0].info.run_id
     run = ml.create_run(exp_id, run_name=f"study-{study.name}",
                         tags={"optuna_study": study.name, "optuna_storage": label, "task": study.task})  # fmt: skip
-    tune = {k: v for k, v in to_dict(study.tune).items() if k != "space"}
+    tune = {k: v for k, v in to_dict(study.tune).items() if not k.startswith("space")}
     params = {"task": study.task, "store": study.store, "metric": study.metric, "direction": study.direction,
               **{f"tune.{k}": v for k, v in tune.items() if k not in ("storage", "trials", "timeout")}}  # fmt: skip
     ml.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
-    ml.log_dict(run.info.run_id, to_dict(study.tune)["space"], "search_space.json")
+    ml.log_dict(run.info.run_id, {k: to_dict(v) for k, v in task_space(study.tune, study.task).items()},
+                "search_space.json")  # fmt: skip
     ml.log_dict(run.info.run_id, to_dict(study.train), "train_config.json")
     return run.info.run_id
 
@@ -438,26 +461,32 @@ def _summarize(ml: MlflowClient, optuna_study: optuna.Study, parent: str, trials
         ml.log_artifacts(parent, tmp, "optuna")
 
 
-def _register_best(ml: MlflowClient, client: Client, study: StudySpec, best: FrozenTrial) -> tuple[str, str]:
-    """Retrain and register the best configuration, or register the best trial's model; (run id, version).
-    Done once per best trial: a rerun with the same best trial reuses the registered version."""
+def _register_best(ml: MlflowClient, client: Client, study: StudySpec, best: FrozenTrial) -> tuple[str, str, str]:
+    """Retrain and register the best configuration, or register the best trial's model; then compare it with
+    the champion like any new version (``registry.promote``, when ``[train] promote``); (run id, version,
+    promotion line). Done once per best trial: a rerun with the same best trial reuses the registered version."""
     tags = ml.get_run(study.parent_run_id).data.tags
     if tags.get("registered_trial") == str(best.number):
-        return tags["model_run_id"], tags["registered_version"]
+        return tags["model_run_id"], tags["registered_version"], tags.get("promotion", "")
+    name = REGISTERED[study.task]
     if study.tune.retrain_best:
         log.info("retraining the best configuration (trial %d) on the cluster", best.number)
         future = client.submit(retrain, study, best.params, best.number, resources=gpu_resources(client), pure=False,
                                key=f"retrain-{study.name}-{best.number}-{uuid.uuid4().hex[:6]}")  # fmt: skip
         result = future.result()
         run_id, version = result.run_id, str(result.registered_version)
+        promotion = result.promotion or ""
     else:
         mlflow.set_tracking_uri(study.train.tracking_uri)
-        model = mlflow.register_model(best.user_attrs["model_uri"], REGISTERED[study.task])
+        model = mlflow.register_model(best.user_attrs["model_uri"], name)
         run_id, version = best.user_attrs["mlflow_run_id"], str(model.version)
+        promotion = (promote(study.train.tracking_uri, name, version, study.store).summary if study.train.promote
+                     else "not promoted ([train] promote = false): `cirrus promote` compares it with the champion")  # fmt: skip
     ml.set_tag(run_id, "best_trial", str(best.number))
-    for key, value in (("registered_trial", best.number), ("model_run_id", run_id), ("registered_version", version)):
+    for key, value in (("registered_trial", best.number), ("model_run_id", run_id), ("registered_version", version),
+                       ("promotion", promotion)):  # fmt: skip
         ml.set_tag(study.parent_run_id, key, str(value))
-    return run_id, version
+    return run_id, version, promotion
 
 
 # -- entry point -----------------------------------------------------------------------------------------
@@ -489,9 +518,9 @@ def tune(store_url: str, task: str, train_cfg: TrainConfig, tune_cfg: TuneConfig
         raise CirrusError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     store_url = store_url if "://" in store_url else os.path.abspath(store_url)
     check_store(store_url, input_spec(task, train_cfg))
-    dists = search_space(train_cfg, tune_cfg.space)
+    dists = search_space(train_cfg, task_space(tune_cfg, task))
     metric = tune_cfg.metric or default_metric(task)
-    train_cfg = dataclasses.replace(train_cfg, tracking_uri=absolute_url(train_cfg.tracking_uri),
+    train_cfg = dataclasses.replace(train_cfg, tracking_uri=resolve_tracking_uri(train_cfg.tracking_uri, store_url),
                                     checkpoint_dir=os.path.abspath(train_cfg.checkpoint_dir))  # fmt: skip
     storage_url = absolute_url(tune_cfg.storage)
     label = redact(storage_url)
@@ -512,7 +541,7 @@ def tune(store_url: str, task: str, train_cfg: TrainConfig, tune_cfg: TuneConfig
         _summarize(ml, optuna_study, study.parent_run_id, trials, best)
         result = TuneResult(study.name, task, label, metric, study.direction, trials, best, study.parent_run_id, ran, seconds)
         if best is not None:
-            result.model_run_id, result.registered_version = _register_best(ml, client, study, best)
+            result.model_run_id, result.registered_version, result.promotion = _register_best(ml, client, study, best)
         status = "FINISHED"
         return result
     finally:
@@ -527,8 +556,8 @@ def best_summary(result: TuneResult) -> str:
     params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
     return (f"best: trial {best.number}, {result.metric} {best.value:.4f} ({params}); registered as "
             f"{REGISTERED[result.task]} version {result.registered_version} (MLflow run {result.model_run_id}; "
-            f"study parent run {result.parent_run_id})")
+            f"study parent run {result.parent_run_id})" + (f"\n{result.promotion}" if result.promotion else ""))
 
 
 __all__ = ["StudySpec", "TuneResult", "best_summary", "counted", "open_storage", "run_trial",
-           "search_space", "trial_config", "trial_rows", "tune"]
+           "search_space", "task_space", "trial_config", "trial_rows", "tune"]

@@ -130,7 +130,7 @@ def test_accumulator_matches_concatenation() -> None:
     want = binary_metrics(np.concatenate(probs), np.concatenate(targets), weight=np.concatenate(weights))
     assert set(got) == set(want)
     for key in METRIC_KEYS:
-        if key == "roc_auc":
+        if key in ("roc_auc", "ece_adaptive"):  # from histograms
             assert got[key] == pytest.approx(want[key], abs=1e-3)
         else:
             assert got[key] == pytest.approx(want[key], rel=1e-12, abs=1e-12), key
@@ -144,3 +144,29 @@ def test_accumulator_threshold_and_reset() -> None:
     assert acc.compute()["accuracy"] == 1.0
     acc.reset()
     assert acc.compute()["n"] == 0.0
+
+
+def test_adaptive_ece_sees_what_equal_width_bins_hide() -> None:
+    # 900 clear items at p = 0.06 (too high) and 100 at p = 0.001 of which half are cloudy (far too low): one
+    # equal-width bin holds both and the errors cancel; equal-mass bins keep the two groups apart
+    prob = np.r_[np.full(900, 0.06), np.full(100, 0.001)]
+    target = np.r_[np.zeros(900), np.arange(100) % 2]
+    m = binary_metrics(prob, target)
+    assert m["ece"] == pytest.approx(abs(prob.mean() - target.mean()))
+    assert m["ece"] < 0.005
+    assert m["ece_adaptive"] > 0.09
+
+
+def test_adaptive_ece_hand_computed_and_streamed() -> None:
+    from cirrus_batch.metrics import adaptive_calibration_error
+
+    prob, target = np.array([0.1, 0.2, 0.7, 0.9]), np.array([0, 1, 1, 1])
+    # two bins of two: |0.3 - 1| + |1.6 - 2| over 4 items
+    assert adaptive_calibration_error(prob, target, bins=2) == pytest.approx((0.7 + 0.4) / 4)
+    rng = np.random.default_rng(1)
+    p = rng.beta(0.3, 0.3, 20000)
+    t = rng.random(20000) < p**1.3
+    acc = MetricAccumulator()
+    for k in range(0, 20000, 3000):
+        acc.update(p[k : k + 3000], t[k : k + 3000])
+    assert acc.compute()["ece_adaptive"] == pytest.approx(binary_metrics(p, t)["ece_adaptive"], abs=2e-3)

@@ -76,7 +76,9 @@ def test_report_writes_the_files_and_logs_an_mlflow_run(season, trained, tmp_pat
     run = client.get_run(result.run_id)
     assert run.info.run_name.startswith("report-") and run.data.tags["store"] == season
     assert run.data.metrics["images"] == 32 and run.data.metrics["clear_hours"] == pytest.approx(result.clear_hours)
-    assert client.get_experiment(run.info.experiment_id).name == "cirrus"
+    assert client.get_experiment(run.info.experiment_id).name == "cirrus-reports"  # not the trainings'
+    assert run.data.tags["classifier"] == "cirrus-classifier v1" and run.data.tags["unet"] == "cirrus-unet v1"
+    assert run.data.tags["unet.run_id"] and "cirrus-unet v1" in run.data.tags["mlflow.note.content"]
     assert {a.path for a in client.list_artifacts(result.run_id)} == FILES
 
 

@@ -25,6 +25,7 @@ from cirrus_batch.data import InputSpec, store_zenith
 from cirrus_batch.errors import StoreError
 from cirrus_batch.ingest import ingest
 from cirrus_batch.prepare import UNPREPARED, prepare
+from cirrus_batch.registry import promote
 from cirrus_batch.reprocess import (
     NOT_COMPUTED,
     PROB_SCALE,
@@ -198,8 +199,13 @@ def test_second_run_does_nothing_force_and_a_new_version_redo_all(trained, tmp_p
 
     mlflow.set_tracking_uri(tracking)
     mlflow.register_model(f"runs:/{forced.unet.run_id}/model", "cirrus-unet")  # version 2, same weights
+    assert reprocess(store, client, cfg=trained.cfg(), progress=False, tracking_uri=tracking).processed == 0
+    # the same weights do not beat the champion: only forced does version 2 become it (and that is recorded)
+    assert not promote(tracking, "cirrus-unet", "2").promoted
+    assert promote(tracking, "cirrus-unet", "2", force=True).promoted
+    assert MlflowClient(tracking).get_model_version("cirrus-unet", "2").tags["promoted_by_force"] == "true"
     newer = reprocess(store, client, cfg=trained.cfg(), progress=False, tracking_uri=tracking)
-    assert newer.processed == 32 and newer.model_index == 1 and newer.unet.label == "cirrus-unet v2"
+    assert newer.processed == 32 and newer.model_index == 1 and newer.unet.label == "cirrus-unet v2 (@champion)"
     now = outputs(store)
     assert (now["pred_model"] == 1).all()
     assert [e["unet"]["version"] for e in zarr.open_group(store)["pred_model"].attrs["models"]] == ["1", "2"]
@@ -338,3 +344,31 @@ def test_cli_reprocess(trained, tmp_path):
     out = subprocess.run([*cli, "--unet", "models:/nope/1"], capture_output=True, text=True, timeout=300,
                          check=False)  # fmt: skip
     assert out.returncode == 1 and out.stderr.startswith("cirrus: error: no model models:/nope/1 in sqlite:")
+
+
+def test_cli_from_another_directory_uses_the_tracking_store_beside_the_store(trained, tmp_path):
+    """The default tracking URI sqlite:///mlflow.db is relative to the store's folder, not to where one stands;
+    a folder without one is a clear error that names it, and no empty database is created."""
+    season = tmp_path / "season"
+    store = trained.copy(season)
+    shutil.copy(trained.root / "mlflow.db", season / "mlflow.db")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    config = tmp_path / "job.toml"
+    config.write_text(f"[reprocess]\nthreshold = {trained.threshold!r}\nbatch_size = 4\n")
+    cli = [sys.executable, "-m", "cirrus_batch.cli", "reprocess", "--config", str(config), "--no-progress"]
+    out = subprocess.run([*cli, store], capture_output=True, text=True, timeout=300, check=False, cwd=elsewhere)
+    assert out.returncode == 0, out.stderr
+    assert f"MLflow tracking: sqlite:///{season}/mlflow.db" in out.stdout
+    assert "models:/cirrus-classifier@champion -> cirrus-classifier v1 (@champion)" in out.stdout
+    assert (zarr.open_group(store, mode="r")["pred_model"][:] == 0).all() and not list(elsewhere.iterdir())
+    lonely = trained.copy(tmp_path / "lonely")
+    out = subprocess.run([*cli, lonely], capture_output=True, text=True, timeout=300, check=False, cwd=elsewhere)
+    assert out.returncode == 1
+    assert out.stderr.startswith(f"cirrus: error: no MLflow tracking store at {tmp_path / 'lonely' / 'mlflow.db'}")
+    assert not (tmp_path / "lonely" / "mlflow.db").exists() and not list(elsewhere.iterdir())
+    # an empty registry: the error names the tracking URI searched
+    empty = f"sqlite:///{tmp_path}/empty.db"
+    MlflowClient(empty).search_experiments()
+    with pytest.raises(ModelError, match=f"no version of 'cirrus-unet' has the alias 'champion' in {empty}"):
+        resolve_model("models:/cirrus-unet@champion", empty)

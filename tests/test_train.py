@@ -27,6 +27,7 @@ from cirrus_batch.data import StoreSamples
 from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.ingest import ingest
 from cirrus_batch.synth import write_archive
+from cirrus_batch.registry import promote
 from cirrus_batch.train import fit_temperature, input_spec, train, train_on_cluster
 
 SHAPE = (96, 120)
@@ -57,22 +58,41 @@ def test_both_tasks_log_register_and_reload(store, tmp_path):
         client = MlflowClient(cfg.tracking_uri)
         run = client.get_run(result.run_id)
         assert run.data.params["task"] == task and run.data.params["sampling.min_gap_min"] == "0.0"
-        assert {"val_loss", "val_f1", "val_iou", "val_ece", "test_accuracy", "val_roc_auc", "test_truth_iou",
-                "test_labels_truth_accuracy", "train_loss"} <= set(run.data.metrics)  # fmt: skip
-        assert len(client.get_metric_history(result.run_id, "val_loss")) == 2
+        # metric names grouped by "/" (sections in the MLflow UI)
+        assert {"val/loss", "val/f1", "val/iou", "val/ece", "val/ece_adaptive", "test/accuracy", "val/roc_auc",
+                "test/ece_adaptive", "test_truth/iou", "test_truth/ece_adaptive", "test_labels_truth/accuracy",
+                "train/loss", "train/lr", "calibration/temperature"} <= set(run.data.metrics)  # fmt: skip
+        assert not any("_" in k.split("/")[0] and k.split("/")[0] not in ("test_truth", "test_labels_truth")
+                       for k in run.data.metrics if k not in ("system",) and not k.startswith("system/"))  # fmt: skip
+        assert len(client.get_metric_history(result.run_id, "val/loss")) == 2
         artifacts = {a.path for a in client.list_artifacts(result.run_id)} | {
             a.path for a in client.list_artifacts(result.run_id, "report")}
-        assert {"split.json", "train_config.json", "report/learning_curves.png", "report/confusion_matrix.png",
-                "report/predictions.png", "report/reliability.png"} <= artifacts  # fmt: skip
+        assert {"split.json", "split.csv", "train_config.json", "report/learning_curves.png",
+                "report/confusion_matrix.png", "report/gallery.png", "report/reliability.png"} <= artifacts  # fmt: skip
+        # tags, description and the store as a dataset
+        tags = run.data.tags
+        assert tags["task"] == task and tags["store"] == store and tags["camera.shape"] == "96x120"
+        assert tags["code_version"].startswith("0.") and float(tags["camera.radius"]) > 0
+        assert "test against" in tags["mlflow.note.content"] and "test_truth/" in tags["mlflow.note.content"]
+        (dataset,) = run.inputs.dataset_inputs
+        assert dataset.dataset.name == "s.zarr" and store in dataset.dataset.source and dataset.dataset.digest
+        assert {t.key: t.value for t in dataset.tags}["images"] == str(sum(result.split_sizes.values()))
+        split_csv = mlflow.artifacts.load_text(f"runs:/{result.run_id}/split.csv").splitlines()
+        assert split_csv[0].startswith("source,time,split") and len(split_csv) == 1 + sum(result.split_sizes.values())
         assert result.registered_version == "1"
-        assert client.get_model_version(name, "1").run_id == result.run_id
+        version = client.get_model_version(name, "1")
+        assert version.run_id == result.run_id
+        # the version is described and tagged, and the first one becomes the champion
+        assert "test" in version.description and store in version.description and version.tags["task"] == task
+        assert "first champion" in version.tags["promotion"] and "first champion" in result.promotion
+        assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
         # the registered model is the trained one: it reproduces the logged test accuracy
         mlflow.set_tracking_uri(cfg.tracking_uri)
         model = mlflow.pytorch.load_model(f"models:/{name}/1")
         info = mlflow.models.get_model_info(f"models:/{name}/1")
         # what inference needs
         assert info.metadata == {"task": task, "bin": 2, "zenith_channel": True, "image": "residual"}
-        assert float(model.temperature) == pytest.approx(run.data.metrics["temperature"]) != 1.0  # calibrated
+        assert float(model.temperature) == pytest.approx(run.data.metrics["calibration/temperature"])
         split = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/split.json")
         test = StoreSamples(store, np.array(split["test"]), input_spec(task, cfg))
         x, y, w = (torch.stack(t) for t in zip(*[test[i] for i in range(len(test))]))
@@ -99,6 +119,56 @@ def test_fit_temperature_undoes_overconfidence():
     assert fit_temperature(ThreeTimesTooSure(), loader, torch.device("cpu")) == pytest.approx(3.0, rel=0.1)
 
 
+@pytest.mark.parametrize("scale", [0.3, 5.0])
+def test_fit_temperature_never_sharpens_a_separated_set(scale):
+    # the model puts every validation item on its side of 0.5 (hard targets): the cross-entropy falls for ever
+    # as T -> 0, so an unconstrained fit says T = 0.05; the rule keeps T >= 1 (never sharper than trained)
+    class Logit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("temperature", torch.ones(()))
+
+        def forward(self, x):
+            return scale * x[:, 0, 0, 0] / self.temperature
+
+    z = torch.tensor([-3.0, -1.0, -0.2, 0.4, 2.0, 6.0])
+    y = (z > 0).float()
+    loader = DataLoader(TensorDataset(z[:, None, None, None], y, torch.ones(6)), batch_size=4)
+    assert fit_temperature(Logit(), loader, torch.device("cpu")) >= 1.0
+    # one item on the wrong side: the fit is free again (the weak logits are sharpened)
+    y[2] = 1.0
+    assert (fit_temperature(Logit(), loader, torch.device("cpu")) < 1.0) == (scale < 1.0)
+
+
+def test_soft_labels_follow_the_cloud_fraction():
+    from cirrus_batch.data import soft_labels
+
+    cf = np.array([0.0, 0.02, 0.045, 0.055, 0.08, 0.5, 0.01, np.nan])
+    cloudy = np.array([0, 0, 0, 1, 1, 1, 1, 1])  # the 1 % image is cloudy by a human label
+    t = soft_labels(cf, cloudy, 0.05, 0.01)
+    assert np.all(np.diff(t[:6]) > 0) and 0.3 < t[2] < 0.5 < t[3] < 0.7
+    assert t[0] < 0.01 and t[5] > 0.99 and t[6] == 1.0 and t[7] == 1.0
+    np.testing.assert_array_equal(soft_labels(cf, cloudy, 0.05, 0.0), cloudy)
+
+
+def test_a_worse_retrain_does_not_move_the_champion(store, tmp_path):
+    cfg = tiny(tmp_path, **{"train.epochs": 4, "train.patience": 8})
+    first = train(store, "classify", cfg, progress=False)
+    assert "first champion" in first.promotion
+    # the same split, a learning rate that leaves the network near its random initialization
+    worse = train(store, "classify", tiny(tmp_path, **{"train.lr": 1e-7, "train.epochs": 1}), progress=False)
+    assert worse.registered_version == "2" and "v2 does not beat v1 on" in worse.promotion, worse.promotion
+    client = MlflowClient(cfg.tracking_uri)
+    assert str(client.get_model_version_by_alias("cirrus-classifier", "champion").version) == "1"
+    assert "does not beat" in client.get_model_version("cirrus-classifier", "2").tags["promotion"]
+    # promote says so again, and only --force moves the champion (recorded)
+    assert not promote(cfg.tracking_uri, "cirrus-classifier").promoted
+    forced = promote(cfg.tracking_uri, "cirrus-classifier", "2", force=True)
+    assert forced.promoted and forced.images == worse.split_sizes["test"] and "forced" in forced.summary
+    assert str(client.get_model_version_by_alias("cirrus-classifier", "champion").version) == "2"
+    assert client.get_model_version("cirrus-classifier", "2").tags["promoted_by_force"] == "true"
+
+
 def test_reproducible_on_cpu(store, tmp_path):
     a = train(store, "segment", tiny(tmp_path / "a", **{"train.register": False}), progress=False)
     b = train(store, "segment", tiny(tmp_path / "b", **{"train.register": False}), progress=False)
@@ -119,7 +189,7 @@ def test_epoch_callback_prunes_and_runs_nest(store, tmp_path):
     run = MlflowClient(cfg.tracking_uri).get_run(result.run_id)
     assert run.info.status == "KILLED" and run.data.tags["pruned"] == "true"
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and run.info.run_name == "trial-0"
-    assert "test_loss" not in run.data.metrics
+    assert "test/loss" not in run.data.metrics
     with pytest.raises(CirrusError, match="stopped after epoch 1 .*--resume"):
         train(store, "segment", cfg, progress=False, should_stop=lambda: True)
 

@@ -20,7 +20,7 @@ from test_train import TINY
 
 from cirrus_batch.cli import main
 from cirrus_batch.config import ConfigError, load_config
-from cirrus_batch.tune import HEARTBEAT, counted, open_storage, tune
+from cirrus_batch.tune import HEARTBEAT, counted, open_storage, task_space, tune
 
 SPACE = {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
          "unet.dropout": {"type": "float", "low": 0.0, "high": 0.3}}  # fmt: skip
@@ -58,7 +58,7 @@ def test_two_workers_run_trials_recorded_in_mlflow_and_best_retrained(store, cli
     trial = by_name[f"trial-{best.number}"]
     assert trial.info.run_id == best.user_attrs["mlflow_run_id"]
     assert float(trial.data.params["lr"]) == pytest.approx(best.params["lr"])
-    assert len(ml.get_metric_history(trial.info.run_id, "val_iou")) == 2
+    assert len(ml.get_metric_history(trial.info.run_id, "val/iou")) == 2
     assert parent.data.metrics["n_complete"] == 4 and parent.data.metrics["best_value"] == pytest.approx(best.value)
     artifacts = {a.path for a in ml.list_artifacts(parent.info.run_id)} | {
         a.path for a in ml.list_artifacts(parent.info.run_id, "optuna")}
@@ -68,6 +68,8 @@ def test_two_workers_run_trials_recorded_in_mlflow_and_best_retrained(store, cli
     assert result.model_run_id == retrained.info.run_id and retrained.data.tags["best_trial"] == str(best.number)
     assert float(retrained.data.params["lr"]) == pytest.approx(best.params["lr"])
     assert ml.get_model_version("cirrus-unet", result.registered_version).run_id == retrained.info.run_id
+    # compared with the champion like any new version (the first one becomes it)
+    assert "first champion" in result.promotion and parent.data.tags.get("promotion", "") in ("", result.promotion)
 
     again = tune(store, "segment", cfg.train, cfg.tune, client, progress=False)  # the study is complete
     assert again.ran == 0 and again.parent_run_id == result.parent_run_id
@@ -201,6 +203,17 @@ def test_postgresql_storage_and_an_orphaned_trial(store, client, tmp_path, postg
     assert len({t.user_attrs["worker"] for t in trials[1:]}) == 2
 
 
+def test_the_search_space_is_per_task(tmp_path):
+    cfg = job(tmp_path, **{"tune.space": {"lr": SPACE["lr"]},
+                           "tune.space_segment": {"unet.depth": {"type": "int", "low": 2, "high": 3}},
+                           "tune.space_classify": {"classifier.dropout": {"type": "float", "low": 0.0, "high": 0.3}}})  # fmt: skip
+    assert set(task_space(cfg.tune, "segment")) == {"lr", "unet.depth"}
+    assert set(task_space(cfg.tune, "classify")) == {"lr", "classifier.dropout"}
+    shipped = load_config(Path(__file__).parent.parent / "jobs" / "tune.toml").tune
+    for task, other in (("segment", "classifier."), ("classify", "unet.")):  # the shipped study runs for both
+        assert not any(k.startswith(other) for k in task_space(shipped, task))
+
+
 def test_configuration_errors(store, client, tmp_path):
     def run(**overrides):
         cfg = job(tmp_path, **overrides)
@@ -208,6 +221,13 @@ def test_configuration_errors(store, client, tmp_path):
 
     with pytest.raises(ConfigError, match=r"tune.space is empty"):
         run(**{"tune.space": {}})
+    # a parameter of the other network is refused: it cannot change the result
+    cfg = job(tmp_path)
+    with pytest.raises(ConfigError, match=r"tune.space.unet.dropout: a parameter of the U-Net cannot change the "
+                                          r"classifier \(--task classify\): move it to \[tune.space_segment\]"):
+        tune(store, "classify", cfg.train, cfg.tune, client, progress=False)
+    with pytest.raises(ConfigError, match=r"tune.space_segment.classifier.depth: a parameter of the classifier"):
+        run(**{"tune.space_segment": {"classifier.depth": {"type": "int", "low": 2, "high": 3}}})
     with pytest.raises(ConfigError, match=r"tune.space.unet.width = 1: train.unet: unknown key\(s\) 'width'"):
         run(**{"tune.space": {"unet.width": {"type": "int", "low": 1, "high": 4}}})
     with pytest.raises(ConfigError, match=r"tune.space.augment.zoom = 1.5: .*zoom must be in \[0, 1\)"):
