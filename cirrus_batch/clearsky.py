@@ -129,8 +129,10 @@ def _span_from_shape(deficit: np.ndarray, theta: np.ndarray) -> np.ndarray:
     where the profile does not have a clear sky's shape (within 0.03 rms)."""
     zen = theta < 15
     use = (theta >= 20) & (theta <= 80)
-    d0 = np.nanmedian(deficit[:, zen], axis=1)
-    y = deficit[:, use] / d0[:, None]
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        d0 = np.nanmedian(deficit[:, zen], axis=1)
+        y = deficit[:, use] / d0[:, None]
     ge, gp = _grid(0.01, 0.75, 75, 18)
     mp = air_mass(theta[use])[None, :] ** gp[:, None]
     model = (1 - ge[:, None]) ** (mp - 1)  # (g, nb)
