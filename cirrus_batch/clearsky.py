@@ -54,8 +54,6 @@ class ClearSkyConfig:
     """Physical upper bound of the clear-sky zenith emissivity in 8-14 µm (very humid air ~0.6)."""
     p_margin: float = 0.3
     """Each image's slant-path exponent may leave the range of the season's clear frames by this much."""
-    min_rise: float = 0.05
-    """A clear frame's brightness rises at least this much (ambient units) from the zenith to 65°."""
     sigma_floor: float = 0.005
     """Added in quadrature to the clear frames' scatter: what the one-parameter clear sky cannot follow (ambient
     units; 0.005 ~ 0.3 K near 0 °C)."""
@@ -89,7 +87,7 @@ class ClearSkyConfig:
             raise ValueError(f"eps_cap must be in (0, 1), got {self.eps_cap}")
         if not 0.1 <= self.bin_deg <= 10:
             raise ValueError(f"bin_deg must be in [0.1, 10], got {self.bin_deg}")
-        for key in ("p_margin", "min_rise", "clear_max_cloud", "min_consistent", "trend_tol"):
+        for key in ("p_margin", "clear_max_cloud", "min_consistent", "trend_tol"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
         for key in ("sigma_floor", "clear_sigma", "trend_hours", "night_gap_hours", "clip_sigma"):
@@ -334,10 +332,9 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
     span = scale.span(prof.ambient, prof.dark, prof.temps)
     q10, q50, q75 = prof.brightness(span)
     use = np.isfinite(span) & np.isfinite(q50[:, zen_bins]).all(axis=1)
-    mid = sky_bins & (theta >= 60) & (theta < 70)
-    rise = np.nanmedian(q50[:, mid], axis=1) - np.nanmedian(q50[:, zen_bins], axis=1)
+    # a clear zenith is never brighter than eps_cap (decks and fog are); W(θ) takes any vignetting
+    cand = use & (np.nanmedian(q50[:, zen_bins], axis=1) <= cfg.eps_cap)
     spread = np.nanmedian((q75 - q10)[:, sky_bins & (theta < 70)], axis=1)
-    cand = use & (rise >= cfg.min_rise)
     clear = np.zeros(len(span), bool)
     if cand.any():
         clear = cand & (spread <= 1.5 * np.percentile(spread[cand], 5) + 1e-9)
@@ -371,7 +368,7 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
                                    cfg.eps_cap)  # fmt: skip
         model = weight[None, :] * _shape(theta, e_all, p_all)
         excess = ((q75 - model) * inv_sig[None, :])[:, sky_bins & (theta < 80)]
-        new = use & (rise >= cfg.min_rise) & (np.nanmax(excess, axis=1) < cfg.clear_sigma)
+        new = cand & (np.nanmax(excess, axis=1) < cfg.clear_sigma)
         if new.sum() < cfg.min_clear or np.array_equal(new, clear):
             break
         clear = new
