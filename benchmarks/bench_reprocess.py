@@ -143,6 +143,11 @@ def load_models(tracking: str, as_reprocess: bool) -> tuple:
     return tuple((load(m), m) for m in ids)
 
 
+def stack(images: dict, spec) -> np.ndarray:
+    """(n, k, y, x) the images ``spec`` reads, from ``images``: name -> a function giving (n, y, x)."""
+    return np.stack([images[k]() for k in spec.images], axis=1)
+
+
 def forward_inputs(store: str, tracking: str) -> tuple:
     """Both models and their inputs in memory: every image for the classifier, the cloudy ones for the U-Net."""
     (clf, clf_id), (unet, unet_id) = load_models(tracking, as_reprocess=True)
@@ -152,10 +157,10 @@ def forward_inputs(store: str, tracking: str) -> tuple:
     cloudy = group["cloudy_pred"][:]
     xc, xu = [], []
     for a in range(0, len(cloudy), SHARD):
-        images = {"norm": normalize(group["raw"][a : a + SHARD], normalization),
-                  "residual": group["residual"][a : a + SHARD].astype(np.float32)}  # fmt: skip
-        xc.append(torch.from_numpy(clf_id.spec.inputs(images[clf_id.spec.image], zenith)))
-        xu.append(torch.from_numpy(unet_id.spec.inputs(images[unet_id.spec.image][cloudy[a : a + SHARD]], zenith)))
+        images = {"norm": lambda: normalize(group["raw"][a : a + SHARD], normalization),
+                  **{k: (lambda k=k: group[k][a : a + SHARD].astype(np.float32)) for k in ("residual", "brightness")}}
+        xc.append(torch.from_numpy(clf_id.spec.inputs(stack(images, clf_id.spec), zenith)))
+        xu.append(torch.from_numpy(unet_id.spec.inputs(stack(images, unet_id.spec)[cloudy[a : a + SHARD]], zenith)))
     return clf, unet, torch.cat(xc), torch.cat(xu)
 
 
@@ -188,16 +193,15 @@ def naive_rate(store: str, archive: Path, tracking: str, threshold: float, k: in
     torch.set_num_threads(threads)
     cloudy = 0
     t0 = time.perf_counter()
-    residual = "residual" in (clf_id.spec.image, unet_id.spec.image)
     for i in picks:
         raw = fits.getdata(archive / sources[i])
-        images = {"norm": normalize(raw[None], normalization),
-                  "residual": group["residual"][i : i + 1] if residual else None}  # fmt: skip
-        p = classify(clf, clf_id.spec.inputs(images[clf_id.spec.image], zenith), torch.device("cpu"))
+        images = {"norm": lambda: normalize(raw[None], normalization),
+                  **{k: (lambda k=k: group[k][i : i + 1]) for k in ("residual", "brightness")}}
+        p = classify(clf, clf_id.spec.inputs(stack(images, clf_id.spec), zenith), torch.device("cpu"))
         result = {"p_cloudy": p}
         if p[0] >= threshold:
             cloudy += 1
-            x = unet_id.spec.inputs(images[unet_id.spec.image], zenith)
+            x = unet_id.spec.inputs(stack(images, unet_id.spec), zenith)
             result["cloud_prob"], result["cloud_fraction_pred"] = segment(unet, x, sky, unet_id.spec.bin)
         np.save(out / f"{i}.npy", result, allow_pickle=True)
     return len(picks) / (time.perf_counter() - t0), cloudy / len(picks)

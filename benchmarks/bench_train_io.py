@@ -179,11 +179,11 @@ def main() -> None:
     device = pick_device()
     positions = cloudy_positions(url, args.images, cfg.seed)
     spec = input_spec(args.task, cfg)
-    names = (spec.image, "mask") if args.task == "segment" else (spec.image,)
+    names = (*spec.images, "mask") if args.task == "segment" else spec.images
     cached = warm_page_cache(url, names)
     committed = Store.open(url).committed
     group = zarr.open_group(url, mode="r", zarr_format=3)
-    shape, pixel_bytes = group[spec.image].shape[1:], sum(group[name].dtype.itemsize for name in names)
+    shape, pixel_bytes = group[spec.images[0]].shape[1:], sum(group[name].dtype.itemsize for name in names)
 
     store_ds = StoreSamples(url, positions, spec, cfg.soft_targets, cfg.cache_mb)
     print(f"{quiet}; {os.cpu_count()} cores, torch {torch.__version__} on {device}, {threads} torch threads")

@@ -135,8 +135,19 @@ class AugmentConfig:
         check_ranges(self)
 
 
-IMAGES = ("norm", "residual")
-"""What a network can read: ``norm`` (normalized raw) or ``residual`` (clear-sky residual), both from prepare."""
+IMAGES = ("norm", "residual", "brightness")
+"""What a network can read, from prepare: ``norm`` (normalized raw), ``residual`` (clear-sky residual: thin cirrus
+stands out of it) and ``brightness`` (relative to the ambient black body: decks near 1 whatever the clear sky); a
+network reads one or several, joined with ``+`` (one input channel each)."""
+
+
+def check_images(image: str) -> str:
+    """``image`` if every ``+``-joined part is one of :data:`IMAGES` (once), else a ValueError naming them."""
+    parts = image.split("+")
+    if not parts or any(p not in IMAGES for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"image must be one or more of {', '.join(IMAGES)} joined with '+' (e.g. "
+                         f"'residual+brightness'), got {image!r}")  # fmt: skip
+    return image
 
 
 @dataclass
@@ -167,9 +178,9 @@ class TrainConfig:
     """Images are averaged over bin x bin pixel blocks (512x640 -> 128x160 with 4)."""
     zenith_channel: bool = True
     """Give the networks the zenith angle as a second input channel (see ``data.InputSpec``)."""
-    image: str = ranged("residual", choices=IMAGES)
-    """What both networks read: ``residual`` (each image's clear-sky residual from prepare: faint cirrus stands
-    out of it; reprocess then reads one image for both) or ``norm`` (normalized raw)."""
+    image: str = "residual+brightness"
+    """What both networks read (:data:`IMAGES`, joined with ``+``): by default the clear-sky residual (thin
+    cirrus) and the brightness relative to ambient (decks); reprocess reads them once for both networks."""
     batch_size: int = ranged(16, 1, None)
     lr: float = ranged(1e-3, 0.0, None, strict="lo")
     """Adam learning rate."""
@@ -221,6 +232,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        check_images(self.image)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import zarr
 from torch.utils.data import Dataset
 
-from cirrus_batch.config import IMAGES
+from cirrus_batch.config import check_images
 from cirrus_batch.errors import StoreError
 from cirrus_batch.geometry import zenith_map
 from cirrus_batch.store import Store
@@ -68,12 +68,16 @@ class InputSpec:
     image: str = "norm"
 
     def __post_init__(self) -> None:
-        if self.image not in IMAGES:
-            raise ValueError(f"input image must be one of {IMAGES}, got {self.image!r}")
+        check_images(self.image)
+
+    @property
+    def images(self) -> tuple[str, ...]:
+        """The prepared images read, one input channel each (``image`` split at ``+``)."""
+        return tuple(self.image.split("+"))
 
     @property
     def in_channels(self) -> int:
-        return 1 + int(self.zenith)
+        return len(self.images) + int(self.zenith)
 
     def inputs_like(self, other: InputSpec) -> bool:
         """Whether ``other`` builds the same inputs from the same images."""
@@ -96,22 +100,26 @@ class InputSpec:
 
     def inputs(self, images: np.ndarray, zenith: np.ndarray | None = None, *,
                zenith_input: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
-        """(n, c, h, w) float32 network input of ``image`` images (n, y, x); ``zenith``: :func:`store_zenith`,
-        or ``zenith_input``: its :meth:`zenith_input`, computed once for many calls."""
-        x = bin_image(np.asarray(images, dtype=np.float32), self.bin)[:, None]
+        """(n, c, h, w) float32 network input of images (n, k, y, x), the k :attr:`images` of each (or (n, y, x)
+        for one); ``zenith``: :func:`store_zenith`, or ``zenith_input``: its :meth:`zenith_input`, computed once
+        for many calls."""
+        images = np.asarray(images, dtype=np.float32)
+        x = bin_image(images if images.ndim == 4 else images[:, None], self.bin)
+        if x.shape[1] != len(self.images):
+            raise ValueError(f"this input reads {len(self.images)} images ({self.image}), got {x.shape[1]}")
         if not self.zenith:
             return np.ascontiguousarray(x)
         if zenith_input is None:
             if zenith is None:
                 raise ValueError("this input has a zenith-angle channel: pass the store's zenith map")
             zenith_input = self.zenith_input(zenith)
-        return np.concatenate([x, np.broadcast_to(zenith_input, x.shape)], axis=1)
+        return np.concatenate([x, np.broadcast_to(zenith_input, (x.shape[0], 1, *x.shape[2:]))], axis=1)
 
 
 def check_store(store_url: str, spec: InputSpec) -> Store:
     """The store, with a clear error when it lacks what a network of ``spec`` trains on."""
     store = Store.open(store_url, mode="r")
-    missing = [name for name in (spec.image, *NEEDS[spec.task]) if name not in store.group]
+    missing = [name for name in (*spec.images, *NEEDS[spec.task]) if name not in store.group]
     if missing:
         raise StoreError(
             f"{store_url} has no {', '.join(missing)}: run `cirrus prepare {store_url}` before training"
@@ -171,7 +179,8 @@ class StoreSamples(Dataset):
 
     def _read(self, p: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(network input, binned target or None) of store image ``p``."""
-        x = self.spec.inputs(self._array(self.spec.image)[p][None], zenith_input=self.zenith)[0]
+        x = self.spec.inputs(np.stack([self._array(name)[p] for name in self.spec.images])[None],
+                             zenith_input=self.zenith)[0]
         if self.task == "classify":
             return x, None
         mask = bin_image(self._array("mask")[p], self.bin)

@@ -264,13 +264,14 @@ def segment(model: torch.nn.Module, x: np.ndarray, sky: torch.Tensor, bin: int,
     return q.cpu().numpy(), fraction.float().cpu().numpy()
 
 
-def _images(group: zarr.Group, name: str, positions: np.ndarray, normalization: Normalization) -> np.ndarray:
-    """(n, y, x) ``norm`` (from ``raw``, as prepare normalizes it) or ``residual`` (float16, from prepare) of the
-    images at ``positions`` (increasing; read as one range: zarr's orthogonal indexing is ~15x slower)."""
+def _images(group: zarr.Group, spec: InputSpec, positions: np.ndarray, normalization: Normalization) -> np.ndarray:
+    """(n, k, y, x) the k images ``spec`` reads — ``norm`` (from ``raw``, as prepare normalizes it), ``residual``,
+    ``brightness`` (float16, from prepare) — of the images at ``positions`` (increasing; read as one range:
+    zarr's orthogonal indexing is ~15x slower)."""
     rows = slice(int(positions[0]), int(positions[-1]) + 1)
-    if name == "norm":
-        return normalize(group["raw"][rows][positions - positions[0]], normalization)
-    return group[name][rows][positions - positions[0]]
+    pick = positions - positions[0]
+    return np.stack([normalize(group["raw"][rows][pick], normalization) if name == "norm" else group[name][rows][pick]
+                     for name in spec.images], axis=1)  # fmt: skip
 
 
 def reprocess_block(job: Job, start: int, stop: int) -> int:
@@ -294,7 +295,7 @@ def reprocess_block(job: Job, start: int, stop: int) -> int:
     probs = (np.full((stop - start, *sky.shape), NOT_COMPUTED, np.uint8) if len(todo) == stop - start
              else group["cloud_prob"][start:stop])  # fmt: skip
     for batch in np.array_split(todo, -(-len(todo) // job.batch_size)):
-        images = _images(group, job.classifier.spec.image, start + batch, normalization)
+        images = _images(group, job.classifier.spec, start + batch, normalization)
         x = job.classifier.spec.inputs(images, zenith_input=channels.get("classify"))
         p = classify(classifier, x, device, dtype)
         cloudy = p >= job.threshold
@@ -305,7 +306,7 @@ def reprocess_block(job: Job, start: int, stop: int) -> int:
             if same_inputs:
                 x = x[cloudy]
             else:
-                images = _images(group, job.unet.spec.image, start + done, normalization)
+                images = _images(group, job.unet.spec, start + done, normalization)
                 x = job.unet.spec.inputs(images, zenith_input=channels.get("segment"))
             probs[done], out["cloud_fraction_pred"][done] = segment(unet, x, sky, job.unet.spec.bin, dtype)
     region = slice(start, stop)
@@ -385,7 +386,7 @@ def reprocess(
     classifier = _expect(resolve_model(classifier_uri or cfg.classifier, tracking, store.image_shape), "classify")
     unet = _expect(resolve_model(unet_uri or cfg.unet, tracking, store.image_shape), "segment")
     store.repair()
-    if "residual" in (classifier.spec.image, unet.spec.image):
+    if {"residual", "brightness"} & {*classifier.spec.images, *unet.spec.images}:
         _check_prepared(group, n, store.url)
     store.add_time_arrays(n, IMAGE_VARS, VECTOR_VARS, ATTRS)
     index = model_index(group, classifier, unet, cfg)

@@ -46,7 +46,7 @@ def test_shipped_job_configs_load(job):
         ("[ingest]\nshard_size = 'big'\n", "ingest.shard_size: expected int"),
         ("[ingest]\nheader_keys = 'EXPTIME'\n", "expected a list"),
         ("[ingest\n", "not valid TOML"),
-        ("[train]\nimage = 'raw'\n", "bad.toml: train.image must be one of norm, residual, got 'raw'"),
+        ("[train]\nimage = 'raw'\n", "image must be one or more of norm, residual, brightness"),
         ("[ingest]\nshard_size = 0\n", r"bad.toml: ingest.shard_size must be in \[1, 100000\], got 0$"),
         ("[train]\nepochs = -3\n", r"bad.toml: train.epochs must be >= 1, got -3$"),
         ("[train.augment]\nzoom = 1.0\n", r"train.augment.zoom must be in \[0, 1\), got 1.0"),

@@ -34,8 +34,18 @@ def test_input_spec_adds_the_binned_zenith_channel_and_round_trips():
     residual = InputSpec("segment", bin=2, zenith=True, image="residual")
     assert InputSpec.from_metadata(residual.to_metadata()) == residual and not residual.inputs_like(spec)
     assert InputSpec.from_metadata({"task": "segment", "bin": 2, "zenith_channel": True}) == spec  # older models
-    with pytest.raises(ValueError, match="input image must be one of"):
+    with pytest.raises(ValueError, match="image must be one or more of"):
         InputSpec("segment", image="raw")
+    with pytest.raises(ValueError, match="image must be one or more of"):
+        InputSpec("segment", image="residual+residual")
+    both = InputSpec("segment", bin=2, zenith=True, image="residual+brightness")
+    assert both.images == ("residual", "brightness") and both.in_channels == 3
+    stacked = np.stack([norm, 1 - norm], axis=1)
+    x2 = both.inputs(stacked, zenith)
+    assert x2.shape == (3, 3, 4, 6)
+    np.testing.assert_allclose(x2[:, 1], bin_image(1 - norm, 2), rtol=1e-6)
+    with pytest.raises(ValueError, match="reads 2 images"):
+        both.inputs(norm, zenith)
     plain = InputSpec("classify", bin=1, zenith=False)
     assert plain.inputs(norm).shape == (3, 1, 8, 12) and plain.in_channels == 1
     with pytest.raises(ValueError, match="zenith map"):
@@ -44,19 +54,20 @@ def test_input_spec_adds_the_binned_zenith_channel_and_round_trips():
         InputSpec.from_metadata({})
 
 
-def test_store_samples_read_the_spec_image_and_majority_or_soft_targets(store):
+def test_store_samples_read_the_spec_images_and_majority_or_soft_targets(store):
     group = zarr.open_group(store, mode="r")
     cloudy = np.flatnonzero(group["cloudy"][:])
-    spec = InputSpec("segment", bin=4, zenith=True, image="residual")
+    spec = InputSpec("segment", bin=4, zenith=True, image="residual+brightness")
     hard, soft = (StoreSamples(store, cloudy, spec, soft=s) for s in (False, True))
     edges = 0
     for i in range(len(cloudy)):
         image, target, weight = hard[i]
         _, fraction, _ = soft[i]
         expect = bin_image(group["mask"][int(cloudy[i])], 4)
-        assert image.shape == (2, 24, 30) and target.shape == fraction.shape == weight.shape == (1, 24, 30)
-        residual = group["residual"][int(cloudy[i])].astype(np.float32)
-        np.testing.assert_allclose(image[0].numpy(), bin_image(residual, 4), rtol=1e-6)
+        assert image.shape == (3, 24, 30) and target.shape == fraction.shape == weight.shape == (1, 24, 30)
+        for c, name in enumerate(("residual", "brightness")):
+            values = group[name][int(cloudy[i])].astype(np.float32)
+            np.testing.assert_allclose(image[c].numpy(), bin_image(values, 4), rtol=1e-6)
         np.testing.assert_array_equal(target[0].numpy(), (expect > 0.5).astype(np.float32))
         np.testing.assert_allclose(fraction[0].numpy(), expect, rtol=1e-6)
         edges += int(((expect > 0) & (expect < 1)).sum())

@@ -103,20 +103,21 @@ def trained(tmp_path_factory, client) -> Trained:
 
 def direct(store: str, tracking: str, uris: tuple[str, str] = (CLASSIFIER, UNET)) -> tuple[np.ndarray, np.ndarray]:
     """p_cloudy and the full-resolution U-Net probability of every image: the mlflow-loaded models called
-    in memory on ``spec.inputs(image, zenith)`` (image: normalize(raw) or the prepared residual), the U-Net
+    in memory on ``spec.inputs(images, zenith)`` (normalize(raw) or the prepared residual and brightness), the U-Net
     output upsampled bilinearly."""
     mlflow.set_tracking_uri(tracking)
     group = zarr.open_group(store, mode="r")
     images = {"norm": normalize(group["raw"][:],
                                       Normalization.from_attrs(group.attrs["prepare"]["normalization"])),
-              "residual": group["residual"][:]}  # fmt: skip
+              "residual": group["residual"][:], "brightness": group["brightness"][:]}  # fmt: skip
     zenith = store_zenith(group)
     out = []
     for uri in uris:
         model = mlflow.pytorch.load_model(uri)
         spec = InputSpec.from_metadata(mlflow.models.get_model_info(uri).metadata)
         with torch.no_grad():
-            out.append(torch.sigmoid(model(torch.from_numpy(spec.inputs(images[spec.image], zenith)))))
+            x = spec.inputs(np.stack([images[k] for k in spec.images], axis=1), zenith)
+            out.append(torch.sigmoid(model(torch.from_numpy(x))))
     prob = F.interpolate(out[1], scale_factor=spec.bin, mode="bilinear", align_corners=False)[:, 0]
     return out[0].numpy(), prob.numpy()
 
@@ -286,7 +287,7 @@ def test_a_classifier_reading_norm_beside_the_residual_unet(trained, tmp_path, c
                                  "train.checkpoint_dir": str(tmp_path / "ckpt")}).train  # fmt: skip
     norm = train(store, "classify", cfg, progress=False).model_uri
     assert resolve_model(norm, trained.tracking).spec.image == "norm"
-    assert resolve_model(UNET, trained.tracking).spec.image == "residual"
+    assert resolve_model(UNET, trained.tracking).spec.images == ("residual", "brightness")
     p, prob = direct(store, trained.tracking, (norm, UNET))
     threshold = float(np.mean(np.sort(p)[15:17]))  # half the images cloudy
     reprocess(store, client, norm, UNET, ReprocessConfig(threshold=threshold, batch_size=3, amp=False),
