@@ -181,6 +181,9 @@ class TrainConfig:
     image: str = "residual+brightness"
     """What both networks read (:data:`IMAGES`, joined with ``+``): by default the clear-sky residual (thin
     cirrus) and the brightness relative to ambient (decks); reprocess reads them once for both networks."""
+    min_mask_confidence: float = ranged(0.0, 0.0, 1.0)
+    """Images whose mask confidence (``mask_confidence`` from prepare) is below this are left out of training,
+    validation and test; 0 keeps them all."""
     batch_size: int = ranged(16, 1, None)
     lr: float = ranged(1e-3, 0.0, None, strict="lo")
     """Adam learning rate."""

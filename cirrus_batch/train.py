@@ -114,13 +114,23 @@ def _threads(cfg: TrainConfig) -> int:
     return cfg.threads or len(os.sched_getaffinity(0))
 
 
+LOW_CONFIDENCE = 128
+"""Stand-in quality flag, in the split only, of images whose mask confidence is below ``min_mask_confidence``."""
+
+
 def choose_split(store_url: str, task: str, cfg: TrainConfig) -> Split:
-    """The train/val/test split of good (quality 0) images for ``task``; clear error when impossible."""
+    """The train/val/test split of good (quality 0) images for ``task`` whose masks are confident enough
+    (``min_mask_confidence``); clear error when impossible."""
     group = check_store(store_url, input_spec(task, cfg)).group
     n = int(group.attrs["committed"])
     times = np.asarray(group["time"][:n], dtype="int64").astype("datetime64[us]")
+    quality = group["quality"][:n].copy()
+    if cfg.min_mask_confidence > 0 and "mask_confidence" in group:
+        low = ~(group["mask_confidence"][:n] >= cfg.min_mask_confidence) & (quality == 0)
+        quality[low] = LOW_CONFIDENCE
+        log.info("%d images left out: mask confidence below %g", int(low.sum()), cfg.min_mask_confidence)
     try:
-        return make_split(times, group["quality"][:n], group["cloudy"][:n], cfg.sampling, task,
+        return make_split(times, quality, group["cloudy"][:n], cfg.sampling, task,
                           np.asarray(group["source"][:n], dtype=object), score=group["cloud_fraction"][:n])  # fmt: skip
     except ValueError as exc:
         raise CirrusError(f"cannot split {store_url} for {task}: {exc}") from None

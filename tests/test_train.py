@@ -314,3 +314,27 @@ def test_against_a_real_mlflow_server(store, tmp_path, mlflow_server):
     image = StoreSamples(store, np.array([0, 1]), input_spec("segment", cfg))[0][0][None].numpy()
     logits = np.asarray(model.predict(image))
     assert logits.shape == (1, 1, *image.shape[-2:]) and np.isfinite(logits).all()
+
+
+def test_low_confidence_masks_are_left_out_of_the_split(store, tmp_path):
+    import shutil
+
+    import zarr
+
+    from cirrus_batch.train import choose_split
+
+    copy = tmp_path / "s.zarr"
+    shutil.copytree(store, copy)
+    group = zarr.open_group(str(copy), mode="r+")
+    usable = np.flatnonzero(group["cloudy"][:] & (group["quality"][:] == 0))
+    low = usable[::2]
+    confidence = group["mask_confidence"][:]
+    confidence[low] = 0.3
+    group["mask_confidence"][:] = confidence
+    cfg = load_config(overrides={"train.sampling.min_gap_min": 0.0, "train.sampling.n_images": 10_000}).train
+    every = choose_split(str(copy), "segment", cfg)
+    cfg.min_mask_confidence = 0.5
+    kept = choose_split(str(copy), "segment", cfg)
+    chosen = {int(i) for part in (kept.train, kept.val, kept.test) for i in part}
+    before = {int(i) for part in (every.train, every.val, every.test) for i in part}
+    assert set(low.tolist()) <= before and not chosen & set(low.tolist()) and chosen < before
