@@ -50,6 +50,8 @@ class ClearSkyConfig:
     """Frames spread over the season searched for clear frames (only their profiles are kept)."""
     bin_deg: float = 1.0
     """Zenith-angle bin (deg) of the profiles."""
+    eps_floor: float = 0.03
+    """The driest clear zenith (ambient units) that the season's scale must allow; below it, an offset."""
     eps_cap: float = 0.75
     """Physical upper bound of the clear-sky zenith emissivity in 8-14 µm (very humid air ~0.6)."""
     p_margin: float = 0.3
@@ -87,7 +89,7 @@ class ClearSkyConfig:
             raise ValueError(f"eps_cap must be in (0, 1), got {self.eps_cap}")
         if not 0.1 <= self.bin_deg <= 10:
             raise ValueError(f"bin_deg must be in [0.1, 10], got {self.bin_deg}")
-        for key in ("p_margin", "clear_max_cloud", "min_consistent", "trend_tol"):
+        for key in ("eps_floor", "p_margin", "clear_max_cloud", "min_consistent", "trend_tol"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
         for key in ("sigma_floor", "clear_sigma", "trend_hours", "night_gap_hours", "clip_sigma"):
@@ -228,6 +230,9 @@ class ClearSkyModel:
     eps_typical: float
     scale: dict[str, Any]
     n_clear: int
+    offset: float = 0.0
+    """Added to every clear sky (ambient units; < 0 only where the scale came out too small, see
+    ``eps_floor``)."""
     prior_only: bool = False
     """No clear frame was found: W = 1, p = 0.6, bounds from physics alone (low confidence)."""
     clear_eps: list[float] = field(default_factory=list)
@@ -248,7 +253,7 @@ class ClearSkyModel:
         """Clear-sky brightness per bin: (n_bins,) for a scalar ε0, (n, n_bins) for an array; p defaults to the
         season's typical exponent."""
         e = np.atleast_1d(np.asarray(eps, np.float64))
-        out = np.asarray(self.weight)[None, :] * _shape(np.asarray(self.theta), e,
+        out = self.offset + np.asarray(self.weight)[None, :] * _shape(np.asarray(self.theta), e,
                                                          self.exponent if p is None else p)  # fmt: skip
         return out[0] if np.ndim(eps) == 0 else out
 
@@ -333,7 +338,12 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
     q10, q50, q75 = prof.brightness(span)
     use = np.isfinite(span) & np.isfinite(q50[:, zen_bins]).all(axis=1)
     # a clear zenith is never brighter than eps_cap (decks and fog are); W(θ) takes any vignetting
-    cand = use & (np.nanmedian(q50[:, zen_bins], axis=1) <= cfg.eps_cap)
+    zenith = np.nanmedian(q50[:, zen_bins], axis=1)
+    cand = use & (zenith <= cfg.eps_cap)
+    # a scale a little too small (a strongly vignetted lens distorts the shapes it comes from) puts the driest
+    # frames below zero, which no sky can be: an offset lifts them to eps_floor
+    offset = float(min(0.0, np.percentile(zenith[cand], 1) - cfg.eps_floor)) if cand.any() else 0.0
+    q10, q50, q75 = q10 - offset, q50 - offset, q75 - offset
     spread = np.nanmedian((q75 - q10)[:, sky_bins & (theta < 70)], axis=1)
     clear = np.zeros(len(span), bool)
     if cand.any():
@@ -382,12 +392,13 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
                                                              mode="nearest").tolist(),
                              exponent=0.6, p_lo=P_RANGE[0], p_hi=P_RANGE[1], eps_lo=0.01,
                              eps_hi=float(cfg.eps_cap), eps_typical=0.3,
-                             scale=asdict(scale), n_clear=int(eps_c.size), prior_only=True)  # fmt: skip
+                             scale=asdict(scale), n_clear=int(eps_c.size), offset=offset,
+                             prior_only=True)  # fmt: skip
     return ClearSkyModel(
         theta=theta.tolist(), weight=np.asarray(weight).tolist(), sigma=(1.0 / inv_sig).tolist(), exponent=float(p),
         p_lo=float(max(P_RANGE[0], np.min(p_c) - cfg.p_margin)), p_hi=float(min(P_RANGE[1], np.max(p_c) + cfg.p_margin)),
         eps_lo=0.01, eps_hi=float(cfg.eps_cap), eps_typical=float(np.median(eps_c)), scale=asdict(scale),
-        n_clear=int(eps_c.size),
+        n_clear=int(eps_c.size), offset=offset,
         clear_eps=np.asarray(eps_c).tolist(),
     )  # fmt: skip
 
@@ -433,7 +444,7 @@ class Frame:
         b = self.bins[self.sub]
         ok = valid[self.sub]
         ge, gp = _grid(m.eps_lo, m.eps_hi, 61, 9, (m.p_lo, m.p_hi))
-        table = self.weight[None, :] * _shape(self.theta, ge, gp)  # (g, nb)
+        table = m.offset + self.weight[None, :] * _shape(self.theta, ge, gp)  # (g, nb)
         w_b = self.inv_sig_b**2
         t2 = w_b[None, :] * table**2
         tw = table * w_b[None, :]
