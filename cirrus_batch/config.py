@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from cirrus_batch.errors import ConfigError
+from cirrus_batch.humanmasks import HumanMaskConfig
+from cirrus_batch.imagefiles import ImageFileConfig
 from cirrus_batch.masks import MaskConfig, SkyConfig
 from cirrus_batch.sampling import SamplingConfig
 
@@ -32,6 +34,8 @@ class IngestConfig:
     """Expected image shape [ny, nx]; by default a new store takes the most common shape."""
     clevel: int = 3
     """LZ4 compression level of ``raw`` (blosc, byte-shuffled)."""
+    image_files: ImageFileConfig = field(default_factory=ImageFileConfig)
+    """PNG/TIFF frames (``[ingest.image_files]``): colour rule and time source (see ``imagefiles``)."""
 
 
 @dataclass
@@ -49,6 +53,9 @@ class PrepareConfig:
     """An image is ``cloudy`` when its cloud fraction over sky pixels exceeds this."""
     labels: str | None = None
     """CSV ``source,label`` of human labels (cloudy/clear) that override the threshold."""
+    human: HumanMaskConfig = field(default_factory=HumanMaskConfig)
+    """Hand-drawn pixel masks (``[prepare.human]``, ``--masks``): imported beside the astropy masks; an image
+    with one is ``cloudy`` by its human cloud fraction (``labels`` still override)."""
 
 
 @dataclass
