@@ -83,6 +83,10 @@ IMAGES = ("norm", "residual")
 """What a network can read: ``norm`` (normalized raw) or ``residual`` (clear-sky residual), both from prepare."""
 
 
+MASK_SOURCES = ("human-first", "human-only", "astropy")
+"""Where the U-Net's targets come from (``[train] masks``)."""
+
+
 @dataclass
 class NetConfig:
     """Architecture of one network (U-Net or CNN classifier)."""
@@ -141,6 +145,13 @@ class TrainConfig:
     amp: bool = True
     """Mixed-precision training steps: float16 on CUDA, bfloat16 on CPUs with native bf16 (AVX512-BF16, AMX;
     ~1.9x faster steps), float32 elsewhere (``models.autocast_dtype``)."""
+    masks: str = "human-first"
+    """Segment targets: ``human-first`` (an image's human mask where it has one, ``prepare --masks``, its astropy
+    mask elsewhere), ``human-only`` (only images with a human mask) or ``astropy``. Unlabelled human pixels
+    count in no loss and no metric."""
+    human_test: bool = False
+    """The test split is every image with a human mask (train and val: the nights without any), so the model is
+    judged on what people drew."""
     seed: int = 0
     checkpoint_dir: str = "checkpoints"
     """One checkpoint per task (``classify.pt``, ``segment.pt``), written every epoch; ``--resume`` reads it."""
@@ -154,6 +165,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.image not in IMAGES:
             raise ValueError(f"image must be one of {', '.join(IMAGES)}, got {self.image!r}")
+        if self.masks not in MASK_SOURCES:
+            raise ValueError(f"masks must be one of {', '.join(MASK_SOURCES)}, got {self.masks!r}")
+        if self.masks == "human-only" and self.human_test:
+            raise ValueError('masks = "human-only" with human_test = true leaves nothing to train on')
 
 
 @dataclass

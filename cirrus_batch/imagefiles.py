@@ -79,9 +79,11 @@ class ImageFileConfig:
             raise ValueError('time_from = "name" needs a time_pattern')
         if self.time_from == "index":
             try:
-                np.datetime64(self.time_start.rstrip("Z"), "us")
+                start = np.datetime64(self.time_start.rstrip("Z") or "NaT", "us")
             except ValueError:
-                raise ValueError(f'time_from = "index" needs time_start, an ISO time; got {self.time_start!r}') from None
+                start = np.datetime64("NaT")
+            if np.isnat(start):
+                raise ValueError(f'time_from = "index" needs time_start, an ISO time; got {self.time_start!r}')
 
 
 @dataclass(frozen=True)
