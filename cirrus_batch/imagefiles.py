@@ -6,8 +6,9 @@ sets without extensions (WSISEG) ingest as they are. Read with Pillow:
 * grey 8-bit (``L``), 16-bit (``I;16``) and 32-bit integer (``I``) images are stored as they are (16-bit 65535,
   the store's no-data value, is stored as 65534; 32-bit values must fit 0..65534);
 * colour 8-bit images (``RGB``, ``RGBA``, palette ``P``) are reduced to one channel by ``rgb``: ``luma``
-  (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B, rounded), ``red``, ``green``, ``blue`` or ``mean``; alpha is
-  ignored. Colour with 16 bits per channel is rejected (Pillow would read it at 8 bits).
+  (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B, rounded), ``red``, ``green``, ``blue``, ``mean`` or
+  ``red_blue_ratio`` (round(1000 R / max(B, 1)), at most 65534: the classic cloud index of visible cameras, low
+  for the blue clear sky, near 1000 for white or grey cloud); alpha is ignored. Colour with 16 bits per channel is rejected (Pillow would read it at 8 bits).
 
 The observation time comes, by ``time_from``:
 
@@ -38,7 +39,7 @@ from cirrus_batch.fitsio import NODATA, Rejected
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
-RGB_RULES = ("luma", "red", "green", "blue", "mean")
+RGB_RULES = ("luma", "red", "green", "blue", "mean", "red_blue_ratio")
 TIME_SOURCES = ("auto", "header", "name", "index")
 _WEIGHTS = {"luma": (0.299, 0.587, 0.114), "red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1),
             "mean": (1 / 3, 1 / 3, 1 / 3)}  # fmt: skip
@@ -52,7 +53,8 @@ class ImageFileConfig:
     """How PNG and TIFF frames become ``raw`` images (``[ingest.image_files]``; see :mod:`cirrus_batch.imagefiles`)."""
 
     rgb: str = "luma"
-    """Colour to one channel: ``luma`` (BT.601), ``red``, ``green``, ``blue`` or ``mean``."""
+    """Colour to one channel: ``luma`` (BT.601), ``red``, ``green``, ``blue``, ``mean`` or ``red_blue_ratio``
+    (1000 R / B: the cloud index of visible cameras)."""
     time_from: str = "auto"
     """``auto`` (header, then ``time_pattern``), ``header``, ``name`` (``time_pattern``) or ``index``."""
     time_pattern: str = ""
@@ -192,6 +194,9 @@ def to_channel(data: np.ndarray, rgb: str) -> np.ndarray:
         return data
     if data.shape[2] < 3:  # LA: grey and alpha
         return data[..., 0]
+    if rgb == "red_blue_ratio":
+        red, blue = data[..., 0].astype(np.float64), data[..., 2].astype(np.float64)
+        return np.minimum(np.rint(1000 * red / np.maximum(blue, 1)), NODATA - 1)
     weights = np.asarray(_WEIGHTS[rgb], dtype=np.float64)
     return np.rint(data[..., :3].astype(np.float64) @ weights)
 

@@ -76,6 +76,8 @@ def test_rgb_rules():
     rgb = np.array([[[100, 200, 50]]], dtype=np.uint8)
     assert to_channel(rgb, "luma")[0, 0] == round(0.299 * 100 + 0.587 * 200 + 0.114 * 50)
     assert [to_channel(rgb, r)[0, 0] for r in ("red", "green", "blue", "mean")] == [100, 200, 50, 117]
+    assert to_channel(rgb, "red_blue_ratio")[0, 0] == 2000
+    assert to_channel(np.array([[[255, 0, 0]]], np.uint8), "red_blue_ratio")[0, 0] == 65534  # no blue: capped
 
 
 def test_grey_and_colour_png_tiff_with_header_and_name_times(tmp_path, client):
