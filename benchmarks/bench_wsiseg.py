@@ -18,6 +18,7 @@ If the astropy part of ``prepare`` fails, (a) is reported as failed with its err
 store could be prepared. The data stay outside git:
 
     python benchmarks/bench_wsiseg.py PATH [--out bench-out/wsiseg] [--epochs 15] [--bin 4] [--rgb red_blue_ratio]
+                                           [--parts bc] [--reuse]
 
 PATH holds ``whole sky images/`` and ``annotation/`` (github.com/CV-Application/WSISEG-Database).
 """
@@ -62,10 +63,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--bin", type=int, default=4)
     p.add_argument("--rgb", default="red_blue_ratio", help="[ingest.image_files] rgb (luma: the default of ingest)")
+    p.add_argument("--parts", default="bc", help="trainings to run: b (human masks), c (astropy masks)")
+    p.add_argument("--reuse", action="store_true", help="keep OUT's store (ingest and prepare again: no-ops)")
     args = p.parse_args()
     out = args.out.absolute()
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    if not args.reuse:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
     store = str(out / "wsiseg.zarr")
     results: dict = {}
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
@@ -91,6 +95,9 @@ def main() -> None:
     print(f"(a) astropy masks vs human masks: {results['a']}")
 
     for key, masks in (("b", "human-only"), ("c", "astropy")):
+        if key not in args.parts:
+            continue
+        shutil.rmtree(out / f"ckpt-{masks}", ignore_errors=True)
         tcfg = load_config(overrides=train_overrides(out, args.epochs, args.bin, masks)).train
         try:
             r = train(store, "segment", tcfg, progress=False, truth=store)
@@ -103,7 +110,7 @@ def main() -> None:
                         "ece": t["truth_ece"], "epochs": r.epochs_run, "split": r.split_sizes,
                         "seconds": round(r.seconds)}  # fmt: skip
         print(f"({key}) U-Net, masks = {masks}: {results[key]}")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / f"results-{args.parts}.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 
 
