@@ -2,17 +2,18 @@
 extension) with hand-drawn masks (255 cloud, 100 sky, 0 undefined: horizon and sun blocker).
 
 1. ``ingest`` the PNGs as they are: one channel by ``--rgb`` (default ``red_blue_ratio``, 1000 R / B, the cloud
-   index of visible cameras; ``luma`` separates cloud from sky far worse: best global threshold on 40 frames
-   62 % of labelled pixels right vs 92.5 % for R/B), time by frame number (``time_from = "index"``, one frame every 1296 s,
+   index of visible cameras; ``luma`` separates cloud from sky far worse: best global threshold on 40 frames 62 % of
+   labelled pixels right vs 92.5 % for R/B), time by frame number (``time_from = "index"``, one frame every 1296 s,
    so the 400 frames fill 6 days of ~67 consecutive frames: the blocks the split deals out);
 2. ``prepare --masks`` imports the 400 annotations beside the astropy masks;
-3. (a) the astropy masks of ``prepare`` against the human masks (labelled pixels): IoU, F1, pixel accuracy,
-   cloudy-label accuracy (an image is cloudy above 5 % cloud);
-   (b) the U-Net (8 base channels, depth 3, one pass) trained on the human masks (``[train] masks =
-   "human-only"``, input ``norm`` of that channel and the zenith angle, binned to 112x120) of two thirds of the frames (train + val: whole days of consecutive frames), tested on the other
-   third (two days): pixel accuracy, IoU, F1, ECE on labelled pixels;
+3. (a) the astropy masks of ``prepare`` against the human masks (labelled pixels): IoU, F1, pixel accuracy, cloudy-
+   label accuracy (an image is cloudy above 5 % cloud);
+   (b) the U-Net (8 base channels, depth 3, one pass) trained on the human masks (``[train] masks = "human-only"``,
+       input ``norm`` of that channel and the zenith angle, binned to 112x120) of two thirds of the frames (train +
+       val: whole days of consecutive frames), tested on the other third (two days): pixel accuracy, IoU, F1, ECE on
+       labelled pixels;
    (c) the same U-Net trained on the astropy masks only (``masks = "astropy"``), scored on the same test frames
-   against the human masks (``--truth`` = the store).
+       against the human masks (``--truth`` = the store).
 
 If the astropy part of ``prepare`` fails, (a) is reported as failed with its error and (b) still runs when the
 store could be prepared. The data stay outside git:

@@ -129,7 +129,8 @@ class StoreSamples(Dataset):
         self.zenith = spec.zenith_input(store_zenith(group)) if spec.zenith else None
         sky = bin_image(group["sky"][:].astype(np.float32), spec.bin) > 0.5
         self.sky = torch.from_numpy(sky.astype(np.float32))
-        self.human = human_positions(group) if human and spec.task == "segment" else np.zeros(len(self.cloudy), bool)
+        segment_human = human and spec.task == "segment"
+        self.human = human_positions(group) if segment_human else np.zeros(len(self.cloudy), bool)
         self._arrays: dict[str, zarr.Array] = {}
         self.cache_mb = cache_mb
         self._cache: dict[int, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
@@ -147,8 +148,8 @@ class StoreSamples(Dataset):
         return len(self.positions)
 
     def _array(self, name: str) -> zarr.Array:
-        """``norm``, ``residual``, ``mask`` or ``human_mask``, opened once per process (opening reads its metadata: ~0.7 ms
-        per image)."""
+        """``norm``, ``residual``, ``mask`` or ``human_mask``, opened once per process (opening reads its metadata:
+        ~0.7 ms per image)."""
         if name not in self._arrays:
             self._arrays[name] = zarr.open_group(self.store_url, mode="r", zarr_format=3)[name]
         return self._arrays[name]

@@ -8,7 +8,8 @@ sets without extensions (WSISEG) ingest as they are. Read with Pillow:
 * colour 8-bit images (``RGB``, ``RGBA``, palette ``P``) are reduced to one channel by ``rgb``: ``luma``
   (ITU-R BT.601: 0.299 R + 0.587 G + 0.114 B, rounded), ``red``, ``green``, ``blue``, ``mean`` or
   ``red_blue_ratio`` (round(1000 R / max(B, 1)), at most 65534: the classic cloud index of visible cameras, low
-  for the blue clear sky, near 1000 for white or grey cloud); alpha is ignored. Colour with 16 bits per channel is rejected (Pillow would read it at 8 bits).
+  for the blue clear sky, near 1000 for white or grey cloud); alpha is ignored. Colour with 16 bits per channel
+  is rejected (Pillow would read it at 8 bits).
 
 The observation time comes, by ``time_from``:
 
