@@ -139,7 +139,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from cirrus_batch.prepare import evaluate_store, prepare
 
-    config = _config(args, **{"prepare.labels": args.labels, "lock.wait": args.wait})
+    config = _config(args, **{"prepare.labels": args.labels, "prepare.human.source": args.masks,
+                              "lock.wait": args.wait})  # fmt: skip
     with _lock(args, config), _client(config) as client:
         report = prepare(args.store, client, config.prepare, refit=args.refit, progress=not args.no_progress)
         print(
@@ -152,6 +153,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                     ["cloudy", f"{report.cloudy} ({report.cloudy / report.images:.0%})"],
                     ["judged clear", report.images - report.cloudy],
                     ["human labels applied", report.labelled],
+                    ["human masks imported", report.human_masks],
                     [f"masks of low confidence (< {config.prepare.low_confidence:g})", report.low_confidence],
                     *[[f"  because {name.replace('_', ' ')}", count] for name, count in report.reasons.items() if count],
                     *[[f"clear sky: {key}", value] for key, value in report.clear_sky.items()],
@@ -339,6 +341,8 @@ def format_scores(scores: dict[str, Any]) -> str:
         else:
             rows.append([kind, s["n_frames"], *(f"{s[k]:.3f}" for k in ("iou", "f1", "precision", "recall"))])
     text = table(rows, ["night kind", "frames", "IoU", "F1", "precision", "recall"])
+    if "accuracy" in scores:  # against human masks
+        text += f"\npixel accuracy: {scores['accuracy']:.3f} (labelled pixels of the {scores['truth']})"
     return (
         f"{text}\nclear frames: {scores['n_clear_frames']}, sky pixels marked cloud on them: "
         f"{scores['clear_false_alarm']:.4%}\ncloudy-label accuracy: {scores['label_accuracy']:.2%}"
@@ -414,8 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="sky mask, normalization, ground-truth masks and cloudy labels")
     p.add_argument("store")
     p.add_argument("--labels", metavar="CSV", help="human labels (source,label) that override the threshold")
+    p.add_argument("--masks", metavar="SOURCE", help="hand-drawn masks (directory, glob or CSV source,mask_path) "
+                   "to import beside the astropy masks; values mapped by [prepare.human]")
     p.add_argument("--refit", action="store_true", help="fit the models again and recompute every image")
-    p.add_argument("--evaluate", metavar="TRUTH", help="score the masks against a true-mask store (cirrus synth)")
+    p.add_argument("--evaluate", metavar="TRUTH", help="score the masks against a true-mask store (cirrus synth) or "
+                   "a store with human masks (this one too), on their labelled pixels")
     p.add_argument("--panel", metavar="PNG", help="with --evaluate: raw / clear sky / residual / mask / truth panel")
     _writer(p)
     _common(p)

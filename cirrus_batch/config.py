@@ -18,6 +18,8 @@ from typing import Any
 from cirrus_batch.errors import ConfigError
 from cirrus_batch.clearsky import ClearSkyConfig
 from cirrus_batch.geometry import SkyConfig
+from cirrus_batch.humanmasks import HumanMaskConfig
+from cirrus_batch.imagefiles import ImageFileConfig
 from cirrus_batch.masks import MaskConfig
 from cirrus_batch.sampling import SamplingConfig
 
@@ -92,6 +94,8 @@ class IngestConfig:
     season_days: float = ranged(400.0, 0, None)
     """Files whose DATE-OBS is more than this many days from the median time of the store and the run are
     rejected (a reset camera clock); 0: no check."""
+    image_files: ImageFileConfig = field(default_factory=ImageFileConfig)
+    """PNG/TIFF frames (``[ingest.image_files]``): colour rule and time source (see ``imagefiles``)."""
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -117,6 +121,10 @@ class PrepareConfig:
     """CSV ``source,label`` of human labels (cloudy/clear) that override the threshold."""
     low_confidence: float = ranged(0.5, 0.0, 1.0)
     """Masks whose confidence is below this are counted (and listed by reason) as low-confidence."""
+    human: HumanMaskConfig = field(default_factory=HumanMaskConfig)
+    """Hand-drawn pixel masks (``[prepare.human]``, ``--masks``): imported beside the astropy masks; an image
+    with one is ``cloudy`` by its human cloud fraction (``labels`` still override)."""
+
     def __post_init__(self) -> None:
         check_ranges(self)
 
@@ -148,6 +156,10 @@ def check_images(image: str) -> str:
         raise ValueError(f"image must be one or more of {', '.join(IMAGES)} joined with '+' (e.g. "
                          f"'residual+brightness'), got {image!r}")  # fmt: skip
     return image
+
+
+MASK_SOURCES = ("human-first", "human-only", "astropy")
+"""Where the U-Net's targets come from (``[train] masks``)."""
 
 
 @dataclass
@@ -218,6 +230,13 @@ class TrainConfig:
     amp: bool = True
     """Mixed-precision training steps: float16 on CUDA, bfloat16 on CPUs with native bf16 (AVX512-BF16, AMX;
     ~1.9x faster steps), float32 elsewhere (``models.autocast_dtype``)."""
+    masks: str = "human-first"
+    """Segment targets: ``human-first`` (an image's human mask where it has one, ``prepare --masks``, its astropy
+    mask elsewhere), ``human-only`` (only images with a human mask) or ``astropy``. Unlabelled human pixels
+    count in no loss and no metric."""
+    human_test: bool = False
+    """The test split is every image with a human mask (train and val: the nights without any), so the model is
+    judged on what people drew."""
     seed: int = 0
     checkpoint_dir: str = "checkpoints"
     """One checkpoint per task (``classify.pt``, ``segment.pt``), written every epoch; ``--resume`` reads it."""
@@ -236,6 +255,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_ranges(self)
         check_images(self.image)
+        if self.masks not in MASK_SOURCES:
+            raise ValueError(f"masks must be one of {', '.join(MASK_SOURCES)}, got {self.masks!r}")
+        if self.masks == "human-only" and self.human_test:
+            raise ValueError('masks = "human-only" with human_test = true leaves nothing to train on')
 
 
 @dataclass

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from cirrus_batch.config import check_images
 from cirrus_batch.errors import StoreError
 from cirrus_batch.geometry import zenith_map
+from cirrus_batch.humanmasks import CLOUD, UNLABELLED, human_positions
 from cirrus_batch.store import Store
 
 NEEDS = {"classify": ("cloudy", "cloud_fraction", "quality", "sky"), "segment": ("mask", "cloudy", "quality", "sky")}
@@ -133,14 +134,16 @@ class StoreSamples(Dataset):
     image: :meth:`InputSpec.inputs`, shape (c, h, w) float32. Segment: target = ``mask`` binned (its majority,
     or with ``soft`` its cloud fraction per binned pixel) and weight = the binned sky mask, both (1, h, w).
     Classify: target = ``cloudy`` (with ``label_width`` > 0: :func:`soft_labels` of the image's cloud fraction)
-    and weight 1, scalars.
+    and weight 1, scalars. With ``human``, a segment image that has a human mask (``prepare --masks``) takes its
+    target from it instead, and its weight is its labelled pixels (binned: more than half labelled), so
+    unlabelled pixels count nowhere.
     The arrays open lazily in each DataLoader worker. Each process (DataLoader worker) keeps the samples it
     has built, up to ``cache_mb`` MiB (binned, ~0.25 MiB per 128x160 segment sample): later epochs then cost
     no store read, decoding or binning, which would take CPU from the training step.
     """
 
     def __init__(self, store_url: str, positions: np.ndarray, spec: InputSpec, soft: bool = False,
-                 cache_mb: float = 0.0, label_width: float = 0.0):  # fmt: skip
+                 cache_mb: float = 0.0, label_width: float = 0.0, human: bool = False):  # fmt: skip
         if spec.task not in NEEDS:
             raise ValueError(f"task must be one of {sorted(NEEDS)}, got {spec.task!r}")
         self.store_url, self.spec, self.soft = store_url, spec, soft
@@ -151,9 +154,11 @@ class StoreSamples(Dataset):
         self.zenith = spec.zenith_input(store_zenith(group)) if spec.zenith else None
         sky = bin_image(group["sky"][:].astype(np.float32), spec.bin) > 0.5
         self.sky = torch.from_numpy(sky.astype(np.float32))
+        segment_human = human and spec.task == "segment"
+        self.human = human_positions(group) if segment_human else np.zeros(len(self.cloudy), bool)
         self._arrays: dict[str, zarr.Array] = {}
         self.cache_mb = cache_mb
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
         self._cached_bytes = 0
 
     @property
@@ -168,8 +173,8 @@ class StoreSamples(Dataset):
         return len(self.positions)
 
     def _array(self, name: str) -> zarr.Array:
-        """``norm``, ``residual`` or ``mask``, opened once per process (opening reads its metadata: ~0.7 ms
-        per image)."""
+        """``norm``, ``residual``, ``mask`` or ``human_mask``, opened once per process (opening reads its metadata:
+        ~0.7 ms per image)."""
         if name not in self._arrays:
             self._arrays[name] = zarr.open_group(self.store_url, mode="r", zarr_format=3)[name]
         return self._arrays[name]
@@ -177,14 +182,20 @@ class StoreSamples(Dataset):
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_arrays": {}, "_cache": {}, "_cached_bytes": 0}
 
-    def _read(self, p: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """(network input, binned target or None) of store image ``p``."""
+    def _read(self, p: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(network input, binned target or None, binned weight or None for the sky) of store image ``p``."""
         x = self.spec.inputs(np.stack([self._array(name)[p] for name in self.spec.images])[None],
                              zenith_input=self.zenith)[0]
         if self.task == "classify":
-            return x, None
-        mask = bin_image(self._array("mask")[p], self.bin)
-        return x, (mask if self.soft else (mask > 0.5).astype(np.float32))[None]
+            return x, None, None
+        if self.human[p]:
+            h = self._array("human_mask")[p]
+            labelled = bin_image((h != UNLABELLED).astype(np.float32), self.bin)
+            mask = bin_image((h == CLOUD).astype(np.float32), self.bin) / np.maximum(labelled, 1e-6)
+            weight = (labelled > 0.5).astype(np.float32)[None]
+        else:
+            mask, weight = bin_image(self._array("mask")[p], self.bin), None
+        return x, (mask if self.soft else (mask > 0.5).astype(np.float32))[None], weight
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         p = int(self.positions[i])
@@ -195,7 +206,8 @@ class StoreSamples(Dataset):
             if self._cached_bytes + size <= self.cache_mb * 2**20:
                 self._cache[p] = sample
                 self._cached_bytes += size
-        x, target = sample
+        x, target, weight = sample
         if target is None:
             return torch.from_numpy(x), torch.tensor(self.cloudy[p]), torch.tensor(1.0)
-        return torch.from_numpy(x), torch.from_numpy(target), self.sky[None]
+        w = self.sky[None] if weight is None else torch.from_numpy(weight)
+        return torch.from_numpy(x), torch.from_numpy(target), w

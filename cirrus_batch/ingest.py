@@ -45,6 +45,7 @@ from fsspec.core import url_to_fs
 from fsspec.utils import stringify_path
 from tqdm.auto import tqdm
 
+from cirrus_batch import imagefiles
 from cirrus_batch.config import IngestConfig, check_ranges
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.fitsio import ImageHeader, Layout, Rejected, find_image, header_values, observation_time, read_raw
@@ -148,11 +149,14 @@ def discover(source: str) -> tuple[fsspec.AbstractFileSystem, list[FileEntry]]:
 
 
 # -- tasks ----------------------------------------------------------------------------------------
-def _read_image_header(fs: fsspec.AbstractFileSystem, entry: FileEntry) -> tuple[bytes, ImageHeader]:
-    """Leading bytes of a file and its image header (reads more while a header is incomplete)."""
+def _read_image_header(fs: fsspec.AbstractFileSystem, entry: FileEntry) -> tuple[bytes, ImageHeader | None]:
+    """Leading bytes of a file and its image header (reads more while a header is incomplete); a PNG/TIFF
+    frame: the whole file and None."""
     n = min(SCAN_BYTES, entry.size)
     while True:
         buf = fs.cat_file(entry.path, start=0, end=n) if n < entry.size else fs.cat_file(entry.path)
+        if imagefiles.is_picture(buf):
+            return (buf if n >= entry.size else fs.cat_file(entry.path)), None
         try:
             return buf, find_image(buf)
         except EOFError:
@@ -171,8 +175,24 @@ def _check(entry: FileEntry, image: ImageHeader, keys: list[str]) -> Scanned:
     return Scanned(entry, image.layout, observation_time(image.header), header_values(image.header, keys))
 
 
-def scan_files(fs: fsspec.AbstractFileSystem, entries: Sequence[FileEntry], keys: list[str]) -> list[Scanned]:
+# -- PNG/TIFF frames (cirrus_batch.imagefiles): where ingest dispatches on the kind of file ---------------
+def _check_file(entry: FileEntry, buf: bytes, image: ImageHeader | None, keys: list[str],
+                pictures: imagefiles.ImageFileConfig) -> Scanned:  # fmt: skip
+    """:func:`_check` of a FITS image, or the scan of a whole PNG/TIFF frame (``image`` None)."""
+    if image is not None:
+        return _check(entry, image, keys)
+    layout, t = imagefiles.scan(buf, entry.source, pictures)
+    return Scanned(entry, layout, t, header_values({}, keys))
+
+
+def _read_pixels(buf: bytes, layout: Layout | imagefiles.PictureLayout, out: np.ndarray) -> None:
+    (imagefiles.read_raw if isinstance(layout, imagefiles.PictureLayout) else read_raw)(buf, layout, out)
+
+
+def scan_files(fs: fsspec.AbstractFileSystem, entries: Sequence[FileEntry], keys: list[str],
+               pictures: imagefiles.ImageFileConfig | None = None) -> list[Scanned]:  # fmt: skip
     """Scan task: header checks of a batch of files (equal layouts are one object, pickled once)."""
+    pictures = pictures or imagefiles.ImageFileConfig()
     out, layouts = [], {}
     for entry in entries:
         try:
@@ -180,8 +200,8 @@ def scan_files(fs: fsspec.AbstractFileSystem, entries: Sequence[FileEntry], keys
                 entry = dataclasses.replace(entry, size=int(fs.size(entry.path)))
             if entry.size == 0:
                 raise Rejected("empty file")
-            _, image = _read_image_header(fs, entry)
-            item = _check(entry, image, keys)
+            buf, image = _read_image_header(fs, entry)
+            item = _check_file(entry, buf, image, keys, pictures)
             out.append(dataclasses.replace(item, layout=layouts.setdefault(item.layout, item.layout)))
         except Rejected as exc:
             out.append(Scanned(entry, reason=str(exc)))
@@ -210,7 +230,7 @@ def digest_files(fs: fsspec.AbstractFileSystem, entries: Sequence[FileEntry]) ->
 
 def write_group(
     fs: fsspec.AbstractFileSystem, raw: zarr.Array, keys: list[str], files: Sequence[tuple[FileEntry, Layout]],
-    start: int,
+    start: int, pictures: imagefiles.ImageFileConfig | None = None,
 ) -> tuple[list[Rejection], dict[int, Scanned], np.ndarray]:  # fmt: skip
     """Write task: decode ``files`` (each with the layout the scan found) into ``raw`` at positions ``start...``;
     write nothing if any is bad.
@@ -228,11 +248,12 @@ def write_group(
             digests[i] = content_digest(buf)
             if len(buf) != entry.size:
                 entry = dataclasses.replace(entry, size=len(buf))
-                changed[start + i] = _check(entry, find_image(buf), keys)
+                image = None if imagefiles.is_picture(buf) else find_image(buf)
+                changed[start + i] = _check_file(entry, buf, image, keys, pictures or imagefiles.ImageFileConfig())
                 layout = changed[start + i].layout
             if layout.shape != shape:
                 raise Rejected(f"shape {layout.shape} differs from the store's {shape}")
-            read_raw(buf, layout, block[i])
+            _read_pixels(buf, layout, block[i])
         except Rejected as exc:
             bad.append(entry.rejection(str(exc)))
     if bad:
@@ -419,9 +440,10 @@ def ingest(
     created = store is None
     with _bar(len(new), "scan ", "file", progress) as bar:
         keys = store.header_keys if store else cfg.header_keys
-        futures = client.map(partial(scan_files, fs, keys=keys), batches, pure=False)
+        futures = client.map(partial(scan_files, fs, keys=keys, pictures=cfg.image_files), batches, pure=False)
         if store is None:  # created while the files are scanned, for the shape of the first good one
-            guess = cfg.shape or next((s.shape for s in scan_files(fs, new[:8], keys) if not s.reason), None)
+            guess = cfg.shape or next((s.shape for s in scan_files(fs, new[:8], keys, cfg.image_files)
+                                       if not s.reason), None)
             store = _create_store(store_url, source, cfg, guess) if guess else None
         if store is not None:  # room for every new file; cut to the accepted ones later
             store.resize(store.committed + len(new))
@@ -452,7 +474,7 @@ def ingest(
             groups = plan_groups(n0, accepted, store.shard_size)
             starts = [start for start, _ in groups]
             files = [[(s.entry, s.layout) for s in items] for _, items in groups]
-            task = partial(write_group, fs, raw, store.header_keys)
+            task = partial(write_group, fs, raw, store.header_keys, pictures=cfg.image_files)
             futures = dict(zip(client.map(task, files, starts, pure=False, retries=1), starts))
             write_vectors(store.group, n0, accepted)  # while the workers write the images
             outcome: dict[int, list[Rejection]] = {}

@@ -27,7 +27,7 @@ import zarr
 from distributed import Client, as_completed
 from tqdm.auto import tqdm
 
-from cirrus_batch import clearsky, geometry, masks, panels, provenance, scoring
+from cirrus_batch import clearsky, geometry, humanmasks, masks, panels, provenance, scoring
 from cirrus_batch.config import PrepareConfig, to_dict
 from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.normalization import Normalization, fit_normalization, normalize
@@ -110,6 +110,7 @@ class PrepareReport:
     """Images carrying each :data:`cirrus_batch.masks.MASK_FLAGS` reason."""
     clear_sky: dict[str, Any] = field(default_factory=dict)
     """How the clear-sky model was fitted: clear frames found, scale source, geometry."""
+    human_masks: int = 0
     seconds: float = 0.0
 
 
@@ -286,6 +287,8 @@ def prepare(
     store.repair()
     report = PrepareReport(images=n)
     labels = read_labels(cfg.labels) if cfg.labels else {}  # fail early on a bad label file
+    if cfg.human.source:  # hand-drawn masks: imported first, so they are kept when the astropy fit fails
+        report.human_masks = humanmasks.import_masks(store, cfg.human).masks
     current = "prepare" in group.attrs and "clear_config" in group.attrs["prepare"] and "pixel_class" in group
     if "prepare" in group.attrs and not current:
         log.warning("%s was prepared by an older version of cirrus: fitting the models again", store_url)
@@ -338,7 +341,7 @@ def prepare(
     report.flagged = {name: int(((quality & bit) > 0).sum()) for name, bit in QUALITY_BITS.items()}
 
     fraction = group["cloud_fraction"][:n]
-    cloudy = fraction > cfg.cloudy_fraction
+    cloudy = humanmasks.human_cloudy(group, fraction > cfg.cloudy_fraction, cfg.cloudy_fraction)
     if labels:
         sources = group["source"][:n].tolist()
         for i, src in enumerate(sources):
@@ -414,7 +417,10 @@ def evaluate_store(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Scores of the store's masks against true masks (IoU, F1, precision, recall, overall and per night kind,
-    clear-frame false alarms, cloudy-label accuracy); optionally a PNG panel of one frame per kind."""
+    clear-frame false alarms, cloudy-label accuracy); optionally a PNG panel of one frame per kind.
+
+    ``truth_url``: a true-mask store (``cirrus synth``) or a store with human masks (``prepare --masks``, this
+    store itself too), scored on its labelled pixels (:func:`cirrus_batch.humanmasks.evaluate_store`)."""
     cfg = cfg or PrepareConfig()
     store = Store.open(store_url, mode="r")
     group, n, shard = store.group, store.committed, store.shard_size
@@ -423,6 +429,8 @@ def evaluate_store(
     index = truth_index(group["source"][:n].tolist(), truth_url)
     if not (index >= 0).any():
         raise CirrusError(f"no image of {store_url} is in the truth store {truth_url}")
+    if humanmasks.has_masks(truth_url):  # a store with hand-drawn masks (this one or another): no panel
+        return humanmasks.evaluate_store(store_url, truth_url, index, client, cfg.cloudy_fraction, shard)
     starts = range(0, n, shard)
     futures = [client.submit(evaluate_block, store_url, truth_url, a, index[a : a + shard], cfg.cloudy_fraction,
                              pure=False) for a in starts]  # fmt: skip

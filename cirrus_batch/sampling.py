@@ -214,11 +214,16 @@ def make_split(
     task: str,
     sources: np.ndarray | None = None,
     score: np.ndarray | None = None,
+    only: np.ndarray | None = None,
+    test: np.ndarray | None = None,
 ) -> Split:
     """Choose non-consecutive good images for ``task`` and split them by block (stratified by ``score``).
 
-    Eligible: ``quality == 0`` and, for "classify", a label (clear or cloudy); for "segment", cloudy only.
+    Eligible: ``quality == 0`` and, for "classify", a label (clear or cloudy); for "segment", cloudy only;
+    and, where ``only`` (bool per time) is given, where it is True.
     ``labels_cloudy`` is bool, or numeric with 1 = cloudy, 0 = clear and anything else (NaN, -1) = unlabelled.
+    ``test`` (bool per time): the test split is every eligible image where it is True (no gap, no fraction);
+    train and val are chosen from the other blocks (nights or days without such an image), as above.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -233,6 +238,10 @@ def make_split(
     cloudy = labels == 1
     labelled = cloudy | (labels == 0)
     eligible = (quality == 0) & (cloudy if task == "segment" else labelled)
+    if only is not None:
+        eligible &= np.asarray(only, dtype=bool)
+    if test is not None:
+        return _forced_test_split(times, eligible, np.asarray(test, dtype=bool), cfg, task, sources, score)
     n_eligible = int(eligible.sum())
     if n_eligible < 3:
         raise ValueError(
@@ -243,6 +252,31 @@ def make_split(
     positions = choose_non_consecutive(times, eligible, cfg.n_images, cfg.min_gap, rng)
     split = split_by_block(positions, times, cfg, score)  # raises when too few blocks for non-empty splits
     split.task = task
+    if sources is not None:
+        sources = np.asarray(sources, dtype=str)
+        split.sources = {name: sources[getattr(split, name)] for name in SPLITS}
+    return split
+
+
+def _forced_test_split(times: np.ndarray, eligible: np.ndarray, test: np.ndarray, cfg: SamplingConfig, task: str,
+                       sources: np.ndarray | None, score: np.ndarray | None) -> Split:  # fmt: skip
+    """:func:`make_split` with the test split given: every eligible image where ``test``; train and val by block
+    from the blocks that hold none of them (so no test image has a near-twin in training)."""
+    chosen_test = np.flatnonzero(eligible & test)
+    if not len(chosen_test):
+        raise ValueError(f"no eligible image for task {task!r} is marked for the test split")
+    keys = block_keys(times, cfg.block)
+    rest = eligible & ~np.isin(keys, keys[chosen_test])
+    if int(rest.sum()) < 2:
+        raise ValueError(f"only {int(rest.sum())} eligible image(s) outside the {cfg.block}s of the {len(chosen_test)} "
+                         "test images; at least 2 are needed for train and val")  # fmt: skip
+    rng = np.random.default_rng([cfg.seed, 0])
+    positions = choose_non_consecutive(times, rest, cfg.n_images, cfg.min_gap, rng)
+    val_fraction = cfg.val_fraction / (1 - cfg.test_fraction)
+    split = split_by_block(positions, times, SamplingConfig(**{**asdict(cfg), "test_fraction": 0.0,
+                                                                "val_fraction": val_fraction}), score)  # fmt: skip
+    split.test, split.config, split.task = chosen_test, cfg, task
+    split.times = {name: times[getattr(split, name)] for name in SPLITS}
     if sources is not None:
         sources = np.asarray(sources, dtype=str)
         split.sources = {name: sources[getattr(split, name)] for name in SPLITS}

@@ -43,6 +43,7 @@ from cirrus_batch.cluster import gpu_resources
 from cirrus_batch.config import NetConfig, TrainConfig, to_dict
 from cirrus_batch.data import InputSpec, StoreSamples, bin_image, check_store
 from cirrus_batch.errors import CirrusError
+from cirrus_batch.humanmasks import CLOUD, UNLABELLED, has_masks, human_positions
 from cirrus_batch.metrics import MetricAccumulator, binary_metrics, confusion_matrix
 from cirrus_batch.models import MEMORY_FORMAT, autocast_dtype, build_model, pick_device
 from cirrus_batch.prepare import read_images, truth_index
@@ -129,9 +130,12 @@ def choose_split(store_url: str, task: str, cfg: TrainConfig) -> Split:
         low = ~(group["mask_confidence"][:n] >= cfg.min_mask_confidence) & (quality == 0)
         quality[low] = LOW_CONFIDENCE
         log.info("%d images left out: mask confidence below %g", int(low.sum()), cfg.min_mask_confidence)
+    human = human_positions(group, n)  # hand-drawn masks: [train] masks and human_test
+    only = human if cfg.masks == "human-only" and task == "segment" else None
     try:
         return make_split(times, quality, group["cloudy"][:n], cfg.sampling, task,
-                          np.asarray(group["source"][:n], dtype=object), score=group["cloud_fraction"][:n])  # fmt: skip
+                          np.asarray(group["source"][:n], dtype=object), score=group["cloud_fraction"][:n],
+                          only=only, test=human if cfg.human_test else None)  # fmt: skip
     except ValueError as exc:
         raise CirrusError(f"cannot split {store_url} for {task}: {exc}") from None
 
@@ -252,8 +256,10 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
           run_name: str | None = None) -> TrainResult:  # fmt: skip
     """Train the network for ``task`` ("classify" or "segment") on the prepared store at ``store_url``.
 
-    ``truth``: a true-mask store (``cirrus synth``); the test images are then also scored against the true
-    masks/labels (``truth_*`` metrics), and so are the training labels themselves (``labels_truth_*``).
+    ``truth``: a true-mask store (``cirrus synth``) or a store with human masks (``prepare --masks``; this one
+    too); the test images are then also scored against the true masks/labels (``truth_*`` metrics; human masks:
+    the test images that have one, on their labelled pixels), and so are the training labels themselves
+    (``labels_truth_*``).
     ``on_epoch(epoch, row)`` sees each epoch's metrics (``val_loss``, ``val_iou``, ...); when it returns True
     training ends there (e.g. an Optuna pruner): the MLflow run ends as KILLED, nothing is tested or logged
     as a model, and the result has ``pruned=True``. ``should_stop()`` is polled after every epoch like SIGUSR1:
@@ -276,7 +282,8 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
     spec = input_spec(task, cfg)
     sets = {name: StoreSamples(store_url, getattr(split, name), spec, cfg.soft_targets,
                                cfg.cache_mb if name != "test" else 0.0,  # the test set is read once
-                               label_width=cfg.label_width if cfg.soft_targets else 0.0)
+                               label_width=cfg.label_width if cfg.soft_targets else 0.0,
+                               human=cfg.masks != "astropy")
             for name in ("train", "val", "test")}
     sizes = {name: len(ds) for name, ds in sets.items()}
     if cfg.num_workers and multiprocessing.current_process().daemon:
@@ -573,14 +580,32 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def truth_scores(store_url: str, truth_url: str, dataset: StoreSamples, prob: np.ndarray,
                  labels: np.ndarray) -> dict[str, float]:  # fmt: skip
-    """Predictions and training labels of ``dataset`` scored against a true-mask store (binned alike)."""
+    """Predictions and training labels of ``dataset`` scored against a true-mask store (binned alike), or against
+    the human masks of a store (this one too) on the test images that have one, on their labelled pixels."""
     group = zarr.open_group(store_url, mode="r", zarr_format=3)
     truth = zarr.open_group(truth_url, mode="r", zarr_format=3)
     sources = np.asarray(group["source"][:], dtype=object)[dataset.positions]
     index = truth_index(list(sources), truth_url)
+    human = has_masks(truth_url)
+    if human:  # only the test images with a human mask count
+        has = human_positions(truth)
+        keep = np.flatnonzero((index >= 0) & has[np.maximum(index, 0)])
+        if not len(keep):
+            raise CirrusError(f"no test image has a human mask in {truth_url}")
+        index, prob, labels = index[keep], prob[keep], labels[keep]
     if (index < 0).any():
         raise CirrusError(f"{int((index < 0).sum())} test images are not in the truth store {truth_url}")
-    if dataset.task == "classify":
+    if human:
+        threshold = float(group["cloudy"].attrs.get("threshold", 0.05))
+        if dataset.task == "classify":
+            true = (np.nan_to_num(np.asarray(truth["human_cloud_fraction"][:])[index]) > threshold).astype(np.float32)
+            weight = None
+        else:
+            h = read_images(truth["human_mask"], index)
+            labelled = bin_image((h != UNLABELLED).astype(np.float32), dataset.bin)
+            cloud = bin_image((h == CLOUD).astype(np.float32), dataset.bin)
+            true, weight = (cloud > 0.5 * labelled)[:, None], (labelled > 0.5)[:, None]
+    elif dataset.task == "classify":
         threshold = float(group["cloudy"].attrs.get("threshold", 0.05))
         true = (np.asarray(truth["cloud_fraction"][:])[index] > threshold).astype(np.float32)
         weight = None

@@ -184,3 +184,20 @@ def test_stratified_split_puts_clear_and_cloudy_nights_in_test_and_val():
         for part in (split.val, split.test):
             assert cloudy[part].any() and (~cloudy[part]).any()
         assert not set(night[split.test]) & set(night[split.train])
+
+
+def test_forced_test_split_and_eligibility_restriction() -> None:
+    times = dense_times(nights=8)
+    quality, labels = make_labels(times)
+    nights = block_keys(times, "night")
+    human = np.isin(nights, np.unique(nights)[[1, 2, 5, 6]]) & (np.arange(times.size) % 7 == 0)
+    cfg = SamplingConfig(n_images=60, min_gap_min=20)
+    split = make_split(times, quality, labels, cfg, "segment", test=human)
+    eligible = (quality == 0) & labels & human
+    assert np.array_equal(split.test, np.flatnonzero(eligible))  # every eligible marked image, no gap applied
+    rest = np.concatenate([split.train, split.val])
+    assert len(split.train) and len(split.val) and not np.isin(nights[rest], nights[split.test]).any()
+    only = make_split(times, quality, labels, cfg, "segment", only=human)
+    assert human[np.concatenate([only.train, only.val, only.test])].all()
+    with pytest.raises(ValueError, match="no eligible image"):
+        make_split(times, quality, labels, cfg, "segment", test=np.zeros(times.size, bool))
