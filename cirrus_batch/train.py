@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
@@ -49,6 +49,9 @@ from cirrus_batch.prepare import read_images, truth_index
 from cirrus_batch.registry import champion_uri, code_version, describe_version, promote
 from cirrus_batch.sampling import Split, make_split
 from cirrus_batch.tracking import resolve_tracking_uri
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -440,7 +443,7 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
     return total / max(count, 1)
 
 
-def split_table(store_url: str, split: Split) -> "pd.DataFrame":
+def split_table(store_url: str, split: Split) -> pd.DataFrame:
     """One row per image of the split: source, time, split, the store's cloud fraction and cloudy label."""
     import pandas as pd
 
