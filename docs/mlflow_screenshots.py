@@ -5,7 +5,9 @@
 Starts ``mlflow ui`` on 127.0.0.1 (a free port) over the tracking database, then draws with headless Chromium
 (Debian: ``apt-get install -y chromium``): the training experiment's runs table, the newest classifier and U-Net
 runs (overview with the description, metric charts, the artifacts), the registered models, each champion
-version, and the season-report experiment. Writes one PNG per page to ``--out`` and lists them.
+version, and the season-report experiment. Writes one PNG per page to ``--out`` and lists them. Known limit:
+plain ``--screenshot`` does not wait for the lazily drawn metric charts of the "Model metrics" tab (their
+sections, ``train``/``val``/``test``/..., show; the charts are still spinners).
 """
 
 from __future__ import annotations
