@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/cirrus report $(DEMO)/season.zarr --out $(DEMO)/report
 	$(BIN)/cirrus info $(DEMO)/season.zarr
 	@echo "season report: $(DEMO)/report/report.md (also in MLflow)"
-	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1"
+	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(DEMO)/mlflow.db --host 127.0.0.1"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ingest.py

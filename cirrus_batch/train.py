@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import numpy as np
@@ -50,6 +50,9 @@ from cirrus_batch.prepare import read_images, truth_index
 from cirrus_batch.registry import champion_uri, code_version, describe_version, promote
 from cirrus_batch.sampling import Split, make_split
 from cirrus_batch.tracking import resolve_tracking_uri
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +272,7 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
         raise CirrusError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
     cfg = cfg or TrainConfig()
     cfg = dataclasses.replace(cfg, tracking_uri=resolve_tracking_uri(cfg.tracking_uri, store_url))
+    store_url = store_url if "://" in store_url else os.path.abspath(store_url)  # recorded: findable from anywhere
     if cfg.register and not cfg.log_model:
         raise CirrusError("[train] register = true needs log_model = true (only a logged model can be registered)")
     t0 = time.perf_counter()
@@ -457,7 +461,7 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Op
     return total / max(count, 1)
 
 
-def split_table(store_url: str, split: Split) -> "pd.DataFrame":
+def split_table(store_url: str, split: Split) -> pd.DataFrame:
     """One row per image of the split: source, time, split, the store's cloud fraction and cloudy label."""
     import pandas as pd
 
@@ -479,7 +483,8 @@ def store_tags(store_url: str) -> dict[str, str]:
     """Tags of the store: its image count, time span, image shape and the camera geometry fitted by prepare."""
     group = zarr.open_group(store_url, mode="r", zarr_format=3)
     n = int(group.attrs["committed"])
-    times = np.asarray(group["time"][[0, n - 1]] if n else [], dtype="int64").astype("datetime64[s]")
+    times = np.asarray(group["time"][[0, n - 1]] if n else [], dtype="int64").astype("datetime64[us]").astype(
+        "datetime64[s]")  # fmt: skip
     geometry = (group.attrs.get("prepare") or {}).get("geometry", {})
     return {"store.images": str(n), "store.start": str(times[0]) if n else "", "store.end": str(times[-1]) if n else "",
             "camera.shape": "x".join(map(str, group["raw"].shape[1:])),
@@ -624,7 +629,7 @@ def _log_artifacts(prob: np.ndarray, target: np.ndarray, weight: np.ndarray, dat
     group = zarr.open_group(store_url, mode="r", zarr_format=3)
     pos = dataset.positions
     times = [str(t) for t in np.asarray(group["time"].get_orthogonal_selection(pos), dtype="int64")
-             .astype("datetime64[s]")]  # fmt: skip
+             .astype("datetime64[us]").astype("datetime64[s]")]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         plots.learning_curves(history, tmp / "learning_curves.png")

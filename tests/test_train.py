@@ -73,6 +73,7 @@ def test_both_tasks_log_register_and_reload(store, tmp_path):
         tags = run.data.tags
         assert tags["task"] == task and tags["store"] == store and tags["camera.shape"] == "96x120"
         assert tags["code_version"].startswith("0.") and float(tags["camera.radius"]) > 0
+        assert tags["store.start"].startswith("2026-01-05T") and tags["store.end"].startswith("2026-01-09T")
         assert "test against" in tags["mlflow.note.content"] and "test_truth/" in tags["mlflow.note.content"]
         (dataset,) = run.inputs.dataset_inputs
         assert dataset.dataset.name == "s.zarr" and store in dataset.dataset.source and dataset.dataset.digest
