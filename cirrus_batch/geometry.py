@@ -332,7 +332,12 @@ def estimate_sky(sample: np.ndarray, ambtemp: np.ndarray | None = None, cfg: Sky
     if good.shape[0] >= 3:
         spread, _ = variability(good, _driver(good, temps, med, hot))
         hot |= spread == 0  # dead pixels never change
-        varied = _weather_region(spread, hot, shape, cfg.min_obstacle_px)
+        try:
+            varied = _weather_region(spread, hot, shape, cfg.min_obstacle_px)
+        except ValueError:
+            if not given:
+                raise
+            varied = None  # the circle is given: its inside is the sky (less obstacles)
     elif given:
         varied = None
     else:
@@ -378,9 +383,10 @@ def estimate_sky(sample: np.ndarray, ambtemp: np.ndarray | None = None, cfg: Sky
         steady &= ~varied
     ambient = steady & (med >= sky_lo + 0.5 * (sky_hi - sky_lo))
     ambient_source = "obstacles"
-    if ambient.sum() < 20:
-        ambient = sky & (zen > 80)
+    if ambient.sum() < 20:  # no obstacle, no housing: the horizon ring (nearly a black body) is the reference
+        ambient = sky & (zen > 85)
         ambient_source = "horizon"
+        classes[ambient] = AMBIENT
     classes[ambient & (classes == OTHER)] = AMBIENT
     return SkyGeometry(center=center, radius=radius, projection=cfg.projection, fov_deg=cfg.fov_deg,
                        classes=classes, north_deg=cfg.north_deg, outside=outside,

@@ -100,10 +100,17 @@ def test_geometry_from_the_config_and_attrs_round_trip(tmp_path: Path) -> None:
     assert g3.sky.any() and g3.zenith[g3.sky].max() < 60.5
 
 
-def test_clear_errors_name_the_keys() -> None:
+def test_clear_errors_name_the_keys_and_a_given_circle_needs_no_weather() -> None:
     flat = np.full((5, 40, 50), 1000, np.uint16) + np.arange(5, dtype=np.uint16)[:, None, None]
     with pytest.raises(ValueError, match=r"\[prepare.sky\] center, radius"):
         G.estimate_sky(flat, np.arange(5.0))
+    # a circle given in the config: its inside is the sky; with a dark outside and no obstacle the horizon ring
+    # is the ambient reference
+    yy, xx = np.mgrid[0:40, 0:50]
+    flat[:, np.hypot(yy - 20, xx - 25) > 19] = 100
+    g = G.estimate_sky(flat, np.arange(5.0), G.SkyConfig(center=[20.0, 25.0], radius=18.0))
+    assert g.sky.any() and not g.sky[g.zenith >= 90].any() and g.ambient_source == "horizon"
+    assert g.ambient.any() and (g.zenith[g.ambient] > 85).all()
     with pytest.raises(ValueError, match="projection must be one of"):
         G.SkyConfig(projection="fisheye")
     with pytest.raises(ValueError, match="fov_deg"):
