@@ -136,7 +136,8 @@ def test_reprocess_writes_the_schema_and_matches_a_direct_model_call(trained, tm
     store = trained.copy(tmp_path)
     report = reprocess(store, client, cfg=trained.cfg(amp=False), progress=False, tracking_uri=trained.tracking)
     assert (report.images, report.processed, report.skipped, report.model_index) == (32, 32, 0, 0)
-    assert report.classifier.label == "cirrus-classifier v1" and report.unet.label == "cirrus-unet v1"
+    assert report.classifier.label == "cirrus-classifier v1 (@champion)"  # reprocess takes the champions
+    assert report.unet.label == "cirrus-unet v1 (@champion)"
     ds = open_dataset(store)
     dtypes = {"p_cloudy": np.float32, "cloudy_pred": bool, "cloud_prob": np.uint8, "cloud_fraction_pred": np.float32,
               "pred_model": np.int16}  # fmt: skip
@@ -147,9 +148,10 @@ def test_reprocess_writes_the_schema_and_matches_a_direct_model_call(trained, tm
     assert (ds["pred_model"].values == 0).all()
     (entry,) = ds["pred_model"].attrs["models"]
     assert entry["classifier"]["name"] == "cirrus-classifier" and entry["unet"]["version"] == "1"
-    assert entry["unet"]["run_id"] and entry["unet"]["uri"] == UNET and entry["threshold"] == trained.threshold
+    assert entry["unet"]["run_id"] and entry["unet"]["uri"] == "models:/cirrus-unet@champion"
+    assert entry["threshold"] == trained.threshold
     assert {k: entry["unet"][k] for k in ("task", "bin", "zenith", "image")} == {  # the layout of docs/store.md
-        "task": "segment", "bin": 2, "zenith": True, "image": "residual"}
+        "task": "segment", "bin": 2, "zenith": True, "image": "residual+brightness"}
     assert set(entry["classifier"]) == {"uri", "task", "run_id", "model_id", "source", "bin", "zenith", "image",
                                         "name", "version"}  # fmt: skip
 
@@ -310,7 +312,7 @@ def test_bad_inputs_are_clear_errors(trained, tmp_path, client):
         reprocess(store, client, UNET, UNET, progress=False, tracking_uri=t)
     with pytest.raises(ModelError, match="use a version number, 'latest' or an alias"):
         resolve_model("models:/cirrus-unet/Production", t)
-    with pytest.raises(ModelError, match="takes inputs of 2x48x60 but this store's 64x64 images give 2x32x32"):
+    with pytest.raises(ModelError, match="takes inputs of 3x48x60 but this store's 64x64 images give 3x32x32"):
         resolve_model(UNET, t, image_shape=(64, 64))
     with pytest.raises(ModelError, match="are both U-Nets"):
         models_by_task([UNET, "models:/cirrus-unet/1"], t)
@@ -326,7 +328,7 @@ def test_bad_inputs_are_clear_errors(trained, tmp_path, client):
     with pytest.raises(StoreError, match="3 images of .* not prepared .*clear-sky residual.*run `cirrus prepare"):
         reprocess(store, client, progress=False, tracking_uri=t)
     del group.attrs["prepare"]
-    with pytest.raises(StoreError, match="not prepared yet: run `cirrus prepare"):
+    with pytest.raises(StoreError, match="not prepared .*run `cirrus prepare"):
         reprocess(store, client, progress=False, tracking_uri=t)
     assert "p_cloudy" not in zarr.open_group(store, mode="r")  # nothing written before the checks
 

@@ -92,7 +92,7 @@ def test_both_tasks_log_register_and_reload(store, tmp_path):
         model = mlflow.pytorch.load_model(f"models:/{name}/1")
         info = mlflow.models.get_model_info(f"models:/{name}/1")
         # what inference needs
-        assert info.metadata == {"task": task, "bin": 2, "zenith_channel": True, "image": "residual"}
+        assert info.metadata == {"task": task, "bin": 2, "zenith_channel": True, "image": "residual+brightness"}
         assert float(model.temperature) == pytest.approx(run.data.metrics["calibration/temperature"])
         split = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/split.json")
         test = StoreSamples(store, np.array(split["test"]), input_spec(task, cfg))
