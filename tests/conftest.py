@@ -99,7 +99,9 @@ def one_torch_thread() -> Iterator[None]:
 def store(tmp_path_factory, client) -> str:
     """A prepared 5-night store of 96x120 images (8 a night) and its truth beside it (training, tuning)."""
     tmp = tmp_path_factory.mktemp("prepared")
-    write_archive(tmp / "archive", nights=5, per_night=8, cadence_min=10, shape=(96, 120), seed=5, progress=False)
+    # nights whose deck arrives mid-night hold clear and cloudy frames: every split (whole nights) has both
+    write_archive(tmp / "archive", nights=5, per_night=8, cadence_min=10, shape=(96, 120), seed=5, progress=False,
+                  kinds=["arriving"] * 5)  # fmt: skip
     ingest(str(tmp / "archive"), str(tmp / "s.zarr"), client, IngestConfig(shard_size=8), progress=False)
     prepare(str(tmp / "s.zarr"), client, PrepareConfig(fit_images=40), progress=False)
     return str(tmp / "s.zarr")
