@@ -5,6 +5,7 @@ configuration errors. Every study is a handful of 2-3 epoch trials of a tiny U-N
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,14 +79,14 @@ def test_two_workers_run_trials_recorded_in_mlflow_and_best_retrained(store, cli
 
 def test_failing_trial_and_pruning(store, client, tmp_path):
     space = {"pos_weight": {"type": "categorical", "choices": [1.0, 50.0]},
-             "unet.depth": {"type": "categorical", "choices": [2, 0]}}  # fmt: skip
+             "sampling.n_images": {"type": "categorical", "choices": [100, 1]}}  # fmt: skip
     cfg = job(tmp_path, **{"train.epochs": 3, "tune.trials": 5, "tune.metric": "val_loss", "tune.space": space,
                            "tune.pruner": "median", "tune.n_startup_trials": 1, "tune.n_warmup_steps": 0})  # fmt: skip
     study = optuna.create_study(study_name="cirrus-segment", storage=cfg.tune.storage)
     # two good trials first (they finish together on the two workers), then two whose validation loss is far
-    # worse from the first epoch (cloud pixels weigh 50x), then one whose network cannot be built (depth 0)
-    for pos_weight, depth in ((1.0, 2), (1.0, 2), (50.0, 2), (50.0, 2), (1.0, 0)):
-        study.enqueue_trial({"pos_weight": pos_weight, "unet.depth": depth})
+    # worse from the first epoch (cloud pixels weigh 50x), then one that cannot split one image into three sets
+    for pos_weight, n_images in ((1.0, 100), (1.0, 100), (50.0, 100), (50.0, 100), (1.0, 1)):
+        study.enqueue_trial({"pos_weight": pos_weight, "sampling.n_images": n_images})
     for key, value in (("task", "segment"), ("metric", "val_loss")):
         study.set_user_attr(key, value)
     result = tune(store, "segment", cfg.train, cfg.tune, client, progress=False)
@@ -93,7 +94,7 @@ def test_failing_trial_and_pruning(store, client, tmp_path):
     assert states == [TrialState.COMPLETE] * 2 + [TrialState.PRUNED] * 2 + [TrialState.FAIL], states
     for t in result.trials[2:4]:  # stopped after their first epoch, not 3
         assert t.user_attrs["epochs"] == 1 and list(t.intermediate_values) == [1]
-    assert "depth must be >= 1" in result.trials[4].user_attrs["error"]
+    assert "cannot split" in result.trials[4].user_attrs["error"]
     assert counted(result.trials) == 5 and result.best.number in (0, 1)
     assert result.best.value == pytest.approx(min(result.trials[0].intermediate_values.values()))
     by_name = {r.info.run_name: r for r in runs(cfg.train.tracking_uri)}
@@ -141,6 +142,7 @@ def test_resume_after_kill(store, tmp_path, capsys, monkeypatch):
     """`cirrus tune` killed with SIGKILL while a trial runs; run again, the study continues: the finished
     trials are kept, the orphaned ones are failed (no heartbeat) and run again, 3 trials in all."""
     monkeypatch.chdir(tmp_path)
+    store = str(shutil.copytree(store, tmp_path / "s.zarr"))  # its tracking store: mlflow.db beside it
     (tmp_path / "tune.toml").write_text(TOML)
     cmd = [sys.executable, "-m", "cirrus_batch.cli", "tune", store, "--config", "tune.toml", "--no-progress"]
     with (tmp_path / "first.log").open("w") as log:
