@@ -421,7 +421,6 @@ class Frame:
         self.inv_sigma_px = (1.0 / self.sigma_px).astype(np.float32)
         self.inv_sig_b = 1.0 / np.asarray(model.sigma)
         self.weight = np.asarray(model.weight)
-        self.weight_px = np.interp(self.zen, th, self.weight).astype(np.float32)
         self.theta = th
 
     def brightness(self, img: np.ndarray, ambient: float, span: float) -> tuple[np.ndarray, np.ndarray]:

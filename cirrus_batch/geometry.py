@@ -162,9 +162,6 @@ class SkyGeometry:
         """(y, x) bool signal-free pixels (the per-image sensor offset); empty for a warm housing."""
         return self.classes == DARK
 
-    def azimuth(self) -> np.ndarray:
-        return azimuth_map(self.shape, self.center, self.north_deg)
-
     def to_attrs(self) -> dict[str, Any]:
         """JSON-able description (the ``classes`` array is stored separately)."""
         return {
