@@ -166,9 +166,9 @@ def fit_models(store_url: str, n: int, client: Client, cfg: PrepareConfig, shard
     """Fit geometry and normalization in one task, the clear-sky model from profiles computed by a map."""
     geom, norm = client.submit(fit_geometry, store_url, n, cfg, pure=False).result()
     index = spread_index(n, cfg.clear.search_images)
-    parts = [index[(index >= a) & (index < a + shard)] for a in range(0, n, shard)]
-    futures = client.map(profile_block, [store_url] * len(parts), [p for p in parts if p.size] or [index],
-                         geom=geom, ambient_key=cfg.ambient_key, cfg=cfg.clear, pure=False)  # fmt: skip
+    parts = [p for a in range(0, n, shard) if (p := index[(index >= a) & (index < a + shard)]).size]
+    futures = client.map(profile_block, [store_url] * len(parts), parts, geom=geom, ambient_key=cfg.ambient_key,
+                         cfg=cfg.clear, pure=False)  # fmt: skip
     prof = clearsky.concat_profiles(client.gather(futures))
     model = clearsky.fit_clear_sky(prof, cfg.clear)
     return Models(geom, norm, model, cfg.mask, cfg.clear, cfg.ambient_key)
