@@ -513,10 +513,23 @@ def _log_setup(store_url: str, task: str, cfg: TrainConfig, split: Split, sizes:
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(table, source=store_url, name=Path(store_url.rstrip("/")).name,
                                           targets="cloudy" if task == "classify" else None)  # fmt: skip
-    mlflow.log_input(dataset, context="training", tags={
-        "images": str(len(table)), "time span": f"{table.time.min()} .. {table.time.max()}",
-        "store images": tags["store.images"], **{k: str(v) for k, v in sizes.items()}})  # fmt: skip
+    input_tags = {"images": str(len(table)), "time span": f"{table.time.min()} .. {table.time.max()}",
+                  "store images": tags["store.images"], **{k: str(v) for k, v in sizes.items()}}
+    log_input(dataset, input_tags)
     mlflow.set_tag("mlflow.note.content", describe_run(task, store_url, sizes))
+
+
+def log_input(dataset: mlflow.data.Dataset, tags: dict[str, str], attempts: int = 3) -> None:
+    """``mlflow.log_input`` that survives a race: trials starting together insert the same dataset row, and
+    the one that loses (a UNIQUE/duplicate-key error) finds the row on its next attempt."""
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context="training", tags=tags)
+            return
+        except mlflow.exceptions.MlflowException as exc:
+            if attempt == attempts - 1 or not any(s in str(exc) for s in ("UNIQUE constraint", "duplicate key")):
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 KEY_FIGURES = ("f1", "iou", "accuracy", "roc_auc", "ece", "ece_adaptive", "brier")

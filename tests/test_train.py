@@ -339,3 +339,30 @@ def test_low_confidence_masks_are_left_out_of_the_split(store, tmp_path):
     chosen = {int(i) for part in (kept.train, kept.val, kept.test) for i in part}
     before = {int(i) for part in (every.train, every.val, every.test) for i in part}
     assert set(low.tolist()) <= before and not chosen & set(low.tolist()) and chosen < before
+
+
+def test_a_dataset_inserted_by_a_concurrent_trial_is_found_on_retry(tmp_path, monkeypatch):
+    """Two trials starting together insert the same dataset row; the loser's UNIQUE error is retried."""
+    import pandas as pd
+
+    from cirrus_batch import train as train_module
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    dataset = mlflow.data.from_pandas(pd.DataFrame({"x": [1, 2]}), source=str(tmp_path), name="s.zarr")
+    real, calls = mlflow.log_input, []
+
+    def racing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # what the sqlite store raises when another process inserted the row first
+            raise mlflow.exceptions.MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_input", racing)
+    with mlflow.start_run() as run:
+        train_module.log_input(dataset, {"images": "2"})
+    inputs = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
+    assert len(calls) == 2 and [i.dataset.name for i in inputs] == ["s.zarr"]
+    monkeypatch.setattr(mlflow, "log_input", lambda *a, **k: (_ for _ in ()).throw(
+        mlflow.exceptions.MlflowException("RESOURCE_DOES_NOT_EXIST")))
+    with mlflow.start_run(), pytest.raises(mlflow.exceptions.MlflowException, match="RESOURCE"):
+        train_module.log_input(dataset, {})  # any other error is not retried
