@@ -12,10 +12,12 @@ temperature above zero radiance, every sky pixel's brightness relative to the am
 and flat-field-correction jumps. The clear sky is a grey body whose emissivity grows with the slant path
 (Aebi et al. 2018, AMT 11, 5549; Wang et al. 2021, Remote Sens. 13, 1852):
 
-    e_clear(θ; ε0) = W(θ) [1 - (1 - ε0) ** (m(θ) ** p)]
+    e_clear(θ; ε0) = 1 - T(θ) (1 - ε0) ** (m(θ) ** p)
 
-``m`` the Kasten-Young air mass, ``p`` (band saturation) and ``W(θ)`` (vignetting, ``W = 1`` near the zenith)
-fitted once on the season's clear frames, and ``ε0`` (zenith emissivity: humidity) the one parameter per image.
+``m`` the Kasten-Young air mass, ``p`` (band saturation) and ``T(θ)`` fitted once on the season's clear frames.
+``T`` is the optics' transmission relative to the zenith: where the lens vignettes or the housing enters the
+field, a pixel sees the sky through ``T`` and the camera's own parts, at about ambient temperature (brightness
+1), through ``1 - T``; so no clear sky, however humid, comes out brighter than the ambient black body. and ``ε0`` (zenith emissivity: humidity) the one parameter per image.
 It is fitted one-sided (clouds only add radiance) with the slant-path exponent, never above ``eps_cap``, and is
 trusted only where a good part of the sky matches the clear shape; it may not exceed the night's clear-sky trend:
 a flat warm deck is cloud, never a humid clear sky. The season's clear frames are searched among up to ``search_images`` frames, so a season where
@@ -52,7 +54,7 @@ class ClearSkyConfig:
     """Zenith-angle bin (deg) of the profiles."""
     eps_floor: float = 0.03
     """The driest clear zenith (ambient units) that the season's scale must allow; below it, an offset."""
-    eps_cap: float = 0.75
+    eps_cap: float = 0.65
     """Physical upper bound of the clear-sky zenith emissivity in 8-14 µm (very humid air ~0.6)."""
     p_margin: float = 0.3
     """Each image's slant-path exponent may leave the range of the season's clear frames by this much."""
@@ -66,6 +68,8 @@ class ClearSkyConfig:
     min_consistent: float = 0.4
     """An image's own ε0 is trusted when at least this fraction of its sky within 60° of the zenith lies within
     ``clear_sigma`` of the fitted clear sky (clear gaps); else (a deck, fog) it takes its night's trend."""
+    pinned_consistent: float = 0.8
+    """The same for an image whose slant-path exponent is pinned to the bounds of its range."""
     trend_hours: float = 1.5
     """Half-width (h) of the window of the night's clear-sky trend of ε0."""
     trend_tol: float = 0.03
@@ -73,9 +77,12 @@ class ClearSkyConfig:
     night_gap_hours: float = 3.0
     """A gap this long between frames starts a new night."""
     min_clear: int = 3
-    """Clear frames needed to fit W(θ) and p; fewer: the physical shape alone (low confidence)."""
+    """Clear frames needed to fit T(θ) and p; fewer: the physical shape alone (low confidence)."""
     fit_stride: int = 4
     """Per-image fits use every fit_stride-th sky pixel."""
+    fit_max_deg: float = 90.0
+    """Per-image fits use the sky within this zenith angle (nearer the horizon, ground inversions and haze
+    depart from the one-parameter clear sky)."""
     fit_iter: int = 6
     """Iterations of the one-sided robust fit."""
     clip_sigma: float = 3.0
@@ -89,10 +96,10 @@ class ClearSkyConfig:
             raise ValueError(f"eps_cap must be in (0, 1), got {self.eps_cap}")
         if not 0.1 <= self.bin_deg <= 10:
             raise ValueError(f"bin_deg must be in [0.1, 10], got {self.bin_deg}")
-        for key in ("eps_floor", "p_margin", "clear_max_cloud", "min_consistent", "trend_tol"):
+        for key in ("eps_floor", "p_margin", "clear_max_cloud", "min_consistent", "pinned_consistent", "trend_tol"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
-        for key in ("sigma_floor", "clear_sigma", "trend_hours", "night_gap_hours", "clip_sigma"):
+        for key in ("sigma_floor", "clear_sigma", "fit_max_deg", "trend_hours", "night_gap_hours", "clip_sigma"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
 
@@ -206,6 +213,12 @@ def _shape(theta: np.ndarray, eps: np.ndarray, p: np.ndarray | float) -> np.ndar
     return 1.0 - (1.0 - eps[:, None]) ** mp
 
 
+def _seen(transmission: np.ndarray, sky: np.ndarray, housing: float) -> np.ndarray:
+    """Brightness seen through optics of relative transmission T (per bin) whose vignetted part of each pixel
+    sees brightness ``housing``."""
+    return housing + np.asarray(transmission)[None, :] * (sky - housing)
+
+
 def _grid(lo: float, hi: float, n_eps: int = 61, n_p: int = 18,
           p_range: tuple[float, float] = P_RANGE) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Flattened (ε0, p) grid over [lo, hi] x ``p_range``."""
@@ -215,11 +228,11 @@ def _grid(lo: float, hi: float, n_eps: int = 61, n_p: int = 18,
 
 @dataclass
 class ClearSkyModel:
-    """e_clear(θ; ε0, p) = W(θ) [1 - (1 - ε0) ** (m(θ) ** p)]; per-bin noise ``sigma`` (ambient units)."""
+    """e_clear(θ; ε0, p) = 1 - T(θ) (1 - ε0) ** (m(θ) ** p); per-bin noise ``sigma`` (ambient units)."""
 
     theta: list[float]
-    weight: list[float]
-    """W(θ) per bin (1 near the zenith)."""
+    transmission: list[float]
+    """T(θ) per bin (1 near the zenith)."""
     sigma: list[float]
     exponent: float
     """Typical slant-path exponent p of the clear frames (each image fits its own within [p_lo, p_hi])."""
@@ -230,11 +243,14 @@ class ClearSkyModel:
     eps_typical: float
     scale: dict[str, Any]
     n_clear: int
+    housing: float = 1.0
+    """Brightness of what the vignetted part of a pixel sees: 1 the camera's own parts at ambient temperature,
+    0 nothing (a pure gain loss); fitted over the season's clear frames."""
     offset: float = 0.0
     """Added to every clear sky (ambient units; < 0 only where the scale came out too small, see
     ``eps_floor``)."""
     prior_only: bool = False
-    """No clear frame was found: W = 1, p = 0.6, bounds from physics alone (low confidence)."""
+    """No clear frame was found: T = 1, p = 0.6, bounds from physics alone (low confidence)."""
     clear_eps: list[float] = field(default_factory=list)
     """ε0 of the clear frames the model was fitted on."""
 
@@ -253,8 +269,8 @@ class ClearSkyModel:
         """Clear-sky brightness per bin: (n_bins,) for a scalar ε0, (n, n_bins) for an array; p defaults to the
         season's typical exponent."""
         e = np.atleast_1d(np.asarray(eps, np.float64))
-        out = self.offset + np.asarray(self.weight)[None, :] * _shape(np.asarray(self.theta), e,
-                                                         self.exponent if p is None else p)  # fmt: skip
+        out = self.offset + _seen(np.asarray(self.transmission),
+                                  _shape(np.asarray(self.theta), e, self.exponent if p is None else p), self.housing)
         return out[0] if np.ndim(eps) == 0 else out
 
 
@@ -312,11 +328,11 @@ def concat_profiles(parts: list[Profiles]) -> Profiles:
     )  # fmt: skip
 
 
-def _fit_eps(prof: np.ndarray, weight: np.ndarray, theta: np.ndarray, inv_sig: np.ndarray, lo: float,
-             hi: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+def _fit_eps(prof: np.ndarray, transmission: np.ndarray, housing: float, theta: np.ndarray, inv_sig: np.ndarray,
+             lo: float, hi: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """Least-squares (ε0, p) of profiles (n, nb) (NaN bins ignored) on a grid -> (ε0, p, rms in sigmas)."""
     ge, gp = _grid(lo, hi)
-    model = weight[None, :] * _shape(theta, ge, gp)  # (g, nb)
+    model = _seen(transmission, _shape(theta, ge, gp), housing)  # (g, nb)
     w = np.where(np.isfinite(prof), 1.0, 0.0) * inv_sig[None, :] ** 2
     y = np.nan_to_num(prof)
     # sum_b w (y - m)^2 = sum w y^2 - 2 y.(w m) + w.m^2
@@ -324,6 +340,28 @@ def _fit_eps(prof: np.ndarray, weight: np.ndarray, theta: np.ndarray, inv_sig: n
     k = np.argmin(cost, axis=1)
     rms = np.sqrt(np.maximum(cost[np.arange(len(k)), k], 0) / np.maximum(w.sum(axis=1), 1e-9))
     return ge[k], gp[k], rms
+
+
+HOUSING_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+"""Brightness of the camera's vignetted view tried when fitting the optics (see ``ClearSkyModel.housing``)."""
+
+
+def _fit_optics(y: np.ndarray, housing: float, theta: np.ndarray, inv_sig: np.ndarray, sky_bins: np.ndarray,
+                zen_bins: np.ndarray, eps_cap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:  # fmt: skip
+    """T(θ) and each clear profile's (ε0, p) by alternating least squares for one ``housing`` brightness ->
+    (T, ε0, p, mean squared residual in sigmas, housing)."""
+    trans = np.ones(theta.size)
+    for it in range(4):  # the sky first where the optics hardly matter (T ~ 1 within 60° of the zenith)
+        eps_c, p_c, _ = _fit_eps(np.where(theta < 60, y, np.nan) if it == 0 else y, trans, housing, theta, inv_sig,
+                                 0.01, eps_cap)  # fmt: skip
+        x = _shape(theta, eps_c, p_c) - housing  # y - h = T (shape - h)
+        trans = np.nansum((y - housing) * x, axis=0) / np.maximum(np.nansum(np.where(np.isfinite(y), x**2, 0),
+                                                                            axis=0), 1e-9)  # fmt: skip
+        trans = np.where(sky_bins, trans, 1.0)
+        trans = ndimage.gaussian_filter1d(trans, 2.0, mode="nearest")
+        trans /= np.mean(trans[zen_bins])
+    eps_c, p_c, rms = _fit_eps(y, trans, housing, theta, inv_sig, 0.01, eps_cap)
+    return trans, eps_c, p_c, float(np.mean(rms**2)), housing
 
 
 def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSkyModel:
@@ -337,7 +375,7 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
     span = scale.span(prof.ambient, prof.dark, prof.temps)
     q10, q50, q75 = prof.brightness(span)
     use = np.isfinite(span) & np.isfinite(q50[:, zen_bins]).all(axis=1)
-    # a clear zenith is never brighter than eps_cap (decks and fog are); W(θ) takes any vignetting
+    # a clear zenith is never brighter than eps_cap (decks and fog are); T(θ) takes any vignetting
     zenith = np.nanmedian(q50[:, zen_bins], axis=1)
     cand = use & (zenith <= cfg.eps_cap)
     # a scale a little too small (a strongly vignetted lens distorts the shapes it comes from) puts the driest
@@ -348,23 +386,15 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
     clear = np.zeros(len(span), bool)
     if cand.any():
         clear = cand & (spread <= 1.5 * np.percentile(spread[cand], 5) + 1e-9)
-    weight = np.ones(theta.size)
+    trans, housing = np.ones(theta.size), 1.0
     p, inv_sig = 0.6, np.full(theta.size, 1.0 / 0.01)
     eps_c = np.zeros(0)
     for _ in range(4):
         if clear.sum() < cfg.min_clear:
             break
         y = np.where(sky_bins[None, :], q50[clear], np.nan)
-        weight = np.ones(theta.size)
-        for _ in range(4):  # W(θ) and each clear frame's (ε0, p) by alternating least squares
-            eps_c, p_c, _ = _fit_eps(y, weight, theta, inv_sig, 0.01, cfg.eps_cap)
-            phys = _shape(theta, eps_c, p_c)
-            weight = np.nansum(y * phys, axis=0) / np.maximum(np.nansum(np.where(np.isfinite(y), phys**2, 0), axis=0),
-                                                              1e-9)  # fmt: skip
-            weight = np.where(sky_bins, weight, 1.0)
-            weight = ndimage.gaussian_filter1d(weight, 2.0, mode="nearest")
-            weight /= np.mean(weight[zen_bins])
-        eps_c, p_c, _ = _fit_eps(y, weight, theta, inv_sig, 0.01, cfg.eps_cap)
+        fits = [_fit_optics(y, h, theta, inv_sig, sky_bins, zen_bins, cfg.eps_cap) for h in HOUSING_GRID]
+        trans, eps_c, p_c, _, housing = min(fits, key=lambda f: f[3])
         p = float(np.median(p_c))
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # bins no clear frame reaches (behind obstacles)
@@ -374,9 +404,9 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
         inv_sig = 1.0 / sig
         # which frames are clear under this model (any physical ε0, not only the range seen so far: a humid
         # clear night is clear): the upper quartile of every bin within clear_sigma of it
-        e_all, p_all, _ = _fit_eps(np.where(sky_bins[None, :], q10, np.nan), weight, theta, inv_sig, 0.01,
-                                   cfg.eps_cap)  # fmt: skip
-        model = weight[None, :] * _shape(theta, e_all, p_all)
+        e_all, p_all, _ = _fit_eps(np.where(sky_bins[None, :], q10, np.nan), trans, housing, theta, inv_sig,
+                                   0.01, cfg.eps_cap)  # fmt: skip
+        model = _seen(trans, _shape(theta, e_all, p_all), housing)
         excess = ((q75 - model) * inv_sig[None, :])[:, sky_bins & (theta < 80)]
         new = cand & (np.nanmax(excess, axis=1) < cfg.clear_sigma)
         if new.sum() < cfg.min_clear or np.array_equal(new, clear):
@@ -387,7 +417,7 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
             warnings.simplefilter("ignore", RuntimeWarning)
             sig = np.nanmedian((q75 - q10)[use], axis=0) / 1.956 if use.any() else np.full(theta.size, 0.02)
         sig = np.where(np.isfinite(sig), sig, 0.02)
-        return ClearSkyModel(theta=theta.tolist(), weight=[1.0] * theta.size,
+        return ClearSkyModel(theta=theta.tolist(), transmission=[1.0] * theta.size,
                              sigma=ndimage.gaussian_filter1d(np.hypot(sig, cfg.sigma_floor), 2.0,
                                                              mode="nearest").tolist(),
                              exponent=0.6, p_lo=P_RANGE[0], p_hi=P_RANGE[1], eps_lo=0.01,
@@ -395,7 +425,7 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
                              scale=asdict(scale), n_clear=int(eps_c.size), offset=offset,
                              prior_only=True)  # fmt: skip
     return ClearSkyModel(
-        theta=theta.tolist(), weight=np.asarray(weight).tolist(), sigma=(1.0 / inv_sig).tolist(), exponent=float(p),
+        theta=theta.tolist(), transmission=np.asarray(trans).tolist(), housing=housing, sigma=(1.0 / inv_sig).tolist(), exponent=float(p),
         p_lo=float(max(P_RANGE[0], np.min(p_c) - cfg.p_margin)), p_hi=float(min(P_RANGE[1], np.max(p_c) + cfg.p_margin)),
         eps_lo=0.01, eps_hi=float(cfg.eps_cap), eps_typical=float(np.median(eps_c)), scale=asdict(scale),
         n_clear=int(eps_c.size), offset=offset,
@@ -417,10 +447,11 @@ class Frame:
         self.bin_deg = float(th[1] - th[0]) if th.size > 1 else 1.0
         self.bins, self.nb = _bins(self.zen, self.bin_deg)
         self.sub = np.arange(0, self.sky_idx.size, max(1, cfg.fit_stride))
+        self.sub = self.sub[self.zen[self.sub] < cfg.fit_max_deg]
         self.sigma_px = np.interp(self.zen, th, model.sigma).astype(np.float32)
         self.inv_sigma_px = (1.0 / self.sigma_px).astype(np.float32)
         self.inv_sig_b = 1.0 / np.asarray(model.sigma)
-        self.weight = np.asarray(model.weight)
+        self.transmission = np.asarray(model.transmission)
         self.theta = th
 
     def brightness(self, img: np.ndarray, ambient: float, span: float) -> tuple[np.ndarray, np.ndarray]:
@@ -443,7 +474,7 @@ class Frame:
         b = self.bins[self.sub]
         ok = valid[self.sub]
         ge, gp = _grid(m.eps_lo, m.eps_hi, 61, 9, (m.p_lo, m.p_hi))
-        table = m.offset + self.weight[None, :] * _shape(self.theta, ge, gp)  # (g, nb)
+        table = m.offset + _seen(self.transmission, _shape(self.theta, ge, gp), m.housing)  # (g, nb)
         w_b = self.inv_sig_b**2
         t2 = w_b[None, :] * table**2
         tw = table * w_b[None, :]
@@ -503,8 +534,11 @@ def choose_eps(times: np.ndarray, eps_fit: np.ndarray, p_fit: np.ndarray, excess
     t = np.asarray(times).astype("datetime64[us]").astype(np.int64) / 3600e6
     eps_fit, p_fit = np.asarray(eps_fit, np.float64), np.asarray(p_fit, np.float64)
     excess, consistent = np.asarray(excess, np.float64), np.asarray(consistent, np.float64)
+    # a fit pinned to the slant-path exponent's range (flatter or steeper than the clear skies seen) must match
+    # most of the sky to be trusted: a flat fog or deck pinned there matches only in part; at eps_cap, never
+    pinned = (p_fit <= model.p_lo + 1e-3) | (p_fit >= model.p_hi - 1e-3)
     free = np.isfinite(eps_fit) & (eps_fit < model.eps_hi - 1e-3)
-    anchored = free & (consistent >= cfg.min_consistent)
+    anchored = free & (consistent >= np.where(pinned, cfg.pinned_consistent, cfg.min_consistent))
     clear = anchored & (excess <= cfg.clear_max_cloud)
     # no anchored frame in a night: nothing there looks like a clear sky, so the driest clear sky of the season
     use_e = np.full(t.size, float(np.percentile(eps_fit[clear], 10)) if clear.any() else model.eps_typical)

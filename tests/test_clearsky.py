@@ -21,12 +21,14 @@ def test_band_radiance_and_air_mass() -> None:
 
 
 def synthetic_profiles(eps: np.ndarray, p: float, span: float = 8000.0, ambient: float = 10000.0,
-                       deck: np.ndarray | None = None) -> C.Profiles:  # fmt: skip
-    """Profiles of frames whose clear sky has zenith emissivity ``eps`` (deck: a flat brightness instead)."""
+                       deck: np.ndarray | None = None, housing: float = 0.0,
+                       loss: float = 0.1) -> C.Profiles:  # fmt: skip
+    """Profiles of frames whose clear sky has zenith emissivity ``eps`` (deck: a flat brightness instead), seen
+    through optics that lose ``loss`` of the view at the horizon to parts of brightness ``housing``."""
     theta = np.arange(0.5, 90, 1.0)
     shape = 1 - (1 - eps[:, None]) ** (air_mass(theta)[None, :] ** p)
-    w = 1 - 0.1 * (theta / 90) ** 2
-    e = w[None, :] * shape
+    w = 1 - loss * (theta / 90) ** 2
+    e = housing + w[None, :] * (shape - housing)
     if deck is not None:
         e = np.where(np.isfinite(deck)[:, None], np.maximum(e, np.nan_to_num(deck)[:, None]), e)
     q = np.stack([e - 0.004, e, e + 0.003])  # brightness quantiles 10, 50, 75 %
@@ -43,10 +45,26 @@ def test_season_fit_recovers_the_physics_and_ignores_decks() -> None:
     assert model.exponent == pytest.approx(0.6, abs=0.1) and model.p_lo <= 0.6 <= model.p_hi
     assert min(model.clear_eps) < 0.22 and max(model.clear_eps) > 0.42  # dry and humid clear frames alike
     assert model.scale["source"] == "dark"
-    assert np.allclose(model.weight[:10], 1.0, atol=0.02)
+    assert np.allclose(model.transmission[:10], 1.0, atol=0.02)
     prof = model.profile(0.3)
     assert np.all(np.diff(prof[:80]) > 0)  # brighter towards the horizon
     assert C.ClearSkyModel.from_attrs(json.loads(json.dumps(model.to_attrs()))) == model
+
+
+@pytest.mark.parametrize("housing", [0.0, 1.0])
+def test_the_optics_seen_on_dry_nights_predict_a_humid_clear_sky(housing: float) -> None:
+    """Vignetting that shows the camera's own warm parts (housing 1) or loses signal (0): fitted on clear frames
+    of several nights, the model predicts a humid clear sky to the horizon, never above the ambient black body."""
+    eps = np.concatenate([np.linspace(0.06, 0.16, 16), np.linspace(0.45, 0.55, 6)])
+    prof = synthetic_profiles(eps, 0.6, housing=housing, loss=0.4)
+    prof.deficit += np.random.default_rng(0).normal(0, 8, prof.deficit.shape[1:])[None]  # 0.1 % noise
+    model = C.fit_clear_sky(prof)
+    assert abs(model.housing - housing) <= 0.25
+    truth = synthetic_profiles(np.array([0.5]), 0.6, housing=housing, loss=0.4)
+    seen = 1 - truth.deficit[1, 0] / 8000.0
+    best = min(np.abs(model.profile(0.5, p) - seen)[:85].max() for p in np.linspace(model.p_lo, model.p_hi, 30))
+    assert best < 0.015  # a plain multiplicative vignetting is off by 0.1 at 80 deg for housing 1
+    assert np.all(model.profile(0.7, model.p_hi) <= 1.0 + 1e-9)
 
 
 def test_no_clear_frame_gives_the_physical_prior() -> None:
@@ -74,7 +92,7 @@ def test_scale_sources() -> None:
 
 
 def test_night_trend_holds_cloudy_frames_to_the_clear_ones() -> None:
-    model = C.ClearSkyModel(theta=[0.5], weight=[1.0], sigma=[0.01], exponent=0.6, p_lo=0.4, p_hi=0.8, eps_lo=0.01,
+    model = C.ClearSkyModel(theta=[0.5], transmission=[1.0], sigma=[0.01], exponent=0.6, p_lo=0.4, p_hi=0.8, eps_lo=0.01,
                             eps_hi=0.6, eps_typical=0.3, scale={"source": "dark"}, n_clear=5)  # fmt: skip
     cfg = C.ClearSkyConfig()
     t0 = np.datetime64("2026-01-05T19:00")

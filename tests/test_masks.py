@@ -26,7 +26,7 @@ def hand_made() -> tuple[G.SkyGeometry, C.ClearSkyModel, C.Frame]:
     classes[(r < 36) & (r > 33) & (xx < 25)] = G.AMBIENT  # a wall at the horizon
     geom = G.SkyGeometry(center=(40.0, 50.0), radius=37.0, projection="equidistant", fov_deg=180.0, classes=classes)
     theta = (np.arange(90) + 0.5).tolist()
-    model = C.ClearSkyModel(theta=theta, weight=[1.0] * 90, sigma=[0.01] * 90, exponent=0.6, p_lo=0.5, p_hi=0.7,
+    model = C.ClearSkyModel(theta=theta, transmission=[1.0] * 90, sigma=[0.01] * 90, exponent=0.6, p_lo=0.5, p_hi=0.7,
                             eps_lo=0.01, eps_hi=0.75, eps_typical=0.3, scale={"source": "dark"}, n_clear=10)  # fmt: skip
     return geom, model, C.Frame(geom, model, C.ClearSkyConfig())
 
