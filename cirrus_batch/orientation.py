@@ -73,7 +73,8 @@ class Orientation:
         return Rotation.from_rotvec(t * np.array([-np.cos(a), np.sin(a), 0.0]))
 
 
-def _vectors(alt_deg: np.ndarray, az_deg: np.ndarray) -> np.ndarray:
+def unit_vectors(alt_deg: np.ndarray, az_deg: np.ndarray) -> np.ndarray:
+    """(..., 3) unit vectors (east, north, up) of directions in degrees."""
     alt, az = np.radians(alt_deg), np.radians(az_deg)
     return np.stack([np.cos(alt) * np.sin(az), np.cos(alt) * np.cos(az), np.sin(alt)], axis=-1)
 
@@ -81,7 +82,7 @@ def _vectors(alt_deg: np.ndarray, az_deg: np.ndarray) -> np.ndarray:
 def altaz_to_pixel(alt_deg: np.ndarray, az_deg: np.ndarray, lens: Lens, ori: Orientation) -> tuple[np.ndarray, np.ndarray]:
     """(y, x) pixel coordinates (float, pixel centres at integers) of directions ``(alt_deg, az_deg)``."""
     alt, az = np.broadcast_arrays(np.asarray(alt_deg, np.float64), np.asarray(az_deg, np.float64))
-    v = ori.rotation().inv().apply(_vectors(alt, az).reshape(-1, 3))
+    v = ori.rotation().inv().apply(unit_vectors(alt, az).reshape(-1, 3))
     theta = np.degrees(np.arccos(np.clip(v[:, 2], -1, 1)))
     psi = np.arctan2(v[:, 0], v[:, 1]) - np.radians(ori.north_deg)
     r = ori.scale * radius_of(np.minimum(theta, 179.0), lens.radius, lens.projection, lens.fov_deg)
@@ -114,7 +115,7 @@ def pixel_to_altaz(y: np.ndarray, x: np.ndarray, lens: Lens, ori: Orientation) -
 def separation_deg(alt1: np.ndarray, az1: np.ndarray, alt2: np.ndarray, az2: np.ndarray) -> np.ndarray:
     """Angle (deg) between two directions."""
     f = np.float64
-    u, v = _vectors(np.asarray(alt1, f), np.asarray(az1, f)), _vectors(np.asarray(alt2, f), np.asarray(az2, f))
+    u, v = unit_vectors(np.asarray(alt1, f), np.asarray(az1, f)), unit_vectors(np.asarray(alt2, f), np.asarray(az2, f))
     return np.degrees(np.arctan2(np.linalg.norm(np.cross(u, v), axis=-1), (u * v).sum(axis=-1)))
 
 
