@@ -182,7 +182,8 @@ def _sessions(times: np.ndarray, gap_h: float = 3.0) -> np.ndarray:
 def search(images: np.ndarray, times: np.ndarray, sky: np.ndarray, site: SiteConfig,
            cfg: OrientConfig) -> Sightings:  # fmt: skip
     """Find the Sun (when up) or else the Moon in each of ``images`` (n, y, x) taken at ``times``. The static
-    high-pass of each run of frames (a night) is removed first: hot pixels, obstacle edges; the body moves."""
+    high-pass of each run of frames (a night) is removed first, and the pixels where it is strong (hot pixels,
+    a dead column: they drift with the temperature) are not searched; the body moves."""
     from cirrus_batch.site import body_altaz
 
     pos = {b: body_altaz(b, times, site) for b in BODIES}
@@ -193,11 +194,14 @@ def search(images: np.ndarray, times: np.ndarray, sky: np.ndarray, site: SiteCon
     for g in np.unique(groups):
         members = np.flatnonzero(groups == g)
         static = static_pattern(images[members[:: max(1, members.size // 50)]]) if members.size >= 5 else season
+        steady = static[inner]
+        spread = 1.4826 * float(np.median(np.abs(steady - np.median(steady)))) + 1e-6
+        fixed = ndimage.binary_dilation(np.abs(static) > 5 * spread)  # hot pixels, a dead column: they drift
         for i in members:
             body = next((b for b in BODIES if pos[b][0][i] >= cfg.min_altitude_deg), None)
             if body is None or (body == "moon" and pos["sun"][0][i] > 0):
                 continue
-            found = find_source(images[i], inner, static, cfg.min_snr)
+            found = find_source(images[i], inner & ~fixed, static, cfg.min_snr)
             if found is not None:
                 rows.append((times[i], body, *found[:2], pos[body][0][i], pos[body][1][i], found[2]))
     if not rows:
@@ -335,11 +339,19 @@ def orientation_of(attrs: dict[str, Any], url: str = "the store") -> Orientation
     return Orientation.from_attrs(value)
 
 
+def camera_model(attrs: dict[str, Any], url: str = "the store") -> tuple[Lens, Orientation]:
+    """The lens (as fitted with the orientation: its centre and radius may differ from ``prepare``'s) and the
+    orientation of a store; a :class:`CirrusError` when it has not been oriented."""
+    ori = orientation_of(attrs, url)
+    fitted = attrs[ORIENTATION_ATTR].get("lens")
+    return (Lens.from_attrs(fitted) if fitted else lens_of(attrs, url)), ori
+
+
 def sky_coords(ds: Any) -> tuple[Any, Any]:
     """Per-pixel ``altitude`` and ``azimuth`` (deg) DataArrays (y, x) of a store's dataset (``open_dataset``)."""
     import xarray as xr
 
-    lens, ori = lens_of(ds.attrs), orientation_of(ds.attrs)
+    lens, ori = camera_model(ds.attrs)
     yy, xx = np.mgrid[0 : ds.sizes["y"], 0 : ds.sizes["x"]]
     alt, az = pixel_to_altaz(yy, xx, lens, ori)
     return (xr.DataArray(alt.astype(np.float32), dims=("y", "x"), name="altitude", attrs={"units": "deg"}),

@@ -28,8 +28,7 @@ from cirrus_batch.orientation import (
     Lens,
     Orientation,
     altaz_to_pixel,
-    lens_of,
-    orientation_of,
+    camera_model,
     pixel_to_altaz,
     unit_vectors,
 )
@@ -194,7 +193,7 @@ def sightline(ds: xr.Dataset, targets: pd.DataFrame, cfg: SightlineConfig | None
     cfg = cfg or SightlineConfig()
     targets = check_targets(targets)
     site = site if site is not None and site.latitude_deg is not None else site_from_attrs(ds.attrs)
-    lens, ori = lens_of(ds.attrs), orientation_of(ds.attrs)
+    lens, ori = camera_model(ds.attrs)
     if "pixel_class" not in ds:
         raise CirrusError("the store has no pixel classes: run cirrus prepare first")
     sky = ds["pixel_class"].values == SKY
@@ -331,7 +330,7 @@ def track_plot(ds: xr.Dataset, res: SightlineResult, out_png: str | Path, site: 
     first = f.iloc[0]
     k = int(first["pointing"])
     site = site if site is not None and site.latitude_deg is not None else site_from_attrs(ds.attrs)
-    lens, ori = lens_of(ds.attrs), orientation_of(ds.attrs)
+    lens, ori = camera_model(ds.attrs)
     times = ds["time"].values.astype("datetime64[ns]")
     i = int(np.flatnonzero(times == first["time"])[0])
     cmap, source = CloudMaps(ds)(i)
