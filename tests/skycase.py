@@ -52,3 +52,24 @@ def truth_dataset(summary: synth.SynthSummary) -> xr.Dataset:
 def camera_of(summary: synth.SynthSummary, pointing: synth.Pointing, seed: int = 3) -> synth.Camera:
     truth = xr.open_zarr(summary.truth, consolidated=False)
     return synth.make_camera(tuple(truth.sizes[d] for d in ("y", "x")), seed, truth.attrs["camera_kind"], pointing)
+
+
+def true_state(cam: synth.Camera, mask: np.ndarray, alt: float, az: float, radius_deg: float) -> str:
+    """The renderer's line-of-sight state within ``radius_deg`` of (alt, az): clear, cloudy, hidden (the target's
+    own pixel is not sky and neither is anything within the radius: below the horizon or behind an obstacle), or
+    ambiguous (cloud and clear, or sky and not sky, within the radius)."""
+    th, a = np.radians(cam.theta.astype(np.float64)), cam.az.astype(np.float64)
+    v = np.stack([np.sin(th) * np.sin(a), np.sin(th) * np.cos(a), np.cos(th)], axis=-1)
+    t = np.array([np.cos(np.radians(alt)) * np.sin(np.radians(az)), np.cos(np.radians(alt)) * np.cos(np.radians(az)),
+                  np.sin(np.radians(alt))])  # fmt: skip
+    cosd = v @ t
+    near = cosd >= np.cos(np.radians(radius_deg))
+    sky = cam.sky
+    if not near.any():
+        return "ambiguous"
+    if not sky[near].any():
+        return "hidden" if not sky.ravel()[int(np.argmax(cosd))] else "ambiguous"
+    if not sky[near].all():
+        return "ambiguous"
+    cloud = mask[near].astype(bool)
+    return "cloudy" if cloud.all() else "clear" if not cloud.any() else "ambiguous"
