@@ -379,3 +379,43 @@ def _circle(alt: float, az: float, radius_deg: float, ring: np.ndarray, lens: Le
     lat = np.arcsin(np.sin(a) * np.cos(r) + np.cos(a) * np.sin(r) * np.cos(ring))
     lon = z + np.arctan2(np.sin(ring) * np.sin(r) * np.cos(a), np.cos(r) - np.sin(a) * np.sin(lat))
     return altaz_to_pixel(np.degrees(lat), np.degrees(lon), lens, ori)
+
+
+# ---------------------------------------------------------------- nights for observers
+
+
+AIRMASS2_ALTITUDE = 30.0
+"""Altitude (deg) of air mass 2 (plane-parallel): observers' usual limit."""
+
+
+def night_summary(ds: xr.Dataset, nights: np.ndarray, hours: np.ndarray, min_altitude_deg: float = AIRMASS2_ALTITUDE,
+                  cfg: SightlineConfig | None = None, tolerance: float = 0.01) -> pd.DataFrame:  # fmt: skip
+    """Per night: observed hours, hours when the sky above ``min_altitude_deg`` was clear (all but ``tolerance``
+    of its pixels below ``clear_below``: a target anywhere up there had a clear line of sight), and the mean
+    fraction of that sky that was clear. ``nights`` and ``hours`` (what each frame stands for) are per frame of ``ds`` (an oriented
+    store's dataset); frames without a cloud map count as observed, not clear."""
+    cfg = cfg or SightlineConfig()
+    lens, ori = camera_model(ds.attrs)
+    sky = ds["pixel_class"].values == SKY
+    yy, xx = np.mgrid[0 : sky.shape[0], 0 : sky.shape[1]]
+    alt, _ = pixel_to_altaz(yy, xx, lens, ori)
+    up = sky & (alt >= min_altitude_deg)
+    if not up.any():
+        raise CirrusError(f"no sky pixel above {min_altitude_deg:g} deg of altitude: check the orientation")
+    maps = CloudMaps(ds)
+    clear_frac = np.full(ds.sizes["time"], np.nan)
+    for i in range(ds.sizes["time"]):
+        try:
+            p = maps(i)[0][up]
+        except CirrusError:
+            continue
+        if np.isfinite(p).any():
+            clear_frac[i] = float((p[np.isfinite(p)] < cfg.clear_below).mean())
+    rows = []
+    for night in np.unique(nights):
+        on = nights == night
+        rows.append({"night": str(night), "observed_hours": round(float(hours[on].sum()), 3),
+                     "clear_sightline_hours": round(float(hours[on & (clear_frac >= 1.0 - tolerance)].sum()), 3),
+                     "clear_sky_fraction": round(float(np.nanmean(clear_frac[on])), 4)
+                     if np.isfinite(clear_frac[on]).any() else np.nan})  # fmt: skip
+    return pd.DataFrame(rows)

@@ -199,3 +199,25 @@ def test_cli_refuses_a_store_without_orientation(store, tmp_path, capsys):
     (tmp_path / "t.csv").write_text("start,exposure_s,alt_deg,az_deg\n2026-01-22T20:00,10,45,10\n")
     assert cli.main(["sightline", bare, "--targets", str(tmp_path / "t.csv")]) == 1
     assert "cirrus orient" in capsys.readouterr().err
+
+
+def test_night_summary_above_airmass_two(season):
+    from cirrus_batch.report import image_hours
+    from cirrus_batch.sampling import block_keys
+    from cirrus_batch.sightline import night_summary
+
+    summary, ds, cam = season
+    times = ds["time"].values.astype("datetime64[us]")
+    nights = block_keys(times, "night")
+    hours = image_hours(times, nights)
+    table = night_summary(ds, nights, hours)
+    assert list(table.columns) == ["night", "observed_hours", "clear_sightline_hours", "clear_sky_fraction"]
+    assert len(table) == 8 and np.allclose(table["observed_hours"], 10 / 3, atol=0.01)  # 10 frames, 20 min
+    # the renderer's truth: its sky above 30 deg of altitude, frame by frame
+    up = cam.sky & (cam.theta <= 60.0)
+    clear = np.array([1 - ds["mask"].values[i][up].mean() for i in range(ds.sizes["time"])])
+    for row, night in zip(table.itertuples(), np.unique(nights)):
+        on = nights == night
+        assert row.clear_sky_fraction == pytest.approx(clear[on].mean(), abs=0.01)
+        assert row.clear_sightline_hours == pytest.approx(hours[on & (clear >= 0.99)].sum(), abs=0.34)
+    assert table["clear_sightline_hours"].max() > 3 and table["clear_sightline_hours"].min() == 0
