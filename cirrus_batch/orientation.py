@@ -327,7 +327,7 @@ def lens_of(attrs: dict[str, Any], url: str = "the store") -> Lens:
     """The lens of a prepared store's attributes; a :class:`CirrusError` when it is not prepared."""
     prep = attrs.get("prepare") or {}
     if "geometry" not in prep:
-        raise CirrusError(f"{url} has no sky geometry yet: run cirrus prepare (or cirrus calibrate) first")
+        raise CirrusError(f"{url} has no sky geometry yet: run cirrus prepare first")
     return Lens.from_attrs(prep["geometry"])
 
 
