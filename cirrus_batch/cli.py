@@ -182,7 +182,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_orient(args: argparse.Namespace) -> int:
     from cirrus_batch.orientation import orient_store
 
-    config = _config(args, **{"orient.mirror": args.mirror, "lock.wait": args.wait})
+    config = load_config(args.config, {"orient.mirror": args.mirror, "lock.wait": args.wait})
     with _lock(args, config):
         fit = orient_store(args.store, config.site, config.orient, panel=args.panel)
     print(fit.summary())
@@ -195,7 +195,7 @@ def cmd_orient(args: argparse.Namespace) -> int:
 def cmd_sightline(args: argparse.Namespace) -> int:
     from cirrus_batch.sightline import sightline_store
 
-    config = _config(args, **{"sightline.radius_deg": args.radius_deg, "sightline.gap_min": args.gap_min})
+    config = load_config(args.config, {"sightline.radius_deg": args.radius_deg, "sightline.gap_min": args.gap_min})
     result = sightline_store(args.store, args.targets, config.sightline, site=config.site, out=args.out,
                              plot=args.plot)  # fmt: skip
     print(table(result.counts(), ["verdict", "pointings"]))
@@ -473,8 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mirror", choices=("auto", "yes", "no"), help="force the east-west mirror ([orient] mirror)")
     p.add_argument("--panel", metavar="PNG", default="orientation.png",
                    help="predicted vs found positions (default: %(default)s)")
+    p.add_argument("--config", metavar="TOML", help="job config ([site], [orient], [lock])")
     _writer(p)
-    _common(p)
     p.set_defaults(func=cmd_orient)
 
     p = sub.add_parser("sightline", help="was the sky clear between the telescope and its targets? (CSV of pointings)")
@@ -486,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="track of the first target with data over a frame's cloud map")
     p.add_argument("--radius-deg", type=float, help="look for cloud within this angle ([sightline] radius_deg, 2)")
     p.add_argument("--gap-min", type=float, help="nearest frame within this many minutes ([sightline] gap_min, 10)")
-    _common(p)
+    p.add_argument("--config", metavar="TOML", help="job config ([sightline]; [site] when the store has none)")
     p.set_defaults(func=cmd_sightline)
 
     p = sub.add_parser("calibrate", help="fit the sky geometry (image circle, projection, pixel classes), write a "

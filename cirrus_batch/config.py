@@ -311,8 +311,8 @@ class OrientConfig:
     """Only frames where the body is at least this high are searched."""
     min_snr: float = ranged(8.0, 3.0, None)
     """A source is found when its peak stands this many robust sigmas above the frame's high-pass noise."""
-    max_frames: int = ranged(2000, 10, None)
-    """At most this many frames (spread evenly) are searched."""
+    max_frames: int = ranged(500, 10, None)
+    """At most this many frames (spread evenly) are searched; they are held in memory (330 MB at 512x640)."""
     fit_tilt: bool = True
     """Fit a tilt of the optical axis (2 parameters) about the image-circle centre of the geometry."""
     max_tilt_deg: float = ranged(10.0, 0.0, 45.0, strict="lo")

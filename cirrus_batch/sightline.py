@@ -271,8 +271,8 @@ def sightline(ds: xr.Dataset, targets: pd.DataFrame, cfg: SightlineConfig | None
                 "p_cloudy"):  # fmt: skip
         if col not in table:
             table[col] = np.nan
-    table = table[["name", "start", "exposure_s", "ra_deg", "dec_deg", "verdict", "reason", "n_frames", "frames", "first_frame",
-                   "last_frame", "alt_deg", "az_deg", "y", "x", "p_target", "p_max", "p_cloudy"]]  # fmt: skip
+    table = table[["name", "start", "exposure_s", "ra_deg", "dec_deg", "verdict", "reason", "n_frames", "frames",
+                   "first_frame", "last_frame", "alt_deg", "az_deg", "y", "x", "p_target", "p_max", "p_cloudy"]]  # fmt: skip
     table["reason"] = table["reason"].fillna("")
     table["frames"] = table["frames"].fillna("")
     frames_df = pd.DataFrame(frames, columns=["pointing", "time", "alt_deg", "az_deg", "y", "x", "p_target",
@@ -392,8 +392,8 @@ def night_summary(ds: xr.Dataset, nights: np.ndarray, hours: np.ndarray, min_alt
                   cfg: SightlineConfig | None = None, tolerance: float = 0.01) -> pd.DataFrame:  # fmt: skip
     """Per night: observed hours, hours when the sky above ``min_altitude_deg`` was clear (all but ``tolerance``
     of its pixels below ``clear_below``: a target anywhere up there had a clear line of sight), and the mean
-    fraction of that sky that was clear. ``nights`` and ``hours`` (what each frame stands for) are per frame of ``ds`` (an oriented
-    store's dataset); frames without a cloud map count as observed, not clear."""
+    fraction of that sky that was clear. ``nights`` and ``hours`` (what each frame stands for) are per frame of
+    ``ds`` (an oriented store's dataset); frames without a cloud map count as observed, not clear."""
     cfg = cfg or SightlineConfig()
     lens, ori = camera_model(ds.attrs)
     sky = ds["pixel_class"].values == SKY

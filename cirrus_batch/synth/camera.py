@@ -233,7 +233,8 @@ def make_camera(shape: tuple[int, int], seed: int, kind: str = DEFAULT_CAMERA, p
     return Camera(
         kind=spec, shape=(ny, nx), cy=float(cy), cx=float(cx), radius=float(radius),
         circle_px=float(circle_px),
-        north_deg=float(north % 360), pointing=pointing, focal_px=float(focal), theta=theta.astype(np.float32), az=az.astype(np.float32), sky=sky,
+        north_deg=float(north % 360), pointing=pointing, focal_px=float(focal), theta=theta.astype(np.float32),
+        az=az.astype(np.float32), sky=sky,
         scene_idx=np.flatnonzero(scene), obstacle_idx=obstacle_idx,
         obstacle_dt=dt_map.ravel()[obstacle_idx].astype(np.float32),
         obstacle_km=km_map.ravel()[obstacle_idx].astype(np.float32),
