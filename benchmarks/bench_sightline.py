@@ -89,7 +89,8 @@ def main() -> int:
           f"(against the optical axis of the renderer)")  # fmt: skip
     ds = open_dataset(url)
     cam = camera_of(summary, pointing)
-    alt, az = sky_coords(ds)
+    zen, az = sky_coords(ds)
+    alt = 90 - zen
     from scipy import ndimage
 
     sky = ndimage.binary_erosion(cam.sky, iterations=2)

@@ -348,13 +348,15 @@ def camera_model(attrs: dict[str, Any], url: str = "the store") -> tuple[Lens, O
 
 
 def sky_coords(ds: Any) -> tuple[Any, Any]:
-    """Per-pixel ``altitude`` and ``azimuth`` (deg) DataArrays (y, x) of a store's dataset (``open_dataset``)."""
+    """Per-pixel ``zenith`` angle and ``azimuth`` (deg) DataArrays (y, x) of an oriented store's dataset
+    (``open_dataset``): ``ds.assign_coords(dict(zip(("zenith", "azimuth"), sky_coords(ds))))``."""
     import xarray as xr
 
     lens, ori = camera_model(ds.attrs)
     yy, xx = np.mgrid[0 : ds.sizes["y"], 0 : ds.sizes["x"]]
     alt, az = pixel_to_altaz(yy, xx, lens, ori)
-    return (xr.DataArray(alt.astype(np.float32), dims=("y", "x"), name="altitude", attrs={"units": "deg"}),
+    return (xr.DataArray((90.0 - alt).astype(np.float32), dims=("y", "x"), name="zenith",
+                         attrs={"units": "deg", "long_name": "zenith angle"}),
             xr.DataArray(az.astype(np.float32), dims=("y", "x"), name="azimuth",
                          attrs={"units": "deg", "long_name": "azimuth from north through east"}))  # fmt: skip
 

@@ -166,12 +166,14 @@ def test_orient_cli_writes_the_orientation(oriented, capsys):
     assert o["mirror"] is False and o["rms_px"] < 1.0 and o["n_used"] >= 20
     assert abs((o["north_deg"] - truth["up_azimuth_deg"] + 180) % 360 - 180) < 0.5
     # over the whole sky, the fitted camera points where the renderer's does
-    alt, az = sky_coords(ds)
+    zen, az = sky_coords(ds)
+    alt = 90 - zen
+    assert ds.assign_coords(zenith=zen, azimuth=az)["raw"].coords["zenith"].dims == ("y", "x")
     cam = camera_of(summary, pointing)
     sky = ndimage.binary_erosion(cam.sky, iterations=3)
     d = separation_deg(alt.values[sky], az.values[sky], 90 - cam.theta[sky], np.degrees(cam.az[sky]))
     assert np.median(d) < 0.5 and np.percentile(d, 95) < 1.0
-    assert alt.dims == ("y", "x") and alt.attrs["units"] == "deg"
+    assert zen.dims == ("y", "x") and zen.attrs["units"] == "deg"
 
 
 def test_orient_needs_a_site_and_a_prepared_store(oriented, tmp_path, capsys):
