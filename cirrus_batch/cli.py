@@ -94,6 +94,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             camera_kind=args.camera,
             ambtemp=not args.no_ambtemp,
+            start=args.start,
+            site=synth.Site(*args.site) if args.site else None,
+            pointing=synth.Pointing(args.north_deg, args.mirror, *(args.tilt or (0.0, 0.0))),
         )
     print(table(summary.nights, ["night", "kind", "images"]))
     print(f"wrote {summary.n_images} images to {summary.archive}; true masks in {summary.truth}")
@@ -133,6 +136,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     _print_rejections(report.rejected)
     rate = report.ingested / report.seconds if report.seconds else 0.0
     print(f"{args.store}: {report.ingested} new images in {report.seconds:.1f} s ({rate:.0f} images/s)")
+    if config.site.latitude_deg is not None:
+        from cirrus_batch.site import store_site
+
+        print(f"site: {store_site(args.store, config.site)}")
     return 0
 
 
@@ -169,6 +176,30 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             print(format_scores(scores))
             if args.panel:
                 print(f"panel: {args.panel}")
+    return 0
+
+
+def cmd_orient(args: argparse.Namespace) -> int:
+    from cirrus_batch.orientation import orient_store
+
+    config = load_config(args.config, {"orient.mirror": args.mirror, "lock.wait": args.wait})
+    with _lock(args, config):
+        fit = orient_store(args.store, config.site, config.orient, panel=args.panel)
+    print(fit.summary())
+    if fit.warning:
+        print(f"warning: {fit.warning}")
+    print(f"orientation written to {args.store}; panel: {args.panel}")
+    return 0
+
+
+def cmd_sightline(args: argparse.Namespace) -> int:
+    from cirrus_batch.sightline import sightline_store
+
+    config = load_config(args.config, {"sightline.radius_deg": args.radius_deg, "sightline.gap_min": args.gap_min})
+    result = sightline_store(args.store, args.targets, config.sightline, site=config.site, out=args.out,
+                             plot=args.plot)  # fmt: skip
+    print(table(result.counts(), ["verdict", "pointings"]))
+    print(f"wrote {result.csv} and {result.zarr}" + (f"; track plot {result.plot}" if result.plot else ""))
     return 0
 
 
@@ -400,6 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--camera", default="housing", choices=("housing", "darkrim", "clipped", "ortho"), help="camera kind"
     )
     p.add_argument("--no-ambtemp", action="store_true", help="leave AMBTEMP out of the FITS headers")
+    p.add_argument("--start", default="2026-01-05", help="evening date of the first night (default: %(default)s)")
+    p.add_argument("--site", type=float, nargs=3, metavar=("LAT", "LON", "ELEV"),
+                   help="render the Sun and the Moon where they are for this site (deg, deg east, m)")
+    p.add_argument("--north-deg", type=float, help="image position angle of north (deg, counterclockwise from up; "
+                   "clockwise with --mirror); default: drawn from the seed")
+    p.add_argument("--mirror", action="store_true", help="east-west mirrored image (east clockwise of north)")
+    p.add_argument("--tilt", type=float, nargs=2, metavar=("DEG", "AZ"),
+                   help="optical axis tilted by DEG from the zenith towards azimuth AZ")
     p.add_argument("--compress", action="store_true", help="write tile-compressed .fits.fz")
     p.add_argument("--truth", help="true-mask zarr store (default: DEST_truth.zarr beside the archive)")
     p.add_argument("--montage", metavar="PNG", help="also write a montage of frames (one per sky kind) and true masks")
@@ -427,6 +466,28 @@ def build_parser() -> argparse.ArgumentParser:
     _writer(p)
     _common(p)
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("orient", help="fit the camera's orientation (north, mirror, tilt, radial scale) to the Sun "
+                       "and the Moon in clear frames; written to the store")
+    p.add_argument("store")
+    p.add_argument("--mirror", choices=("auto", "yes", "no"), help="force the east-west mirror ([orient] mirror)")
+    p.add_argument("--panel", metavar="PNG", default="orientation.png",
+                   help="predicted vs found positions (default: %(default)s)")
+    p.add_argument("--config", metavar="TOML", help="job config ([site], [orient], [lock])")
+    _writer(p)
+    p.set_defaults(func=cmd_orient)
+
+    p = sub.add_parser("sightline", help="was the sky clear between the telescope and its targets? (CSV of pointings)")
+    p.add_argument("store")
+    p.add_argument("--targets", required=True, metavar="CSV",
+                   help="pointings: start (UTC), exposure_s, and ra_deg,dec_deg (ICRS) or alt_deg,az_deg; name optional")
+    p.add_argument("--out", metavar="PREFIX", help="output prefix (default: the targets file without .csv, plus "
+                   "-sightline): PREFIX.csv, PREFIX.nc")
+    p.add_argument("--plot", metavar="PNG", help="track of the first target with data over a frame's cloud map")
+    p.add_argument("--radius-deg", type=float, help="look for cloud within this angle ([sightline] radius_deg, 2)")
+    p.add_argument("--gap-min", type=float, help="nearest frame within this many minutes ([sightline] gap_min, 10)")
+    p.add_argument("--config", metavar="TOML", help="job config ([sightline]; [site] when the store has none)")
+    p.set_defaults(func=cmd_sightline)
 
     p = sub.add_parser("calibrate", help="fit the sky geometry (image circle, projection, pixel classes), write a "
                        "panel and print the [prepare.sky] block")

@@ -283,6 +283,72 @@ class ReprocessConfig:
 
 
 @dataclass
+class SiteConfig:
+    """Where the camera stands (``[site]``): stored in the store's attributes (``cirrus ingest``, ``cirrus orient``)
+    and used to put the Sun, the Moon and the targets of ``cirrus sightline`` on the sky (astropy, no network)."""
+
+    latitude_deg: float | None = ranged(None, -90.0, 90.0)
+    """Geodetic latitude (deg, north positive); None: unknown."""
+    longitude_deg: float | None = ranged(None, -180.0, 360.0)
+    """Longitude (deg, east positive)."""
+    elevation_m: float = ranged(0.0, -500.0, 9000.0)
+    """Height above the WGS84 ellipsoid (m)."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if (self.latitude_deg is None) != (self.longitude_deg is None):
+            raise ValueError("[site] needs both latitude_deg and longitude_deg (or neither)")
+
+
+@dataclass
+class OrientConfig:
+    """Camera orientation fitted to the Sun and the Moon in clear frames (``cirrus orient``)."""
+
+    mirror: str = ranged("auto", choices=("auto", "yes", "no"))
+    """East-west mirror: ``auto`` fits both and keeps the better; ``yes``/``no`` forces one (and says when the other
+    fits better). ``no``: the sky as seen from below, east counterclockwise of north."""
+    min_altitude_deg: float = ranged(8.0, 0.0, 90.0)
+    """Only frames where the body is at least this high are searched."""
+    min_snr: float = ranged(8.0, 3.0, None)
+    """A source is found when its peak stands this many robust sigmas above the frame's high-pass noise."""
+    max_frames: int = ranged(500, 10, None)
+    """At most this many frames (spread evenly) are searched; they are held in memory (330 MB at 512x640)."""
+    fit_tilt: bool = True
+    """Fit a tilt of the optical axis (2 parameters) about the image-circle centre of the geometry."""
+    max_tilt_deg: float = ranged(10.0, 0.0, 45.0, strict="lo")
+    """The fitted tilt stays below this (and the scale within 0.8-1.25, the centre within 10 % of the radius)."""
+    fit_scale: bool = True
+    """Fit a radial scale of the lens projection (1 = the geometry's radius)."""
+    fit_center: bool = True
+    """Fit the image-circle centre too (to first order the same as a tilt; the Sun's and Moon's tracks over the
+    sky tell them apart, and a centre off by a pixel no longer turns into a false tilt)."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+@dataclass
+class SightlineConfig:
+    """Line-of-sight verdicts for telescope pointings (``cirrus sightline``)."""
+
+    radius_deg: float = ranged(2.0, 0.0, 30.0, strict="lo")
+    """Cloud is looked for within this angle of the target."""
+    gap_min: float = ranged(10.0, 0.0, None)
+    """An exposure no frame covers takes the nearest frame within this many minutes, else ``no data``."""
+    clear_below: float = ranged(0.2, 0.0, 1.0)
+    """A frame is clear at the target when the cloud probability within ``radius_deg`` stays below this."""
+    cloudy_above: float = ranged(0.5, 0.0, 1.0)
+    """... and cloudy when it reaches this somewhere within ``radius_deg``; in between: uncertain."""
+    min_altitude_deg: float = ranged(0.0, -5.0, 90.0)
+    """Targets below this altitude are ``below horizon``."""
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if self.clear_below > self.cloudy_above:
+            raise ValueError("SightlineConfig.clear_below must not exceed cloudy_above")
+
+
+@dataclass
 class ParamSpec:
     """One dimension of the search space: an Optuna distribution over a ``[train]`` key."""
 
@@ -478,6 +544,9 @@ class JobConfig:
     reprocess: ReprocessConfig = field(default_factory=ReprocessConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     lock: LockConfig = field(default_factory=LockConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
+    orient: OrientConfig = field(default_factory=OrientConfig)
+    sightline: SightlineConfig = field(default_factory=SightlineConfig)
 
 
 class RangeError(ConfigError):

@@ -3,7 +3,8 @@
 Files: ``cloud_fraction.png`` (predicted cloud fraction through every night, with the astropy-mask fraction of
 ``cirrus prepare`` for comparison), ``clear_hours.csv`` (hours classified clear per night), ``examples.png``
 (cloudy and clear frames with the U-Net probability overlaid), ``rejected.csv`` and ``flagged.csv`` (the
-rejection log and the images ``cirrus prepare`` flagged), and ``report.md`` that shows and lists them. A night is
+rejection log and the images ``cirrus prepare`` flagged), ``observer_nights.csv`` for an oriented store (``cirrus
+orient``: hours with a clear line of sight above air mass 2 per night), and ``report.md`` that shows and lists them. A night is
 the date of ``time − 12 h``. An image counts for the clear hours when it is classified clear and not flagged,
 for the time to the next image of its night (capped at twice the night's median cadence, so gaps do not
 count; the last image gets the median cadence).
@@ -254,8 +255,30 @@ def _model_lines(season: Season) -> list[str]:
     return lines
 
 
+def observer_nights(store_url: str, out: Path) -> tuple[Path, str] | None:
+    """``observer_nights.csv`` and its report section when the store has a site and an orientation (``cirrus
+    orient``): per night the hours with a clear line of sight everywhere above air mass 2 and the clear fraction
+    of that sky (``sightline.night_summary``); None otherwise."""
+    from cirrus_batch.sightline import AIRMASS2_ALTITUDE, night_summary
+    from cirrus_batch.store import open_dataset
+
+    ds = open_dataset(store_url)
+    if "orientation" not in ds.attrs or "pixel_class" not in ds:
+        return None
+    times = ds["time"].values.astype("datetime64[us]")
+    nights = block_keys(times, "night")
+    table = night_summary(ds, nights, image_hours(times, nights))
+    path = out / "observer_nights.csv"
+    table.to_csv(path, index=False)
+    section = (f"## Line of sight above air mass 2\n\nHours when at least 99 % of the sky above "
+               f"{AIRMASS2_ALTITUDE:g}° of altitude was clear (cloud probability < 0.2: any target up there had a "
+               f"clear line of sight), and the mean clear fraction of that sky. File: [{path.name}]({path.name})."
+               "\n\n" + _md_table(list(table.columns), table.values.tolist()))  # fmt: skip
+    return path, section
+
+
 def write_markdown(out: Path, store_url: str, season: Season, rows: list[NightRow], reasons: Counter,
-                   flags: Counter, figures: list[Path]) -> Path:  # fmt: skip
+                   flags: Counter, figures: list[Path], extra: tuple[str, ...] = ()) -> Path:  # fmt: skip
     """``report.md``: summary, models, clear-hours table, figures, rejected/flagged counts, file list."""
     missing = int((~season.processed).sum())
     total = NightRow("all", sum(r.images for r in rows), sum(r.clear_images for r in rows),
@@ -271,6 +294,7 @@ def write_markdown(out: Path, store_url: str, season: Season, rows: list[NightRo
         "(at most twice the median cadence). File: [clear_hours.csv](clear_hours.csv).\n\n"
         + _md_table(["night", "images", "clear images", "clear hours", "observed hours", "mean cloud fraction"],
                     [list(asdict(r).values()) for r in [*rows, total]]),
+        *extra,
         *(f"## {title}\n\n![{title}]({path.name})" for title, path in
           zip(("Cloud fraction per night", "Example frames"), figures)),
         "## Rejected and flagged files\n\n"
@@ -324,7 +348,11 @@ def report(store_url: str, out_dir: str | Path, tracking_uri: str | None = None,
     if cloudy or clear:
         figures.append(examples_plot(store.group, season, cloudy + clear, out / "examples.png"))
     flag_files, reasons, flags = flag_summary(store, season, out)
-    result.files += [*figures, *flag_files, write_markdown(out, store_url, season, rows, reasons, flags, figures)]
+    observers = observer_nights(store_url, out)
+    if observers is not None:
+        result.files.append(observers[0])
+    result.files += [*figures, *flag_files, write_markdown(out, store_url, season, rows, reasons, flags, figures,
+                                                           (observers[1],) if observers else ())]  # fmt: skip
     mlflow.set_tracking_uri(tracking)
     mlflow.set_experiment(f"{experiment}-reports")
     models = model_tags(season)

@@ -118,3 +118,19 @@ def test_cli_report(season, trained, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "clear hours" in out.stdout and "2026-01-08" in out.stdout and "MLflow run" in out.stdout
     assert {p.name for p in (tmp_path / "season-report").iterdir()} == FILES
+
+
+def test_an_oriented_store_gets_the_observers_nights(season, trained, tmp_path):
+    store = str(tmp_path / "s.zarr")
+    shutil.copytree(season, store)
+    group = Store.open(store).group
+    group.attrs["site"] = {"latitude_deg": 28.76, "longitude_deg": -17.88, "elevation_m": 2396.0}
+    group.attrs["orientation"] = {"north_deg": 0.0, "mirror": False}  # the lens of prepare's geometry
+    result = report(store, tmp_path / "out", tracking_uri=trained.tracking)
+    assert "observer_nights.csv" in {p.name for p in result.files}
+    rows = read_csv(tmp_path / "out" / "observer_nights.csv")
+    assert [r["night"] for r in rows] == [r.night for r in result.nights]
+    for r, n in zip(rows, result.nights):  # a frame classified clear is clear above air mass 2 too
+        assert n.clear_hours - 1e-6 <= float(r["clear_sightline_hours"]) <= float(r["observed_hours"]) + 1e-6
+        assert 0 <= float(r["clear_sky_fraction"]) <= 1
+    assert "## Line of sight above air mass 2" in (tmp_path / "out" / "report.md").read_text()

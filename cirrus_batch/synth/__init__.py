@@ -18,12 +18,13 @@ from cirrus_batch.synth.archive import (
     write_archive,
     write_fits,
 )
-from cirrus_batch.synth.camera import ADU_MAX, CAMERA_KINDS, DEFAULT_CAMERA, Camera, make_camera
+from cirrus_batch.synth.bodies import Site
+from cirrus_batch.synth.camera import ADU_MAX, CAMERA_KINDS, DEFAULT_CAMERA, Camera, Pointing, make_camera
 from cirrus_batch.synth.render import TAU_MIN, NightRenderer
 from cirrus_batch.synth.sky import KINDS, Layer, Night, make_night
 
 __all__ = [
     "ADU_MAX", "CAMERA_KINDS", "DEFAULT_CAMERA", "KINDS", "TAU_MIN", "Camera", "Layer", "Night",
-    "NightRenderer", "SynthSummary", "default_truth_path", "geometry_attrs", "make_camera", "make_night",
+    "NightRenderer", "Pointing", "Site", "SynthSummary", "default_truth_path", "geometry_attrs", "make_camera", "make_night",
     "matrix", "montage", "read_fits", "render_night", "write_archive", "write_fits",
 ]  # fmt: skip

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cirrus_batch.synth.camera import CAMERA_KINDS, DEFAULT_CAMERA, Camera, make_camera
+from cirrus_batch.synth.bodies import Site
+from cirrus_batch.synth.camera import CAMERA_KINDS, DEFAULT_CAMERA, Camera, Pointing, make_camera
 from cirrus_batch.synth.render import TAU_MIN, NightRenderer
 from cirrus_batch.synth.sky import KINDS, Night, make_night
 
@@ -71,7 +72,7 @@ def _relpath(night: Night, k: int, camera: str, compress: bool) -> str:
     return f"{night.date[:4]}/{night.date}/{camera}_{stamp}{ext}"
 
 
-def _header(night: Night, k: int, t_amb: float, camera: str, ambtemp: bool) -> dict[str, Any]:
+def _header(night: Night, k: int, t_amb: float, camera: str, ambtemp: bool, site: Site | None) -> dict[str, Any]:
     hdr = {
         "DATE-OBS": (str(night.times[k]), "UTC start of exposure"),
         "EXPTIME": (EXPTIME, "[s] integration time"),
@@ -82,19 +83,24 @@ def _header(night: Night, k: int, t_amb: float, camera: str, ambtemp: bool) -> d
     }
     if not ambtemp:
         del hdr["AMBTEMP"]
+    if site is not None:
+        hdr |= {"SITELAT": (site.latitude_deg, "[deg] geodetic latitude"),
+                "SITELONG": (site.longitude_deg, "[deg] east longitude"),
+                "SITEELEV": (site.elevation_m, "[m] elevation")}  # fmt: skip
     return hdr
 
 
 def render_night(
     dest: str | Path, truth: str | Path, night: Night, offset: int, *, seed: int, shape: tuple[int, int],
-    camera: str, camera_kind: str, compress: bool, ambtemp: bool = True, bar: Any = None,
+    camera: str, camera_kind: str, compress: bool, ambtemp: bool = True, bar: Any = None, site: Site | None = None,
+    pointing: Pointing | None = None,
 ) -> tuple[str, str, int]:  # fmt: skip
     """Write the FITS files of one night and its region ``offset:offset+n`` of the truth store."""
     import xarray as xr
 
     dest = Path(dest)
-    cam = make_camera(shape, seed, camera_kind)
-    renderer = NightRenderer(cam, night, seed)
+    cam = make_camera(shape, seed, camera_kind, pointing)
+    renderer = NightRenderer(cam, night, seed, site)
     n = len(night.t_s)
     masks = np.zeros((n, *shape), np.uint8)
     t_amb = np.zeros(n, np.float32)
@@ -103,7 +109,7 @@ def render_night(
         t_amb[k] = renderer.frame(k).t_amb
         rel = _relpath(night, k, camera, compress)
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        write_fits(dest / rel, raw, _header(night, k, float(t_amb[k]), camera, ambtemp), compress)
+        write_fits(dest / rel, raw, _header(night, k, float(t_amb[k]), camera, ambtemp, site), compress)
         if bar is not None:
             bar.update(1)
     frac = (masks.reshape(n, -1)[:, cam.sky.ravel()].mean(axis=1)).astype(np.float32)
@@ -124,12 +130,18 @@ def geometry_attrs(cam: Camera) -> dict[str, Any]:
         "radius_px": round(cam.radius, 4),
         "image_circle_px": round(cam.circle_px, 4),
         "north_deg": round(cam.north_deg, 4),
-        "east": "counterclockwise from north (sky seen from below)",
+        "east": ("clockwise from north (mirrored)" if cam.pointing.mirror
+                 else "counterclockwise from north (sky seen from below)"),
+        "up_azimuth_deg": round(-cam.north_deg % 360, 4),
+        "mirror": bool(cam.pointing.mirror),
+        "tilt_deg": float(cam.pointing.tilt_deg),
+        "tilt_azimuth_deg": float(cam.pointing.tilt_az_deg),
         "tau_min": TAU_MIN,
     }
 
 
-def _init_truth(truth: Path, nights: list[Night], cam: Camera, camera: str, compress: bool) -> None:
+def _init_truth(truth: Path, nights: list[Night], cam: Camera, camera: str, compress: bool,
+                site: Site | None = None) -> None:  # fmt: skip
     import dask.array as da
     import xarray as xr
 
@@ -159,6 +171,8 @@ def _init_truth(truth: Path, nights: list[Night], cam: Camera, camera: str, comp
         attrs={
             "description": "true cloud masks of a cirrus_batch.synth archive (1 = cloud)",
             **geometry_attrs(cam),
+            **({"site": {"latitude_deg": site.latitude_deg, "longitude_deg": site.longitude_deg,
+                         "elevation_m": site.elevation_m}} if site is not None else {}),
         },
     )
     ds["mask"].attrs["description"] = (
@@ -181,12 +195,15 @@ def write_archive(
     shape: tuple[int, int] = (512, 640), seed: int = 0, start: str = "2026-01-05",
     kinds: Sequence[str] | None = None, compress: bool = False, camera: str = "lwircam",
     truth: str | Path | None = None, client: distributed.Client | None = None, progress: bool = True,
-    camera_kind: str = DEFAULT_CAMERA, ambtemp: bool = True,
+    camera_kind: str = DEFAULT_CAMERA, ambtemp: bool = True, site: Site | None = None,
+    pointing: Pointing | None = None,
 ) -> SynthSummary:  # fmt: skip
     """Write a synthetic archive ``DEST/YYYY/YYYYMMDD/<camera>_YYYYMMDDTHHMMSS.fits`` and its truth store.
 
     Night i has sky kind ``kinds[i]`` (default: ``KINDS[i % len(KINDS)]``); ``camera_kind`` is one of
-    ``CAMERA_KINDS``; ``ambtemp=False`` leaves AMBTEMP out of the headers. With ``client``, nights render
+    ``CAMERA_KINDS``; ``ambtemp=False`` leaves AMBTEMP out of the headers; with ``site`` the Sun and the Moon are
+    rendered where they are (and ``SITELAT``/``SITELONG``/``SITEELEV`` written); ``pointing`` sets north, the
+    mirror and a tilt. With ``client``, nights render
     as parallel Dask tasks (one per night); the output is identical to the serial one.
     """
     from tqdm.auto import tqdm
@@ -203,9 +220,9 @@ def write_archive(
     shape = (int(shape[0]), int(shape[1]))
     specs = [make_night(seed, i, kinds[i], start, per_night, cadence_min) for i in range(nights)]
     dest.mkdir(parents=True, exist_ok=True)
-    _init_truth(truth, specs, make_camera(shape, seed, camera_kind), camera, compress)
+    _init_truth(truth, specs, make_camera(shape, seed, camera_kind, pointing), camera, compress, site)
     common = {"seed": seed, "shape": shape, "camera": camera, "camera_kind": camera_kind}
-    common |= {"compress": compress, "ambtemp": ambtemp}
+    common |= {"compress": compress, "ambtemp": ambtemp, "site": site, "pointing": pointing}
     offsets = [i * per_night for i in range(nights)]
     done: list[tuple[str, str, int]]
     if client is None:

@@ -84,11 +84,16 @@ class Camera:
     circle_px: float
     """Radius (px) of the image circle (θ = fov/2)."""
     north_deg: float
-    """Image position angle of north, counterclockwise from up (east is counterclockwise of north)."""
+    """Image position angle of north, counterclockwise from up (east is counterclockwise of north), clockwise
+    for a mirrored camera."""
+    pointing: Pointing
+    """Mirror and tilt of the optical axis (``north_deg`` holds the north actually used)."""
+    focal_px: float
+    """Focal length (px): image radius over ``project(θ)``; 1 / focal_px rad per px at the optical axis."""
     theta: np.ndarray
-    """Zenith angle (deg) per pixel (beyond fov/2 outside the image circle)."""
+    """World zenith angle (deg) per pixel (beyond fov/2 outside the image circle)."""
     az: np.ndarray
-    """Azimuth (rad, from north through east) per pixel."""
+    """World azimuth (rad, from north through east) per pixel."""
     sky: np.ndarray
     """True sky: fully inside the image circle, θ ≤ 90°, above the obstacles (bool)."""
     scene_idx: np.ndarray
@@ -141,8 +146,38 @@ def horizon_profile(rng: np.random.Generator, n: int = 1440) -> tuple[np.ndarray
     return elev, d_t, dist
 
 
-def make_camera(shape: tuple[int, int], seed: int, kind: str = DEFAULT_CAMERA) -> Camera:
-    """Geometry, obstacles and sensor defects of a camera of ``kind``, from ``(seed, 0, kind index)``."""
+@dataclass(frozen=True)
+class Pointing:
+    """How the camera is mounted: ``None`` fields keep the seed's draw."""
+
+    north_deg: float | None = None
+    """Image position angle of north (deg), counterclockwise from up (clockwise when mirrored)."""
+    mirror: bool = False
+    """East-west mirror: east clockwise of north on the image (False: counterclockwise, the sky seen from below)."""
+    tilt_deg: float = 0.0
+    """Angle (deg) between the optical axis and the zenith."""
+    tilt_az_deg: float = 0.0
+    """Azimuth (deg, from north through east) towards which the optical axis leans."""
+
+
+def _tilted(theta_deg: np.ndarray, az_rad: np.ndarray, tilt_deg: float, tilt_az_deg: float) -> tuple[np.ndarray, np.ndarray]:
+    """World (zenith angle deg, azimuth rad) of camera-frame directions when the optical axis leans by ``tilt_deg``
+    towards azimuth ``tilt_az_deg`` (Rodrigues rotation taking the zenith onto the axis)."""
+    th = np.radians(np.minimum(theta_deg, 179.0))
+    v = np.stack([np.sin(th) * np.sin(az_rad), np.sin(th) * np.cos(az_rad), np.cos(th)])
+    t, a = np.radians(tilt_deg), np.radians(tilt_az_deg)
+    k = np.array([-np.cos(a), np.sin(a), 0.0])[:, None, None]
+    kv = (k * v).sum(axis=0)
+    kxv = np.stack([k[1] * v[2] - k[2] * v[1], k[2] * v[0] - k[0] * v[2], k[0] * v[1] - k[1] * v[0]])
+    w = v * np.cos(t) + kxv * np.sin(t) + k * kv * (1 - np.cos(t))
+    theta_w = np.degrees(np.arccos(np.clip(w[2], -1, 1)))
+    return np.where(theta_deg > 179.0, theta_deg, theta_w), np.arctan2(w[0], w[1]) % (2 * np.pi)
+
+
+def make_camera(shape: tuple[int, int], seed: int, kind: str = DEFAULT_CAMERA, pointing: Pointing | None = None) -> Camera:
+    """Geometry, obstacles and sensor defects of a camera of ``kind``, from ``(seed, 0, kind index)``; ``pointing``
+    sets north, the mirror and a tilt of the optical axis (the obstacles and the sky then follow the world's
+    directions)."""
     if kind not in CAMERA_KINDS:
         raise ValueError(f"unknown camera kind {kind!r}; expected one of {tuple(CAMERA_KINDS)}")
     spec = CAMERA_KINDS[kind]
@@ -155,11 +190,16 @@ def make_camera(shape: tuple[int, int], seed: int, kind: str = DEFAULT_CAMERA) -
     focal = circle_px / float(project(spec.projection, np.asarray(theta_max)))
     radius = focal * float(project(spec.projection, np.asarray(np.pi / 2)))
     north = rng.uniform(-20, 20) + (90.0 if rng.random() < 0.25 else 0.0)
+    pointing = pointing or Pointing()
+    if pointing.north_deg is not None:
+        north = pointing.north_deg
     yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
     dy, dx = yy - cy, xx - cx
     r = np.hypot(dy, dx)
     theta = np.degrees(unproject(spec.projection, r / focal))
-    az = (np.arctan2(-dx, -dy) - np.radians(north)) % (2 * np.pi)
+    az = (np.arctan2(dx if pointing.mirror else -dx, -dy) - np.radians(north)) % (2 * np.pi)
+    if pointing.tilt_deg:
+        theta, az = _tilted(theta, az, pointing.tilt_deg, pointing.tilt_az_deg)
 
     elev_p, dt_p, km_p = horizon_profile(rng)
     pos = np.rint(az / (2 * np.pi) * elev_p.size).astype(np.intp) % elev_p.size
@@ -193,7 +233,8 @@ def make_camera(shape: tuple[int, int], seed: int, kind: str = DEFAULT_CAMERA) -
     return Camera(
         kind=spec, shape=(ny, nx), cy=float(cy), cx=float(cx), radius=float(radius),
         circle_px=float(circle_px),
-        north_deg=float(north % 360), theta=theta.astype(np.float32), az=az.astype(np.float32), sky=sky,
+        north_deg=float(north % 360), pointing=pointing, focal_px=float(focal), theta=theta.astype(np.float32),
+        az=az.astype(np.float32), sky=sky,
         scene_idx=np.flatnonzero(scene), obstacle_idx=obstacle_idx,
         obstacle_dt=dt_map.ravel()[obstacle_idx].astype(np.float32),
         obstacle_km=km_map.ravel()[obstacle_idx].astype(np.float32),

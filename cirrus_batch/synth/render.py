@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import ndtri
 
+from cirrus_batch.synth import bodies as bd
 from cirrus_batch.synth import radiometry as rad
 from cirrus_batch.synth.camera import ADU_MAX, Camera
 from cirrus_batch.synth.noise import WrapSampler, fractal_noise, smoothstep
@@ -59,10 +60,13 @@ class _LayerState:
 
 
 class NightRenderer:
-    """Renders the frames of one night on one camera: raw ADU and the true mask."""
+    """Renders the frames of one night on one camera: raw ADU and the true mask; with a ``site``, the Sun and the
+    Moon where they are."""
 
-    def __init__(self, cam: Camera, night: Night, seed: int):
+    def __init__(self, cam: Camera, night: Night, seed: int, site: bd.Site | None = None):
         self.cam, self.night, self.seed = cam, night, seed
+        self.bodies = bd.locate(night.times, site) if site is not None else None
+        self._vectors = bd.scene_vectors(cam) if site is not None else None
         idx = cam.scene_idx
         th = np.minimum(cam.theta.ravel()[idx], 90.0)
         self.bin = np.rint(th / rad.THETA_STEP).astype(np.intp)
@@ -153,6 +157,10 @@ class NightRenderer:
         nt = self.night
         s_seg, t_seg, _ = rad.segments(self.profile, fr.t_amb, fr.pwv, fr.tau_fog, nt.lapse, nt.inversion)
         acc = s_seg[-1][self.bin]
+        if self.bodies is not None:
+            above = bd.radiance(self._vectors, self.bodies, k, self.cam.focal_px)
+            if above is not None:
+                acc = acc + t_seg[-1][self.bin] * above
         cloud = np.full(self.bin.size, fr.tau_fog >= TAU_MIN)
         t = float(nt.t_s[k])
         for j in range(len(self.layers) - 1, -1, -1):
