@@ -49,6 +49,7 @@ from cirrus_batch import imagefiles
 from cirrus_batch.config import IngestConfig, check_ranges
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.fitsio import ImageHeader, Layout, Rejected, find_image, header_values, observation_time, read_raw
+from cirrus_batch.sources import SourceConfig, open_source, redact
 from cirrus_batch.store import NO_DIGEST, Rejection, Store, header_var, write_images
 
 log = logging.getLogger(__name__)
@@ -110,13 +111,14 @@ class IngestReport:
 
 
 # -- discovery ------------------------------------------------------------------------------------
-def discover(source: str) -> tuple[fsspec.AbstractFileSystem, list[FileEntry]]:
-    """List the files of SOURCE: a directory (recursive), a glob, a single file, or an fsspec URL.
+def discover(source: str, cfg: SourceConfig | None = None) -> tuple[fsspec.AbstractFileSystem, list[FileEntry]]:
+    """List the files of SOURCE: a directory (recursive), a glob, a single file, an fsspec URL, a WebDAV share or
+    a bundle (:mod:`cirrus_batch.sources`).
 
     Hidden files and folders (names starting with ``.``, e.g. rsync partial files) are ignored.
     """
     try:
-        fs, path = url_to_fs(stringify_path(source))
+        fs, path = open_source(source, cfg)
         if any(c in path for c in "*?["):
             root = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
             infos = fs.glob(path, detail=True).values()
@@ -127,11 +129,11 @@ def discover(source: str) -> tuple[fsspec.AbstractFileSystem, list[FileEntry]]:
             root = path.rsplit("/", 1)[0]
             infos = [fs.info(path)]
         else:
-            raise CirrusError(f"SOURCE {source} does not exist (or is not readable)")
+            raise CirrusError(f"SOURCE {redact(source)} does not exist (or is not readable)")
     except CirrusError:
         raise
     except (OSError, ValueError, ImportError) as exc:
-        raise CirrusError(f"cannot read SOURCE {source}: {exc}") from None
+        raise CirrusError(f"cannot read SOURCE {redact(source)}: {exc}") from None
     root = root.rstrip("/")
     entries = []
     for info in infos:
@@ -405,7 +407,7 @@ def ingest(
     t0 = time.perf_counter()
     store_url = stringify_path(store_url)
     report = IngestReport(store=store_url)
-    fs, entries = discover(source)
+    fs, entries = discover(source, cfg.source)
     report.found = len(entries)
 
     store = _open_existing(store_url)
@@ -518,7 +520,7 @@ def _digests(client: Client, fs: fsspec.AbstractFileSystem, entries: list[FileEn
 
 def _create_store(url: str, source: str, cfg: IngestConfig, shape: Sequence[int], overwrite: bool = False) -> Store:
     return Store.create(url, shape=tuple(shape), shard_size=cfg.shard_size, header_keys=cfg.header_keys,
-                        clevel=cfg.clevel, source_root=stringify_path(source), overwrite=overwrite)  # fmt: skip
+                        clevel=cfg.clevel, source_root=redact(source), overwrite=overwrite)  # fmt: skip
 
 
 class NoImagesError(CirrusError):
