@@ -26,7 +26,7 @@ import os
 import tarfile
 import threading
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -39,7 +39,7 @@ from fsspec.utils import stringify_path
 
 from cirrus_batch.errors import CirrusError
 
-PROTOCOLS = ("", "webdav")
+PROTOCOLS = ("auto", "webdav")
 USER_ENV, PASSWORD_ENV = "CIRRUS_WEBDAV_USER", "CIRRUS_WEBDAV_PASSWORD"
 BUNDLES = {".tar": ("tar", None), ".tar.gz": ("tar", "gzip"), ".tgz": ("tar", "gzip"),
            ".tar.bz2": ("tar", "bz2"), ".tar.xz": ("tar", "xz"), ".zip": ("zip", None)}  # fmt: skip
@@ -48,19 +48,14 @@ BUNDLES = {".tar": ("tar", None), ".tar.gz": ("tar", "gzip"), ".tgz": ("tar", "g
 
 @dataclass
 class SourceConfig:
-    """How ingest reaches SOURCE (``[ingest.source]``; see :mod:`cirrus_batch.sources`)."""
+    """How ingest reaches SOURCE (``[ingest.source]``; see :mod:`cirrus_batch.sources`). Ranges and choices are
+    the field metadata :func:`cirrus_batch.config.from_dict` checks."""
 
-    protocol: str = ""
-    """``""``: by the URL (``webdav://`` is WebDAV over HTTPS); ``"webdav"``: an ``http(s)://`` SOURCE is a
+    protocol: str = field(default="auto", metadata={"choices": PROTOCOLS})
+    """``auto``: by the URL (``webdav://`` is WebDAV over HTTPS); ``"webdav"``: an ``http(s)://`` SOURCE is a
     WebDAV share. The login is never a setting: ``CIRRUS_WEBDAV_USER``/``CIRRUS_WEBDAV_PASSWORD`` or netrc."""
-    timeout_s: float = 10.0
+    timeout_s: float = field(default=10.0, metadata={"range": (0, 600), "strict": "lo"})
     """Seconds a WebDAV request may wait for the server (connect, read) before it is an error."""
-
-    def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {', '.join(map(repr, PROTOCOLS))}, got {self.protocol!r}")
-        if not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s!r}")
 
 
 def redact(source: Any) -> str:

@@ -6,14 +6,10 @@ leaves the store as it was. The test password appears in no output and no store 
 from __future__ import annotations
 
 import base64
-import functools
-import http.server
-import io
 import os
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -23,6 +19,7 @@ import numpy as np
 import pytest
 from conftest import make_archive
 from distributed import Client, LocalCluster
+from servers import http_server, webdav_server
 
 from cirrus_batch.config import IngestConfig
 from cirrus_batch.errors import CirrusError
@@ -69,42 +66,11 @@ def folder_store(tmp_path, client) -> tuple[Path, Path]:
     return root, tmp_path / "folder.zarr"
 
 
-def serve(directory: Path, ranges: bool = True) -> Iterator[str]:
-    """``directory`` over HTTP on loopback (python's http.server; answering range requests, as file-transfer
-    services do, when ``ranges``); yields its URL."""
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def send_head(self):
-            path = Path(self.translate_path(self.path))
-            wanted = self.headers.get("Range", "")
-            if not (ranges and wanted.startswith("bytes=") and path.is_file()):
-                return super().send_head()
-            data = path.read_bytes()
-            first, _, last = wanted.removeprefix("bytes=").partition("-")
-            a, b = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {a}-{b}/{len(data)}")
-            self.send_header("Content-Length", str(b - a + 1))
-            self.end_headers()
-            return io.BytesIO(data[a : b + 1])
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(directory)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture
 def http_dir(tmp_path) -> Iterator[tuple[Path, str]]:
     (tmp_path / "www").mkdir()
-    yield from ((tmp_path / "www", url) for url in serve(tmp_path / "www"))
+    with http_server(tmp_path / "www") as url:
+        yield tmp_path / "www", url
 
 
 # -- bundles ------------------------------------------------------------------------------------------
@@ -122,7 +88,7 @@ def test_bundle_on_disk_and_over_http_is_the_folder_store(tmp_path, folder_store
         assert run(root, store, client).already == 10  # the folder is the same archive
 
 
-def test_next_nights_bundle_appends_and_the_same_bundle_again_adds_nothing(tmp_path, folder_store, http_dir, client):
+def test_next_nights_bundle_appends_and_the_same_one_again_adds_nothing(tmp_path, folder_store, http_dir, client):
     root, reference = folder_store
     www, url = http_dir
     store = tmp_path / "s.zarr"
@@ -160,7 +126,7 @@ def test_truncated_bundle_is_one_error_naming_it_and_the_store_is_kept(tmp_path,
 def test_zip_on_a_server_without_range_requests_is_a_clear_error(tmp_path, folder_store, client):
     (tmp_path / "plain").mkdir()
     pack(folder_store[0], tmp_path / "plain" / "b.zip")
-    for url in serve(tmp_path / "plain", ranges=False):
+    with http_server(tmp_path / "plain", ranges=False) as url:
         with pytest.raises(CirrusError, match=rf"^bundle {url}/b.zip: the server does not answer range requests"):
             run(f"{url}/b.zip", tmp_path / "s.zarr", client)
     assert not (tmp_path / "s.zarr").exists()
@@ -181,25 +147,9 @@ def test_redact_drops_login_and_query():
 # -- WebDAV -------------------------------------------------------------------------------------------
 @pytest.fixture
 def webdav(folder_store) -> Iterator[str]:
-    """The archive on a WebDAV server (wsgidav under cheroot) on loopback that wants USER/PASSWORD (basic)."""
-    from cheroot import wsgi
-    from wsgidav.wsgidav_app import WsgiDAVApp
-
-    root, _ = folder_store
-    app = WsgiDAVApp({
-        "provider_mapping": {"/": str(root.parent)},
-        "simple_dc": {"user_mapping": {"*": {USER: {"password": PASSWORD}}}},
-        "http_authenticator": {"accept_basic": True, "accept_digest": False, "default_to_digest": False},
-        "verbose": 0, "logging": {"enable": False}, "dir_browser": {"enable": False},
-    })  # fmt: skip
-    server = wsgi.Server(("127.0.0.1", 0), app, numthreads=4)
-    server.prepare()
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.bind_addr[1]}/archive"
-    finally:
-        server.stop()
+    """The archive on a WebDAV server (wsgidav) on loopback that wants USER/PASSWORD."""
+    with webdav_server(folder_store[0].parent, USER, PASSWORD) as url:
+        yield f"{url}/archive"
 
 
 @pytest.fixture
