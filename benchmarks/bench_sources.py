@@ -88,7 +88,8 @@ def main() -> None:
         dav = stack.enter_context(webdav_server(work, "bench", "bench-password"))
         web = stack.enter_context(http_server(www))
         if "s3-store" in args.kinds:
-            (work / "seaweedfs").mkdir(exist_ok=True)
+            shutil.rmtree(work / "seaweedfs", ignore_errors=True)
+            (work / "seaweedfs").mkdir()
             stack.enter_context(s3_server(work / "seaweedfs", "bench", "bench-secret-key", "bench"))
         cluster = stack.enter_context(local_cluster(ClusterConfig(n_workers=cores)))
         client = stack.enter_context(Client(cluster))
@@ -103,14 +104,15 @@ def main() -> None:
         for kind in args.kinds:
             source, store, cfg = runs[kind]
             rates = []
-            for _ in range(args.repeat):
-                remove(store)
-                rates.append(rate(source, store, client, cfg, n))
+            for i in range(args.repeat):
+                run_store = store.replace(".zarr", f"-{i}.zarr")  # new names: an object store may keep empty prefixes
+                remove(run_store)
+                rates.append(rate(source, run_store, client, cfg, n))
+                remove(run_store)
             median = statistics.median(rates)
             reference = reference or (median if kind == "folder" else None)
             versus = f" | {median / reference:.2f} x folder" if reference else ""
             print(f"[{kind:8s}] {median:7.1f} images/s (runs: {', '.join(f'{r:.0f}' for r in rates)}){versus}")
-            remove(store)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import numpy as np
 import zarr
 from distributed import Client, as_completed
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import stringify_path
 from tqdm.auto import tqdm
 
@@ -360,13 +361,22 @@ def _open_existing(url: str) -> Store | None:
     """The store at ``url``, or None where nothing is there yet."""
     try:
         fs, path = url_to_fs(url)
+        fs.invalidate_cache(path)  # listings cached by an earlier run in this process may be stale
         if fs.exists(f"{path.rstrip('/')}/zarr.json"):
             return Store.open(url)
-        if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
+        if fs.exists(path) and (not fs.isdir(path) or _holds_files(fs, path)):
             raise CirrusError(f"STORE {url} exists and is not a zarr store")
     except OSError as exc:
         raise CirrusError(f"cannot read STORE {url}: {exc}") from None
     return None
+
+
+def _holds_files(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether the folder ``path`` holds anything; an object store's empty prefixes (SeaweedFS keeps them after a
+    store is deleted, and zarr would refuse to create a store there) hold nothing."""
+    if isinstance(fs, LocalFileSystem):
+        return bool(fs.ls(path))
+    return any(name.rstrip("/") != path.rstrip("/") for name in fs.find(path))  # not the prefix's own marker
 
 
 def _bar(total: int, desc: str, unit: str, progress: bool) -> tqdm:
@@ -519,6 +529,10 @@ def _digests(client: Client, fs: fsspec.AbstractFileSystem, entries: list[FileEn
 
 
 def _create_store(url: str, source: str, cfg: IngestConfig, shape: Sequence[int], overwrite: bool = False) -> Store:
+    """A new store at ``url`` (where :func:`_open_existing` found nothing). On an object store it is created with
+    zarr's mode ``w``: empty prefixes a deleted store left there (SeaweedFS keeps them) make zarr's ``w-`` refuse,
+    and the writer lock, not ``w-``, keeps two writers apart there."""
+    overwrite = overwrite or not isinstance(url_to_fs(url)[0], LocalFileSystem)
     return Store.create(url, shape=tuple(shape), shard_size=cfg.shard_size, header_keys=cfg.header_keys,
                         clevel=cfg.clevel, source_root=redact(source), overwrite=overwrite)  # fmt: skip
 

@@ -99,9 +99,10 @@ class LockFile:
     def store_exists(self) -> bool:
         return self.path.with_suffix("").is_dir()
 
-    def make_room(self) -> None:
-        """Create the folder the store will be in (a new store's lock is taken before the store exists)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def prepare(self, create: bool) -> None:
+        """Make the lock possible: the folder a new store (``create``) will be in exists."""
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def create(self, data: bytes) -> bool:
         """Create the lock holding ``data``, atomically; False when it exists."""
@@ -130,16 +131,16 @@ class LockFile:
         self.path.unlink(missing_ok=True)
 
 
-class LockObject(LockFile):
+class LockObject:
     """The lock of a store on S3-compatible object storage: the object ``STORE.lock``, created with a
     conditional PUT (``If-None-Match: *``: of two writers the store accepts one); its ``LastModified`` is the
-    heartbeat, renewed by writing it again. Before the first lock of a bucket the store is checked to refuse a
-    second conditional PUT of one key (a store that ignores the condition would let two writers in)."""
+    heartbeat, renewed by writing it again. The methods are those of :class:`LockFile`."""
 
     _checked: set[str] = set()
+    """Buckets whose store was seen to refuse a second conditional PUT (in this process)."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
-        self.fs, self.key = fs, path
+    def __init__(self, fs: fsspec.AbstractFileSystem, key: str):
+        self.fs, self.key = fs, key
 
     def __str__(self) -> str:
         return self.fs.unstrip_protocol(self.key)
@@ -147,18 +148,21 @@ class LockObject(LockFile):
     def store_exists(self) -> bool:
         return self.fs.exists(self.key.removesuffix(LOCK_SUFFIX) + "/zarr.json")
 
-    def make_room(self) -> None:
+    def prepare(self, create: bool) -> None:
+        """Check once per bucket that the store refuses a second conditional PUT of one key (a throw-away key):
+        one that ignores the condition would let two writers in."""
         bucket = self.key.split("/", 1)[0]
-        if bucket not in self._checked:
-            probe = f"{self.key}.probe-{uuid.uuid4().hex}"
-            try:
-                if not (self.create(b"probe", probe) and not self.create(b"probe", probe)):
-                    raise StoreError(f"the object store of {self} does not refuse a second conditional PUT "
-                                     "(If-None-Match: *) of one key: it cannot hold a writer lock")  # fmt: skip
-            finally:
-                if self.fs.exists(probe):
-                    self.fs.rm_file(probe)
-            self._checked.add(bucket)
+        if bucket in self._checked:
+            return
+        probe = f"{self.key}.probe-{uuid.uuid4().hex}"
+        try:
+            if not (self.create(b"probe", probe) and not self.create(b"probe", probe)):
+                raise StoreError(f"the object store of {self} does not refuse a second conditional PUT "
+                                 "(If-None-Match: *) of one key: it cannot hold a writer lock")  # fmt: skip
+        finally:
+            if self.fs.exists(probe):
+                self.fs.rm_file(probe)
+        self._checked.add(bucket)
 
     def create(self, data: bytes, key: str | None = None) -> bool:
         try:
@@ -191,7 +195,7 @@ class LockObject(LockFile):
             pass
 
 
-def lock_object(store_url: str) -> LockFile | None:
+def lock_object(store_url: str) -> LockFile | LockObject | None:
     """The lock of the store at ``store_url``: a file beside a store on a filesystem, an object beside one on
     S3-compatible storage; None for other fsspec URLs (no lock)."""
     fs, path = url_to_fs(stringify_path(store_url))
@@ -202,7 +206,7 @@ def lock_object(store_url: str) -> LockFile | None:
     return None
 
 
-def read_holder(lock: Path | LockFile) -> Holder | None:
+def read_holder(lock: Path | LockFile | LockObject) -> Holder | None:
     """The holder of the lock ``lock`` (a lock file's path, or a lock); None when there is none (or its file is
     still being written)."""
     found = (LockFile(lock) if isinstance(lock, Path) else lock).read()
@@ -242,10 +246,9 @@ class StoreLock:
             log.info("%s is neither on a filesystem path nor on S3: no writer lock", self.url)
             return
         try:
-            if self.create:
-                self.lock.make_room()
-            elif not self.lock.store_exists():
+            if not self.create and not self.lock.store_exists():
                 raise StoreError(f"no zarr store at {self.url}")
+            self.lock.prepare(self.create)
         except OSError as exc:
             raise StoreError(f"cannot create STORE {self.url}: {exc.strerror or exc}") from None
         deadline, told = time.monotonic() + self.cfg.wait, False

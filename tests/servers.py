@@ -32,6 +32,12 @@ def http_server(directory: Path, ranges: bool = True) -> Iterator[str]:
         def log_message(self, *args):
             pass
 
+        def copyfile(self, source, outputfile):
+            try:
+                super().copyfile(source, outputfile)
+            except (BrokenPipeError, ConnectionResetError):  # the client read what it wanted
+                pass
+
         def send_head(self):
             path = Path(self.translate_path(self.path))
             wanted = self.headers.get("Range", "")

@@ -72,6 +72,10 @@ def test_s3_store_is_the_folder_store_and_a_rerun_adds_nothing(tmp_path, s3_clie
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
     make_archive(root, nights=1, per_night=5, start_day=20)  # the next night appends
     assert run(root, store, s3_client).ingested == 5 and Store.open(store, mode="r").committed == 20
+    import s3fs
+
+    s3fs.S3FileSystem(skip_instance_cache=True).rm("season/same.zarr", recursive=True)
+    assert run(root, store, s3_client).ingested == 20  # the empty prefixes a deleted store leaves are no store
 
 
 def test_s3_writer_lock_is_exclusive_renewed_and_broken_when_stale(s3_client, tmp_path):
