@@ -22,6 +22,7 @@ from cirrus_batch.humanmasks import HumanMaskConfig
 from cirrus_batch.imagefiles import ImageFileConfig
 from cirrus_batch.masks import MaskConfig
 from cirrus_batch.sampling import SamplingConfig
+from cirrus_batch.sources import SourceConfig
 
 
 RANGE = "range"
@@ -96,6 +97,8 @@ class IngestConfig:
     rejected (a reset camera clock); 0: no check."""
     image_files: ImageFileConfig = field(default_factory=ImageFileConfig)
     """PNG/TIFF frames (``[ingest.image_files]``): colour rule and time source (see ``imagefiles``)."""
+    source: SourceConfig = field(default_factory=SourceConfig)
+    """How SOURCE is reached (``[ingest.source]``): WebDAV protocol, request timeout (see ``sources``)."""
 
     def __post_init__(self) -> None:
         check_ranges(self)

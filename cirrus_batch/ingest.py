@@ -42,6 +42,7 @@ import numpy as np
 import zarr
 from distributed import Client, as_completed
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import stringify_path
 from tqdm.auto import tqdm
 
@@ -49,6 +50,7 @@ from cirrus_batch import imagefiles
 from cirrus_batch.config import IngestConfig, check_ranges
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.fitsio import ImageHeader, Layout, Rejected, find_image, header_values, observation_time, read_raw
+from cirrus_batch.sources import SourceConfig, open_source, redact
 from cirrus_batch.store import NO_DIGEST, Rejection, Store, header_var, write_images
 
 log = logging.getLogger(__name__)
@@ -110,13 +112,14 @@ class IngestReport:
 
 
 # -- discovery ------------------------------------------------------------------------------------
-def discover(source: str) -> tuple[fsspec.AbstractFileSystem, list[FileEntry]]:
-    """List the files of SOURCE: a directory (recursive), a glob, a single file, or an fsspec URL.
+def discover(source: str, cfg: SourceConfig | None = None) -> tuple[fsspec.AbstractFileSystem, list[FileEntry]]:
+    """List the files of SOURCE: a directory (recursive), a glob, a single file, an fsspec URL, a WebDAV share or
+    a bundle (:mod:`cirrus_batch.sources`).
 
     Hidden files and folders (names starting with ``.``, e.g. rsync partial files) are ignored.
     """
     try:
-        fs, path = url_to_fs(stringify_path(source))
+        fs, path = open_source(source, cfg)
         if any(c in path for c in "*?["):
             root = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
             infos = fs.glob(path, detail=True).values()
@@ -127,11 +130,11 @@ def discover(source: str) -> tuple[fsspec.AbstractFileSystem, list[FileEntry]]:
             root = path.rsplit("/", 1)[0]
             infos = [fs.info(path)]
         else:
-            raise CirrusError(f"SOURCE {source} does not exist (or is not readable)")
+            raise CirrusError(f"SOURCE {redact(source)} does not exist (or is not readable)")
     except CirrusError:
         raise
     except (OSError, ValueError, ImportError) as exc:
-        raise CirrusError(f"cannot read SOURCE {source}: {exc}") from None
+        raise CirrusError(f"cannot read SOURCE {redact(source)}: {exc}") from None
     root = root.rstrip("/")
     entries = []
     for info in infos:
@@ -358,13 +361,22 @@ def _open_existing(url: str) -> Store | None:
     """The store at ``url``, or None where nothing is there yet."""
     try:
         fs, path = url_to_fs(url)
+        fs.invalidate_cache(path)  # listings cached by an earlier run in this process may be stale
         if fs.exists(f"{path.rstrip('/')}/zarr.json"):
             return Store.open(url)
-        if fs.exists(path) and (not fs.isdir(path) or fs.ls(path)):
+        if fs.exists(path) and (not fs.isdir(path) or _holds_files(fs, path)):
             raise CirrusError(f"STORE {url} exists and is not a zarr store")
     except OSError as exc:
         raise CirrusError(f"cannot read STORE {url}: {exc}") from None
     return None
+
+
+def _holds_files(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether the folder ``path`` holds anything; an object store's empty prefixes (SeaweedFS keeps them after a
+    store is deleted, and zarr would refuse to create a store there) hold nothing."""
+    if isinstance(fs, LocalFileSystem):
+        return bool(fs.ls(path))
+    return any(name.rstrip("/") != path.rstrip("/") for name in fs.find(path))  # not the prefix's own marker
 
 
 def _bar(total: int, desc: str, unit: str, progress: bool) -> tqdm:
@@ -405,7 +417,7 @@ def ingest(
     t0 = time.perf_counter()
     store_url = stringify_path(store_url)
     report = IngestReport(store=store_url)
-    fs, entries = discover(source)
+    fs, entries = discover(source, cfg.source)
     report.found = len(entries)
 
     store = _open_existing(store_url)
@@ -517,8 +529,12 @@ def _digests(client: Client, fs: fsspec.AbstractFileSystem, entries: list[FileEn
 
 
 def _create_store(url: str, source: str, cfg: IngestConfig, shape: Sequence[int], overwrite: bool = False) -> Store:
+    """A new store at ``url`` (where :func:`_open_existing` found nothing). On an object store it is created with
+    zarr's mode ``w``: empty prefixes a deleted store left there (SeaweedFS keeps them) make zarr's ``w-`` refuse,
+    and the writer lock, not ``w-``, keeps two writers apart there."""
+    overwrite = overwrite or not isinstance(url_to_fs(url)[0], LocalFileSystem)
     return Store.create(url, shape=tuple(shape), shard_size=cfg.shard_size, header_keys=cfg.header_keys,
-                        clevel=cfg.clevel, source_root=stringify_path(source), overwrite=overwrite)  # fmt: skip
+                        clevel=cfg.clevel, source_root=redact(source), overwrite=overwrite)  # fmt: skip
 
 
 class NoImagesError(CirrusError):

@@ -6,11 +6,13 @@ filesystem makes the create atomic (also on NFS v3+ and Lustre), so of two write
 JSON naming the holder (user, host, pid, command, time); its modification time is the holder's heartbeat,
 renewed every ``[lock] heartbeat`` seconds. A lock is stale, and is broken, when its holder is on this host and
 its process is gone, or when its heartbeat is older than ``[lock] stale_after`` (a holder on another host that
-died). Stores that are not on a filesystem path (fsspec URLs) have no lock.
+died). A store on S3-compatible object storage has the object ``STORE.lock`` instead, created by a conditional
+PUT (:class:`LockObject`); stores at other fsspec URLs have no lock.
 """
 
 from __future__ import annotations
 
+import errno
 import getpass
 import json
 import logging
@@ -25,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 
+import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import stringify_path
@@ -83,14 +86,138 @@ def lock_path(store_url: str) -> Path | None:
     return Path(path.rstrip("/") + LOCK_SUFFIX) if isinstance(fs, LocalFileSystem) else None
 
 
-def read_holder(path: Path) -> Holder | None:
-    """The holder of the lock at ``path``; None when there is none (or its file is still being written)."""
+class LockFile:
+    """The lock of a store on a filesystem: ``STORE.lock``, created with ``O_CREAT | O_EXCL``; its modification
+    time is the heartbeat."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def store_exists(self) -> bool:
+        return self.path.with_suffix("").is_dir()
+
+    def prepare(self, create: bool) -> None:
+        """Make the lock possible: the folder a new store (``create``) will be in exists."""
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def create(self, data: bytes) -> bool:
+        """Create the lock holding ``data``, atomically; False when it exists."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
+
+    def read(self) -> tuple[bytes, float] | None:
+        """The lock's content and heartbeat (POSIX seconds); None when there is none."""
+        try:
+            return self.path.read_bytes(), self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def renew(self, data: bytes) -> None:
+        os.utime(self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class LockObject:
+    """The lock of a store on S3-compatible object storage: the object ``STORE.lock``, created with a
+    conditional PUT (``If-None-Match: *``: of two writers the store accepts one); its ``LastModified`` is the
+    heartbeat, renewed by writing it again. The methods are those of :class:`LockFile`."""
+
+    _checked: set[str] = set()
+    """Buckets whose store was seen to refuse a second conditional PUT (in this process)."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, key: str):
+        self.fs, self.key = fs, key
+
+    def __str__(self) -> str:
+        return self.fs.unstrip_protocol(self.key)
+
+    def store_exists(self) -> bool:
+        return self.fs.exists(self.key.removesuffix(LOCK_SUFFIX) + "/zarr.json")
+
+    def prepare(self, create: bool) -> None:
+        """Check once per bucket that the store refuses a second conditional PUT of one key (a throw-away key):
+        one that ignores the condition would let two writers in."""
+        bucket = self.key.split("/", 1)[0]
+        if bucket in self._checked:
+            return
+        probe = f"{self.key}.probe-{uuid.uuid4().hex}"
+        try:
+            if not (self.create(b"probe", probe) and not self.create(b"probe", probe)):
+                raise StoreError(f"the object store of {self} does not refuse a second conditional PUT "
+                                 "(If-None-Match: *) of one key: it cannot hold a writer lock")  # fmt: skip
+        finally:
+            if self.fs.exists(probe):
+                self.fs.rm_file(probe)
+        self._checked.add(bucket)
+
+    def create(self, data: bytes, key: str | None = None) -> bool:
+        try:
+            self.fs.pipe_file(key or self.key, data, mode="create")
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if exc.errno == errno.EINVAL or "onflict" in str(exc):  # 412 PreconditionFailed, 409 a concurrent PUT
+                return False
+            raise
+        return True
+
+    def read(self) -> tuple[bytes, float] | None:
+        try:
+            self.fs.invalidate_cache(self.key)
+            info = self.fs.info(self.key)
+            data = self.fs.cat_file(self.key)
+        except FileNotFoundError:
+            return None
+        modified = info.get("LastModified") or info.get("mtime")
+        return data, modified.timestamp() if isinstance(modified, datetime) else float(modified or time.time())
+
+    def renew(self, data: bytes) -> None:
+        self.fs.pipe_file(self.key, data)
+
+    def remove(self) -> None:
+        try:
+            self.fs.rm_file(self.key)
+        except FileNotFoundError:
+            pass
+
+
+def lock_object(store_url: str) -> LockFile | LockObject | None:
+    """The lock of the store at ``store_url``: a file beside a store on a filesystem, an object beside one on
+    S3-compatible storage; None for other fsspec URLs (no lock)."""
+    fs, path = url_to_fs(stringify_path(store_url))
+    if isinstance(fs, LocalFileSystem):
+        return LockFile(Path(path.rstrip("/") + LOCK_SUFFIX))
+    if "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return LockObject(fs, path.rstrip("/") + LOCK_SUFFIX)
+    return None
+
+
+def read_holder(lock: Path | LockFile | LockObject) -> Holder | None:
+    """The holder of the lock ``lock`` (a lock file's path, or a lock); None when there is none (or its file is
+    still being written)."""
+    found = (LockFile(lock) if isinstance(lock, Path) else lock).read()
+    if found is None:
+        return None
+    data, heartbeat = found
     try:
-        heartbeat = path.stat().st_mtime
-        info = json.loads(path.read_text())
+        info = json.loads(data)
         return Holder(str(info["user"]), str(info["host"]), int(info["pid"]), str(info["command"]),
                       str(info["since"]), str(info["token"]), heartbeat)  # fmt: skip
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return None
 
 
@@ -107,26 +234,29 @@ class StoreLock:
         self.cfg = cfg or LockConfig()
         self.create = create
         self.on_wait = on_wait or log.warning
-        self.path = lock_path(self.url)
+        self.lock = lock_object(self.url)
         self.token = uuid.uuid4().hex
+        self.info = b""
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
     # -- acquire and release -----------------------------------------------------------------------
     def acquire(self) -> None:
-        if self.path is None:
-            log.info("%s is not on a filesystem path: no writer lock", self.url)
+        if self.lock is None:
+            log.info("%s is neither on a filesystem path nor on S3: no writer lock", self.url)
             return
-        store_dir = self.path.with_suffix("")
-        if self.create:
-            self._mkdir()
-        elif not store_dir.is_dir():
-            raise StoreError(f"no zarr store at {self.url}")
+        try:
+            if not self.create and not self.lock.store_exists():
+                raise StoreError(f"no zarr store at {self.url}")
+            self.lock.prepare(self.create)
+        except OSError as exc:
+            raise StoreError(f"cannot create STORE {self.url}: {exc.strerror or exc}") from None
         deadline, told = time.monotonic() + self.cfg.wait, False
         while not self._try_create():
-            holder = read_holder(self.path)
+            holder = read_holder(self.lock)
             if holder is None:  # released meanwhile, or its holder is writing it now
-                if self.path.exists() and time.time() - self._mtime() > self.cfg.stale_after:
+                found = self.lock.read()
+                if found is not None and time.time() - found[1] > self.cfg.stale_after:
                     self._break(None, "an empty lock file")
                 time.sleep(0.05)
                 continue
@@ -138,7 +268,7 @@ class StoreLock:
             if left <= 0:
                 raise StoreLockedError(
                     f"{self.url} is being written by {holder}; {self.command} changed nothing "
-                    f"(waited {self.cfg.wait:g} s, [lock] wait; the lock is {self.path})"
+                    f"(waited {self.cfg.wait:g} s, [lock] wait; the lock is {self.lock})"
                 )
             if not told:
                 self.on_wait(f"{self.url} is being written by {holder}; waiting up to {self.cfg.wait:g} s")
@@ -148,14 +278,14 @@ class StoreLock:
         self._beat.start()
 
     def release(self) -> None:
-        if self.path is None:
+        if self.lock is None:
             return
         self._stop.set()
         if self._beat is not None:
             self._beat.join()
-        holder = read_holder(self.path)
+        holder = read_holder(self.lock)
         if holder is not None and holder.token == self.token:
-            self.path.unlink(missing_ok=True)
+            self.lock.remove()
 
     def __enter__(self) -> StoreLock:
         self.acquire()
@@ -165,59 +295,38 @@ class StoreLock:
         self.release()
 
     # -- internals ---------------------------------------------------------------------------------
-    def _mkdir(self) -> None:
-        assert self.path is not None
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create STORE {self.url}: {exc.strerror or exc}") from None
-
     def _try_create(self) -> bool:
-        """Create the lock file (atomically, ``O_EXCL``) with our holder's JSON; False when it exists."""
-        assert self.path is not None
+        """Create the lock (atomically) with our holder's JSON; False when it exists."""
+        assert self.lock is not None
         info = {"user": _user(), "host": socket.gethostname(), "pid": os.getpid(), "command": self.command,
                 "since": datetime.now(UTC).isoformat(timespec="seconds"), "token": self.token}  # fmt: skip
+        self.info = json.dumps(info).encode()
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
+            return self.lock.create(self.info)
         except OSError as exc:
-            raise StoreError(f"cannot write to STORE {self.url} (creating its lock {self.path}: "
+            raise StoreError(f"cannot write to STORE {self.url} (creating its lock {self.lock}: "
                              f"{exc.strerror or exc}); nothing was changed") from None  # fmt: skip
-        try:
-            os.write(fd, json.dumps(info).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return True
-
-    def _mtime(self) -> float:
-        assert self.path is not None
-        try:
-            return self.path.stat().st_mtime
-        except FileNotFoundError:
-            return time.time()
 
     def _break(self, holder: Holder | None, reason: str) -> None:
         """Remove a stale lock, unless it changed hands since it was judged stale."""
-        assert self.path is not None
-        now = read_holder(self.path)
+        assert self.lock is not None
+        now = read_holder(self.lock)
         if (now.token if now else None) != (holder.token if holder else None):
             return
         log.warning("breaking the stale lock of %s on %s: %s", holder or "nobody", self.url, reason)
-        self.path.unlink(missing_ok=True)
+        self.lock.remove()
 
     def _heartbeat(self) -> None:
-        assert self.path is not None
+        assert self.lock is not None
         while not self._stop.wait(self.cfg.heartbeat):
-            holder = read_holder(self.path)
+            holder = read_holder(self.lock)
             if holder is None or holder.token != self.token:
                 log.error("the writer lock of %s was taken from this process (%s)", self.url, holder or "removed")
                 return
             try:
-                os.utime(self.path)
+                self.lock.renew(self.info)
             except OSError as exc:
-                log.warning("cannot renew the writer lock %s: %s", self.path, exc)
+                log.warning("cannot renew the writer lock %s: %s", self.lock, exc)
 
 
 def _user() -> str:
