@@ -348,6 +348,7 @@ def test_a_dataset_inserted_by_a_concurrent_trial_is_found_on_retry(tmp_path, mo
     from cirrus_batch import train as train_module
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("race")  # not the experiment an earlier test left active, which this store lacks
     dataset = mlflow.data.from_pandas(pd.DataFrame({"x": [1, 2]}), source=str(tmp_path), name="s.zarr")
     real, calls = mlflow.log_input, []
 
