@@ -77,7 +77,7 @@ def slurm_kwargs(cfg: SlurmConfig) -> dict[str, Any]:
     return kwargs
 
 
-def slurm_cluster(cfg: SlurmConfig, dashboard_address: str = ":0") -> Cluster:
+def slurm_cluster(cfg: SlurmConfig, dashboard_address: str = "127.0.0.1:0") -> Cluster:
     """A dask-jobqueue SLURMCluster (not yet scaled); a clear error where SLURM is not installed."""
     if shutil.which("sbatch") is None:
         raise CirrusError("--cluster slurm needs SLURM's sbatch on PATH (not found); use --cluster local")

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import multiprocessing
+import pickle
 import signal
 import socket
 import tempfile
@@ -217,7 +218,8 @@ def _ema_update(decay: float, averaged: list[torch.Tensor], current: list[torch.
 
 
 class _Checkpoint:
-    """Atomic per-epoch checkpoint of everything a resumed run needs."""
+    """Atomic per-epoch checkpoint of everything a resumed run needs: tensors and plain types only (loaded
+    with ``weights_only=True``)."""
 
     def __init__(self, directory: str | Path, task: str):
         self.path = Path(directory) / f"{task}.pt"
@@ -231,8 +233,12 @@ class _Checkpoint:
     def load(self) -> dict[str, Any]:
         if not self.path.exists():
             raise CirrusError(f"--resume: no checkpoint at {self.path}")
-        try:
-            return torch.load(self.path, map_location="cpu", weights_only=False)
+        try:  # tensors and plain types only: unpickling anything else could run code planted in the file
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise CirrusError(f"cannot read checkpoint {self.path}: it holds objects other than tensors and plain "
+                              "types, which are not loaded (they could run code); delete it or train without "
+                              "--resume") from None
         except Exception as exc:
             raise CirrusError(f"cannot read checkpoint {self.path}: {exc}") from None
 
