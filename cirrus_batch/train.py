@@ -50,6 +50,7 @@ from cirrus_batch.models import MEMORY_FORMAT, autocast_dtype, build_model, pick
 from cirrus_batch.prepare import read_images, truth_index
 from cirrus_batch.registry import champion_uri, code_version, describe_version, promote
 from cirrus_batch.sampling import Split, make_split
+from cirrus_batch.store import json_attr
 from cirrus_batch.tracking import resolve_tracking_uri
 
 if TYPE_CHECKING:
@@ -491,7 +492,7 @@ def store_tags(store_url: str) -> dict[str, str]:
     n = int(group.attrs["committed"])
     times = np.asarray(group["time"][[0, n - 1]] if n else [], dtype="int64").astype("datetime64[us]").astype(
         "datetime64[s]")  # fmt: skip
-    geometry = (group.attrs.get("prepare") or {}).get("geometry", {})
+    geometry = json_attr(group.attrs, "prepare", {}).get("geometry", {})
     return {"store.images": str(n), "store.start": str(times[0]) if n else "", "store.end": str(times[-1]) if n else "",
             "camera.shape": "x".join(map(str, group["raw"].shape[1:])),
             "camera.center": ", ".join(f"{c:.1f}" for c in geometry.get("center", [])),
