@@ -97,10 +97,7 @@ def to_netcdf(ds: xr.Dataset, path: str | Path, complevel: int = COMPLEVEL) -> N
             if var.ndim == 3:
                 enc["chunksizes"] = (1, *var.shape[1:])
             encoding[name] = enc
-    try:
-        ds.to_netcdf(path, format="NETCDF4", engine="netcdf4", encoding=encoding)
-    except ImportError:
-        raise CirrusError("NetCDF export needs the netCDF4 package: pip install netCDF4") from None
+    ds.to_netcdf(path, format="NETCDF4", engine="netcdf4", encoding=encoding)
 
 
 def export(store_url: str, out: str | Path, variables: Sequence[str] = (), times: Sequence[str] = ()) -> ExportReport:

@@ -39,7 +39,7 @@ def season(trained, tmp_path_factory, client) -> str:
     return store
 
 
-def test_xarray_decodes_the_store_with_cf_attributes(season):
+def test_xarray_decodes_the_store_with_cf_attributes(season, tmp_path):
     ds = open_dataset(season)
     assert ds.attrs["Conventions"] == "CF-1.10"
     q = zarr.open_group(season, mode="r")["cloud_prob"][:]
@@ -55,6 +55,10 @@ def test_xarray_decodes_the_store_with_cf_attributes(season):
     assert len(np.unique(ds["night"].values)) == 4
     assert "clear_sky" in json_attr(ds.attrs, "prepare") and json_attr(ds["pred_model"].attrs, "models")[0]["unet"]
     assert "min_sigma" in json_attr(ds["mask"].attrs, "settings")["mask"]
+    ds[["cloud_fraction_pred", "p_cloudy"]].to_netcdf(tmp_path / "two.nc")  # the example: plain xarray
+    with xr.open_dataset(tmp_path / "two.nc") as nc:
+        np.testing.assert_array_equal(nc["p_cloudy"].values, ds["p_cloudy"].values)
+        assert json_attr(nc["p_cloudy"].attrs, "settings") is None and nc.attrs["Conventions"] == "CF-1.10"
 
 
 def test_cloud_prob_plots_as_a_probability_with_the_non_sky_blank(season, tmp_path):
