@@ -66,7 +66,7 @@ from cirrus_batch.ingest import ingest
 from cirrus_batch.models import autocast_dtype
 from cirrus_batch.prepare import prepare
 from cirrus_batch.reprocess import classify, load_model, reprocess, resolve_model, segment
-from cirrus_batch.store import Store
+from cirrus_batch.store import Store, json_attr
 from cirrus_batch.synth import KINDS, write_archive
 from cirrus_batch.train import train
 
@@ -152,7 +152,7 @@ def forward_inputs(store: str, tracking: str) -> tuple:
     """Both models and their inputs in memory: every image for the classifier, the cloudy ones for the U-Net."""
     (clf, clf_id), (unet, unet_id) = load_models(tracking, as_reprocess=True)
     group = zarr.open_group(store, mode="r")
-    normalization = Normalization.from_attrs(group.attrs["prepare"]["normalization"])
+    normalization = Normalization.from_attrs(json_attr(group.attrs, "prepare")["normalization"])
     zenith = store_zenith(group)
     cloudy = group["cloudy_pred"][:]
     xc, xu = [], []
@@ -184,7 +184,7 @@ def naive_rate(store: str, archive: Path, tracking: str, threshold: float, k: in
     """(c) images/s of the serial per-file loop over ``k`` files spread over the season, and their cloudy share."""
     (clf, clf_id), (unet, unet_id) = load_models(tracking, as_reprocess=False)
     group = zarr.open_group(store, mode="r")
-    normalization = Normalization.from_attrs(group.attrs["prepare"]["normalization"])
+    normalization = Normalization.from_attrs(json_attr(group.attrs, "prepare")["normalization"])
     zenith = store_zenith(group)
     sky = torch.from_numpy(group["sky"][:].astype(bool))
     sources = np.asarray(group["source"][:], dtype=object)

@@ -29,7 +29,7 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="TOML", help="job config (jobs/*.toml); default: built-in defaults")
+    p.add_argument("--config", metavar="TOML", help="job config (jobs/*.toml); default: the built-in defaults")
     p.add_argument(
         "--cluster",
         metavar="KIND",
@@ -44,7 +44,7 @@ def _config(args: argparse.Namespace, **overrides: Any) -> JobConfig:
 
 def _writer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", type=float, metavar="S",
-                   help="seconds to wait while another command writes STORE ([lock] wait, default 60)")
+                   help="seconds to wait while another command writes STORE ([lock] wait, 60)")
 
 
 def _lock(args: argparse.Namespace, config: JobConfig, create: bool = False):
@@ -389,39 +389,84 @@ def _print_rejections(rejected: Sequence[Any], limit: int = 30) -> None:
         print(f"... and {len(rejected) - limit} more (full list: cirrus info STORE --rejections)")
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from cirrus_batch.export import export
+
+    result = export(args.store, args.out, args.vars or [], args.time or [])
+    print(f"{result.path}: {result.images} images, {len(result.variables)} variables ({', '.join(result.variables)})")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    import numpy as np
+    import json
 
-    from cirrus_batch.store import open_dataset, open_rejections
+    from cirrus_batch.status import status_rows, store_status
+    from cirrus_batch.store import open_rejections
 
-    ds = open_dataset(args.store)
-    n = ds.sizes["time"]
-    print(ds)
-    if n:
-        times = ds["time"].values
-        nights = len(set(str(t)[:10] for t in (times - np.timedelta64(12, "h"))))
-        print(f"\n{n} images from {times[0]} to {times[-1]} ({nights} nights)")
+    status = store_status(args.store, load_config(args.config).prepare)
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(table(status_rows(status), ["store", args.store]))
     rej = open_rejections(args.store)
-    print(f"{rej.sizes['rejection']} rejected files in the log")
     if args.rejections and rej.sizes["rejection"]:
+        print()
         print(table(list(zip(rej["source"].values, rej["reason"].values)), ["rejected file", "reason"]))
+    elif rej.sizes["rejection"]:
+        print(f"(the rejected files and why: cirrus info {args.store} --rejections)")
     return 0
 
 
 # -- parser ---------------------------------------------------------------------------------------
+DESCRIPTION = ("CIRRUS: long-wave infrared all-sky camera archives into cloud masks, cloudy labels and per-pixel "
+               "cloud probabilities (zarr store, Dask, MLflow)")
+WORKFLOW = """workflow:
+  cirrus synth ARCHIVE            a synthetic archive (or use your camera's)
+  cirrus ingest ARCHIVE S.zarr    FITS/PNG/TIFF files into the zarr store (incremental)
+  cirrus prepare S.zarr           sky geometry, clear-sky model, masks, labels
+  cirrus train S.zarr             classifier and U-Net (MLflow, registered models)
+  cirrus reprocess S.zarr         every image through the champion models
+  cirrus report S.zarr            the season report
+  cirrus info S.zarr              where the store stands, at any step
+  cirrus export S.zarr OUT.nc     the store, or part of it, for NetCDF tools (OUT.csv: per-image table)
+
+cirrus COMMAND --help: the options of a command."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's lines; appends each option's default where it has one (not for flags or unset ones)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and not unset and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _command(sub: Any, name: str, summary: str) -> argparse.ArgumentParser:
+    """A subcommand whose one-line ``summary`` is both its line in ``cirrus --help`` and its description."""
+    return sub.add_parser(name, help=summary, description=summary, formatter_class=HelpFormatter)
+
+
+def _store(p: argparse.ArgumentParser, what: str = "the zarr store (path or URL)") -> None:
+    p.add_argument("store", metavar="STORE", help=what)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cirrus", description=__doc__)
+    parser = argparse.ArgumentParser(prog="cirrus", description=DESCRIPTION, epilog=WORKFLOW,
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"cirrus {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("synth", help="write a synthetic LWIR all-sky archive (FITS) with true cloud masks")
-    p.add_argument("dest", help="archive root directory to create")
-    p.add_argument("--nights", type=int, default=5)
+    p = _command(sub, "synth", "write a synthetic LWIR all-sky archive (FITS) with true cloud masks")
+    p.add_argument("dest", metavar="ARCHIVE", help="archive root directory to create")
+    p.add_argument("--nights", type=int, default=5, help="nights to render")
     p.add_argument("--per-night", type=int, default=60, help="images per night")
     p.add_argument("--cadence-min", type=float, default=2.0, help="minutes between images")
-    p.add_argument("--shape", type=int, nargs=2, default=(512, 640), metavar=("H", "W"))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", type=int, nargs=2, default=(512, 640), metavar=("H", "W"), help="image size in pixels")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same archive)")
     p.add_argument(
         "--kinds",
         help="comma-separated sky kind per night (clear-dry,broken,cirrus,overcast,mixed,clear-humid,fog,"
@@ -431,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--camera", default="housing", choices=("housing", "darkrim", "clipped", "ortho"), help="camera kind"
     )
     p.add_argument("--no-ambtemp", action="store_true", help="leave AMBTEMP out of the FITS headers")
-    p.add_argument("--start", default="2026-01-05", help="evening date of the first night (default: %(default)s)")
+    p.add_argument("--start", default="2026-01-05", help="evening date of the first night")
     p.add_argument("--site", type=float, nargs=3, metavar=("LAT", "LON", "ELEV"),
                    help="render the Sun and the Moon where they are for this site (deg, deg east, m)")
     p.add_argument("--north-deg", type=float, help="image position angle of north (deg, counterclockwise from up; "
@@ -440,22 +485,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tilt", type=float, nargs=2, metavar=("DEG", "AZ"),
                    help="optical axis tilted by DEG from the zenith towards azimuth AZ")
     p.add_argument("--compress", action="store_true", help="write tile-compressed .fits.fz")
-    p.add_argument("--truth", help="true-mask zarr store (default: DEST_truth.zarr beside the archive)")
+    p.add_argument("--truth", help="true-mask zarr store (default: ARCHIVE_truth.zarr beside the archive)")
     p.add_argument("--montage", metavar="PNG", help="also write a montage of frames (one per sky kind) and true masks")
     p.add_argument("--matrix", metavar="PNG", help="also write one frame per camera kind x sky kind (in memory)")
     _common(p)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("ingest", help="add new FITS files of SOURCE to the zarr STORE")
-    p.add_argument("source", help="archive directory, glob, or fsspec URL (http://, webdav://, s3://, ...)")
-    p.add_argument("store", help="zarr store path or URL (created on first ingest)")
-    p.add_argument("--shard-size", type=int, help="images per shard of a new store")
+    p = _command(sub, "ingest", "add the new image files of SOURCE to the zarr STORE")
+    p.add_argument("source", metavar="SOURCE", help="archive directory, glob, or fsspec URL (http://, webdav://, "
+                   "s3://, ...)")  # fmt: skip
+    _store(p, "zarr store path or URL (created on first ingest)")
+    p.add_argument("--shard-size", type=int, help="images per shard of a new store ([ingest] shard_size, 100)")
     _writer(p)
     _common(p)
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("prepare", help="sky mask, normalization, ground-truth masks and cloudy labels")
-    p.add_argument("store")
+    p = _command(sub, "prepare", "sky geometry, clear-sky model, ground-truth masks and cloudy labels")
+    _store(p)
     p.add_argument("--labels", metavar="CSV", help="human labels (source,label) that override the threshold")
     p.add_argument("--masks", metavar="SOURCE", help="hand-drawn masks (directory, glob or CSV source,mask_path) "
                    "to import beside the astropy masks; values mapped by [prepare.human]")
@@ -467,18 +513,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("orient", help="fit the camera's orientation (north, mirror, tilt, radial scale) to the Sun "
-                       "and the Moon in clear frames; written to the store")
-    p.add_argument("store")
+    p = _command(sub, "orient", "fit the camera's orientation (north, mirror, tilt, radial scale) to the Sun and the "
+                 "Moon in clear frames; written to the store")  # fmt: skip
+    _store(p)
     p.add_argument("--mirror", choices=("auto", "yes", "no"), help="force the east-west mirror ([orient] mirror)")
-    p.add_argument("--panel", metavar="PNG", default="orientation.png",
-                   help="predicted vs found positions (default: %(default)s)")
+    p.add_argument("--panel", metavar="PNG", default="orientation.png", help="predicted vs found positions")
     p.add_argument("--config", metavar="TOML", help="job config ([site], [orient], [lock])")
     _writer(p)
     p.set_defaults(func=cmd_orient)
 
-    p = sub.add_parser("sightline", help="was the sky clear between the telescope and its targets? (CSV of pointings)")
-    p.add_argument("store")
+    p = _command(sub, "sightline", "was the sky clear between the telescope and its targets? (CSV of pointings)")
+    _store(p)
     p.add_argument("--targets", required=True, metavar="CSV",
                    help="pointings: start (UTC), exposure_s, and ra_deg,dec_deg (ICRS) or alt_deg,az_deg; name optional")
     p.add_argument("--out", metavar="PREFIX", help="output prefix (default: the targets file without .csv, plus "
@@ -489,25 +534,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="TOML", help="job config ([sightline]; [site] when the store has none)")
     p.set_defaults(func=cmd_sightline)
 
-    p = sub.add_parser("calibrate", help="fit the sky geometry (image circle, projection, pixel classes), write a "
-                       "panel and print the [prepare.sky] block")
-    p.add_argument("store")
-    p.add_argument("--panel", metavar="PNG", default="geometry.png", help="the geometry panel (default: %(default)s)")
+    p = _command(sub, "calibrate", "fit the sky geometry (image circle, projection, pixel classes), write a panel and "
+                 "print the [prepare.sky] block")  # fmt: skip
+    _store(p)
+    p.add_argument("--panel", metavar="PNG", default="geometry.png", help="the geometry panel")
     _common(p)
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("train", help="train the clear/cloudy classifier and/or the cloud U-Net (MLflow)")
-    p.add_argument("store")
-    p.add_argument("--task", choices=["classify", "segment", "both"], default="both")
+    p = _command(sub, "train", "train the clear/cloudy classifier and/or the cloud U-Net (MLflow)")
+    _store(p)
+    p.add_argument("--task", choices=["classify", "segment", "both"], default="both", help="which network")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
     p.add_argument("--epochs", type=int, help="overrides [train] epochs")
-    p.add_argument("--tracking-uri", help=TRACKING_HELP)
+    p.add_argument("--tracking-uri", metavar="URI", help=TRACKING_HELP)
     p.add_argument("--truth", metavar="TRUTH", help="also score the test images against a true-mask store")
     _common(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("reprocess", help="classify and segment every image with the trained models (MLflow)")
-    p.add_argument("store")
+    p = _command(sub, "reprocess", "classify and segment every image with the trained models (MLflow)")
+    _store(p)
     p.add_argument("--classifier", metavar="URI", help="classifier model URI (default [reprocess] classifier: "
                    "models:/cirrus-classifier@champion); also models:/NAME/VERSION, models:/NAME/latest, runs:/ID/model")
     p.add_argument("--unet", metavar="URI", help="U-Net model URI (default [reprocess] unet: "
@@ -515,13 +560,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="URI", action="append",
                    help="a model URI used as classifier or U-Net by the task in its metadata (repeatable)")
     p.add_argument("--force", action="store_true", help="recompute every image, also those done by these models")
-    p.add_argument("--tracking-uri", help=TRACKING_HELP)
+    p.add_argument("--tracking-uri", metavar="URI", help=TRACKING_HELP)
     _writer(p)
     _common(p)
     p.set_defaults(func=cmd_reprocess)
 
-    p = sub.add_parser("remove", help="remove images (and their derived values) from STORE, recorded in its history")
-    p.add_argument("store")
+    p = _command(sub, "remove", "remove images (and their derived values) from STORE, recorded in its history")
+    _store(p)
     p.add_argument("--source", metavar="PATTERN", action="append",
                    help="source path as stored (fnmatch pattern: '2026/20260105/*'); repeatable")
     p.add_argument("--time", metavar="T", action="append",
@@ -531,44 +576,57 @@ def build_parser() -> argparse.ArgumentParser:
     _writer(p)
     p.set_defaults(func=cmd_remove)
 
-    p = sub.add_parser("report", help="season report: cloud fraction per night, clear hours, example frames (MLflow)")
-    p.add_argument("store")
+    p = _command(sub, "report", "season report: cloud fraction per night, clear hours, example frames (MLflow)")
+    _store(p)
     p.add_argument("--out", metavar="DIR", help="report folder (default: STORE without .zarr, plus -report)")
     p.add_argument("--config", metavar="TOML", help="job config ([train] tracking_uri and experiment)")
-    p.add_argument("--tracking-uri", help=TRACKING_HELP)
+    p.add_argument("--tracking-uri", metavar="URI", help=TRACKING_HELP)
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("tune", help="Optuna hyperparameter search on the Dask workers (MLflow), best model registered")
-    p.add_argument("store")
-    p.add_argument("--task", choices=["segment", "classify"], default="segment")
+    p = _command(sub, "tune", "Optuna hyperparameter search on the Dask workers (MLflow), best model registered")
+    _store(p)
+    p.add_argument("--task", choices=["segment", "classify"], default="segment", help="which network")
     p.add_argument("--trials", type=int, help="finished trials wanted in the study, earlier runs' included ([tune] trials)")
     p.add_argument("--study", help="study name (default [tune] study_name, else cirrus-TASK); the same name continues it")
     p.add_argument("--storage", help="Optuna storage: sqlite:///optuna.db (default), postgresql+psycopg2://..., journal:PATH")
     p.add_argument("--timeout", type=float, metavar="S", help="start no new trial after S seconds")
     p.add_argument("--no-retrain", action="store_true", help="register the best trial's model instead of retraining it")
-    p.add_argument("--tracking-uri", help=TRACKING_HELP)
+    p.add_argument("--tracking-uri", metavar="URI", help=TRACKING_HELP)
     _common(p)
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("promote", help="make a registered version the champion if it beats the current one")
-    p.add_argument("store", help="the store whose test images both models are scored on (the one trained on)")
-    p.add_argument("--task", choices=["classify", "segment", "both"], default="both")
+    p = _command(sub, "promote", "make a registered version the champion if it beats the current one")
+    _store(p, "the store whose test images both models are scored on (the one trained on)")
+    p.add_argument("--task", choices=["classify", "segment", "both"], default="both", help="which network")
     p.add_argument("--version", help="the candidate version (default: the newest)")
     p.add_argument("--force", action="store_true", help="make it champion whatever the scores (recorded in its tags)")
     p.add_argument("--config", metavar="TOML", help="job config ([train] tracking_uri)")
-    p.add_argument("--tracking-uri", help=TRACKING_HELP)
+    p.add_argument("--tracking-uri", metavar="URI", help=TRACKING_HELP)
     p.set_defaults(func=cmd_promote)
 
-    p = sub.add_parser("cluster-script", help="print the SLURM job script of a Dask worker (--cluster slurm)")
+    p = _command(sub, "cluster-script", "print the SLURM job script of a Dask worker (--cluster slurm)")
     p.add_argument("--config", metavar="TOML", help="job config ([cluster.slurm]); unset: jobqueue.slurm.* dask config")
     p.add_argument("--cluster", metavar="KIND", help="only 'slurm' has a job script")
     p.add_argument("--scheduler", metavar="ADDRESS", help="scheduler address to show (default: a placeholder)")
     p.set_defaults(func=cmd_cluster_script)
 
-    p = sub.add_parser("info", help="summarize a store")
-    p.add_argument("store")
+    p = _command(sub, "info", "where a store stands: images, nights, prepared and reprocessed images, models, stale "
+                 "arrays, rejected files")  # fmt: skip
+    _store(p)
     p.add_argument("--rejections", action="store_true", help="list every rejected file")
+    p.add_argument("--json", action="store_true", help="the same as JSON, for scripts")
+    p.add_argument("--config", metavar="TOML", help="job config whose [prepare] settings the stale arrays are judged "
+                   "by (default: built-in defaults)")
     p.set_defaults(func=cmd_info)
+
+    p = _command(sub, "export", "write per-image variables to CSV, or any variables to NetCDF")
+    _store(p)
+    p.add_argument("out", metavar="OUT", help="OUT.nc (NetCDF-4, compressed, CF) or OUT.csv (one row per image)")
+    p.add_argument("--vars", nargs="+", metavar="VAR", help="variables to write (default: all; CSV: the per-image ones)")
+    p.add_argument("--time", metavar="T", action="append",
+                   help="images at DATE-OBS T (to the precision given: 2026-01-05 is that day) or in range T1/T2; "
+                        "repeatable (default: all)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -1,7 +1,8 @@
 """Where Dask work runs: a local cluster (the embedded default), SLURM, or an existing scheduler.
 
-Every command takes ``--cluster``: ``local`` (a LocalCluster sized to the machine), ``slurm``
-(dask-jobqueue workers as SLURM jobs), or a scheduler address such as ``tcp://10.0.0.5:8786``.
+Every command that runs Dask work takes ``--cluster``: ``local`` (a LocalCluster sized to the machine, listening
+on 127.0.0.1 only, its dashboard too), ``slurm`` (dask-jobqueue workers as SLURM jobs), or a scheduler address
+such as ``tcp://10.0.0.5:8786``.
 Precedence: ``--cluster`` > the job config's ``[cluster]`` table > defaults.
 """
 
@@ -77,7 +78,7 @@ def slurm_kwargs(cfg: SlurmConfig) -> dict[str, Any]:
     return kwargs
 
 
-def slurm_cluster(cfg: SlurmConfig, dashboard_address: str = ":0") -> Cluster:
+def slurm_cluster(cfg: SlurmConfig, dashboard_address: str = "127.0.0.1:0") -> Cluster:
     """A dask-jobqueue SLURMCluster (not yet scaled); a clear error where SLURM is not installed."""
     if shutil.which("sbatch") is None:
         raise CirrusError("--cluster slurm needs SLURM's sbatch on PATH (not found); use --cluster local")

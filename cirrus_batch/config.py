@@ -507,8 +507,9 @@ class ClusterConfig:
     """Local workers; default: one per CPU core."""
     threads_per_worker: int = ranged(1, 1, None)
     memory_limit: str = "auto"
-    dashboard_address: str = ":0"
-    """``:0`` picks a free port; ``:8787`` for the usual one."""
+    dashboard_address: str = "127.0.0.1:0"
+    """Where the Dask dashboard listens: this host only, on a free port (``127.0.0.1:8787`` for the usual one);
+    ``:8787`` listens on every interface, which everyone on a shared login node can then reach."""
     connect_timeout: str = "30s"
     """How long to wait for a scheduler given by address."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)

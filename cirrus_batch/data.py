@@ -15,7 +15,7 @@ from cirrus_batch.config import check_images
 from cirrus_batch.errors import StoreError
 from cirrus_batch.geometry import zenith_map
 from cirrus_batch.humanmasks import CLOUD, UNLABELLED, human_positions
-from cirrus_batch.store import Store
+from cirrus_batch.store import Store, json_attr
 
 NEEDS = {"classify": ("cloudy", "cloud_fraction", "quality", "sky"), "segment": ("mask", "cloudy", "quality", "sky")}
 
@@ -46,7 +46,7 @@ def soft_labels(cloud_fraction: np.ndarray, cloudy: np.ndarray, threshold: float
 
 def store_zenith(group: zarr.Group) -> np.ndarray:
     """(y, x) zenith angle (deg) of the prepared store's fisheye geometry."""
-    attrs = group.attrs.get("prepare")
+    attrs = json_attr(group.attrs, "prepare")
     if not attrs:
         raise StoreError("the store is not prepared yet: run `cirrus prepare STORE` first")
     g = attrs["geometry"]

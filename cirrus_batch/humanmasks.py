@@ -29,7 +29,7 @@ from astropy.io import fits
 
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.imagefiles import is_picture
-from cirrus_batch.store import Store, write_images
+from cirrus_batch.store import Store, set_json_attr, write_images
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +212,11 @@ def import_masks(store: Store, cfg: HumanMaskConfig) -> ImportReport:
         "flag_meanings": "clear cloud unlabelled", "comment": "255 everywhere on images without a human mask",
     })  # fmt: skip
     group["human_mask_source"].attrs.update({"long_name": "mask file of human_mask ('' = none)"})
-    group["human_cloud_fraction"].attrs.update({"long_name": "human_mask cloud / labelled pixels", "units": "1"})
-    group.attrs["human_masks"] = {"source": str(cfg.source), "cloud": cfg.cloud, "clear": cfg.clear,
-                                  "unlabelled": cfg.unlabelled}  # fmt: skip
+    group["human_cloud_fraction"].attrs.update({"long_name": "human cloud fraction", "units": "1",
+                                                "standard_name": "cloud_area_fraction",
+                                                "comment": "human_mask cloud / labelled pixels"})  # fmt: skip
+    set_json_attr(group.attrs, "human_masks", {"source": str(cfg.source), "cloud": cfg.cloud, "clear": cfg.clear,
+                                               "unlabelled": cfg.unlabelled})  # fmt: skip
     positions = np.array(sorted(chosen), dtype=np.int64)
     for start in range(0, n, shard):
         mine = positions[(positions >= start) & (positions < start + shard)]

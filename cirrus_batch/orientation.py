@@ -325,7 +325,9 @@ def fit_orientation(s: Sightings, lens: Lens, cfg: OrientConfig | None = None) -
 
 def lens_of(attrs: dict[str, Any], url: str = "the store") -> Lens:
     """The lens of a prepared store's attributes; a :class:`CirrusError` when it is not prepared."""
-    prep = attrs.get("prepare") or {}
+    from cirrus_batch.store import json_attr
+
+    prep = json_attr(attrs, "prepare", {})
     if "geometry" not in prep:
         raise CirrusError(f"{url} has no sky geometry yet: run cirrus prepare first")
     return Lens.from_attrs(prep["geometry"])
@@ -333,7 +335,9 @@ def lens_of(attrs: dict[str, Any], url: str = "the store") -> Lens:
 
 def orientation_of(attrs: dict[str, Any], url: str = "the store") -> Orientation:
     """The orientation recorded by ``cirrus orient``; a :class:`CirrusError` when there is none."""
-    value = attrs.get(ORIENTATION_ATTR)
+    from cirrus_batch.store import json_attr
+
+    value = json_attr(attrs, ORIENTATION_ATTR)
     if not value:
         raise CirrusError(f"{url} has no camera orientation: run cirrus orient {url} first")
     return Orientation.from_attrs(value)
@@ -343,7 +347,9 @@ def camera_model(attrs: dict[str, Any], url: str = "the store") -> tuple[Lens, O
     """The lens (as fitted with the orientation: its centre and radius may differ from ``prepare``'s) and the
     orientation of a store; a :class:`CirrusError` when it has not been oriented."""
     ori = orientation_of(attrs, url)
-    fitted = attrs[ORIENTATION_ATTR].get("lens")
+    from cirrus_batch.store import json_attr
+
+    fitted = json_attr(attrs, ORIENTATION_ATTR).get("lens")
     return (Lens.from_attrs(fitted) if fitted else lens_of(attrs, url)), ori
 
 
@@ -366,12 +372,12 @@ def orient_store(url: str, site: SiteConfig | None = None, cfg: OrientConfig | N
     """Fit the orientation of the store at ``url`` from its clear frames and record it (and ``site`` when given)
     in its attributes; the caller holds the writer lock. ``panel``: PNG of predicted vs found positions."""
     from cirrus_batch.site import SITE_ATTR, site_attrs, site_from_attrs
-    from cirrus_batch.store import Store, open_dataset
+    from cirrus_batch.store import Store, open_dataset, set_json_attr
 
     cfg = cfg or OrientConfig()
     store = Store.open(url)
     if site is not None and site.latitude_deg is not None:
-        store.group.attrs[SITE_ATTR] = site_attrs(site)
+        set_json_attr(store.group.attrs, SITE_ATTR, site_attrs(site))
     ds = open_dataset(url)
     site = site_from_attrs(ds.attrs, url)
     lens = lens_of(ds.attrs, url)
@@ -395,7 +401,7 @@ def orient_store(url: str, site: SiteConfig | None = None, cfg: OrientConfig | N
     images = ds["raw"].isel(time=idx).values
     found = search(images, times[idx], sky, site, cfg)
     fit = fit_orientation(found, lens, cfg)
-    store.group.attrs[ORIENTATION_ATTR] = fit.to_attrs()
+    set_json_attr(store.group.attrs, ORIENTATION_ATTR, fit.to_attrs())
     if panel is not None:
         orientation_panel(np.median(images, axis=0), found, fit, panel)
     return fit

@@ -31,7 +31,7 @@ from cirrus_batch import clearsky, geometry, humanmasks, masks, panels, provenan
 from cirrus_batch.config import PrepareConfig, to_dict
 from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.normalization import Normalization, fit_normalization, normalize
-from cirrus_batch.store import Store, header_var, write_images
+from cirrus_batch.store import Store, header_var, json_attr, set_json_attr, write_images
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class Models:
 
     @classmethod
     def from_store(cls, group: zarr.Group) -> Models:
-        attrs = group.attrs.get("prepare")
+        attrs = json_attr(group.attrs, "prepare")
         if not attrs or "pixel_class" not in group or "clear_config" not in attrs:
             raise StoreError("the store is not prepared (or was prepared by an older version): run "
                              "`cirrus prepare STORE --refit`")  # fmt: skip
@@ -177,16 +177,19 @@ def fit_models(store_url: str, n: int, client: Client, cfg: PrepareConfig, shard
 def _create_arrays(store: Store, n: int, models: Models) -> None:
     store.add_time_arrays(n, IMAGE_VARS, VECTOR_VARS)
     group = store.group
-    group["norm"].attrs.update({"long_name": "normalized raw", **models.normalization.to_attrs()})
-    group["residual"].attrs.update({"long_name": "clear-sky residual (asinh-compressed sigmas)", "units": "1",
+    group["norm"].attrs.update({"long_name": "normalized raw", "units": "1"})
+    set_json_attr(group["norm"].attrs, "normalization", models.normalization.to_attrs())
+    group["residual"].attrs.update({"long_name": "clear-sky residual", "units": "1",
                                     "description": f"asinh(z / {masks.RESIDUAL_SOFTENING:g}) / 2 of the residual z "
                                                    "from the clear sky in noise sigmas (sky pixels; 0 elsewhere)"})
     group["brightness"].attrs.update({"long_name": "brightness relative to the ambient black body", "units": "1",
                                       "description": "1 - (ambient reference - raw) / span: about the effective "
                                                      "emissivity (sky pixels; 0 elsewhere)"})  # fmt: skip
-    group["mask"].attrs.update({"long_name": "cloud mask (clear-sky model + astropy stretch + threshold)",
-                                "flag_values": [0, 1], "flag_meanings": "clear cloud"})
-    group["cloud_fraction"].attrs.update({"long_name": "cloud fraction over sky pixels", "units": "1"})
+    group["mask"].attrs.update({"long_name": "cloud mask", "standard_name": "cloud_binary_mask",
+                                "flag_values": [0, 1], "flag_meanings": "clear cloud",
+                                "comment": "clear-sky model + astropy stretch + threshold; 0 also off the sky"})
+    group["cloud_fraction"].attrs.update({"long_name": "cloud fraction over sky pixels", "units": "1",
+                                          "standard_name": "cloud_area_fraction"})
     group["quality"].attrs.update({
         "long_name": "quality flags", "flag_masks": list(QUALITY_BITS.values()),
         "flag_meanings": " ".join(QUALITY_BITS), "unprepared": UNPREPARED,
@@ -289,7 +292,7 @@ def prepare(
     labels = read_labels(cfg.labels) if cfg.labels else {}  # fail early on a bad label file
     if cfg.human.source:  # hand-drawn masks: imported first, so they are kept when the astropy fit fails
         report.human_masks = humanmasks.import_masks(store, cfg.human).masks
-    current = "prepare" in group.attrs and "clear_config" in group.attrs["prepare"] and "pixel_class" in group
+    current = "clear_config" in json_attr(group.attrs, "prepare", {}) and "pixel_class" in group
     if "prepare" in group.attrs and not current:
         log.warning("%s was prepared by an older version of cirrus: fitting the models again", store_url)
     if current and not refit:
@@ -307,7 +310,7 @@ def prepare(
         group["pixel_class"].attrs["long_name"] = "sky geometry: sky, ambient reference, dark reference, other"
         _create_arrays(store, n, models)
         group["quality"][:] = np.full(n, UNPREPARED, np.uint8)
-        group.attrs["prepare"] = models.to_attrs()
+        set_json_attr(group.attrs, "prepare", models.to_attrs())
         provenance.record(group, FITTED_VARS, fit_settings(cfg))
         report.fitted = True
     models = Models.from_store(group)

@@ -1,6 +1,6 @@
 """The settings that produced each derived array, and what a rerun with other settings would leave stale.
 
-A step records its settings (plain JSON) in the attribute :data:`ATTR` of each array it writes. A later run
+A step records its settings (a JSON string) in the attribute :data:`ATTR` of each array it writes. A later run
 compares them with its own: an array made with other settings would mix two recipes if the run went on (new
 images with the new settings, old ones with the old), so the run stops with the arrays and keys that differ,
 until the user asks for a rebuild (``cirrus prepare --refit``). Arrays recorded before this existed are not
@@ -17,6 +17,7 @@ from typing import Any
 import zarr
 
 from cirrus_batch.errors import ConfigError
+from cirrus_batch.store import json_attr, set_json_attr
 
 ATTR = "settings"
 
@@ -24,7 +25,7 @@ ATTR = "settings"
 def record(group: zarr.Group, arrays: Iterable[str], settings: dict[str, Any]) -> None:
     """Record ``settings`` as what produced ``arrays`` of ``group``."""
     for name in arrays:
-        group[name].attrs[ATTR] = _plain(settings)
+        set_json_attr(group[name].attrs, ATTR, settings)
 
 
 def _plain(settings: dict[str, Any]) -> dict[str, Any]:
@@ -46,7 +47,7 @@ def stale(group: zarr.Group, arrays: Iterable[str], settings: dict[str, Any]) ->
     out = {}
     for name in arrays:
         if name in group and ATTR in group[name].attrs:
-            diff = differences(group[name].attrs[ATTR], _plain(settings))
+            diff = differences(json_attr(group[name].attrs, ATTR), _plain(settings))
             if diff:
                 out[name] = diff
     return out

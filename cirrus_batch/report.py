@@ -31,7 +31,7 @@ from cirrus_batch.errors import StoreError
 from cirrus_batch.prepare import QUALITY_BITS, UNPREPARED, Models, read_images
 from cirrus_batch.reprocess import NOT_COMPUTED, PROB_SCALE, UNPROCESSED
 from cirrus_batch.sampling import block_keys
-from cirrus_batch.store import Store
+from cirrus_batch.store import Store, json_attr
 from cirrus_batch.tracking import require_tracking_store, resolve_tracking_uri
 
 PANEL_COLUMNS = 4
@@ -106,7 +106,7 @@ def load_season(group: zarr.Group, store_url: str) -> Season:
         group["p_cloudy"][:n], group["cloudy_pred"][:n], group["cloud_fraction_pred"][:n],
         group["cloud_fraction"][:n] if "cloud_fraction" in group else None,
         group["quality"][:n] if "quality" in group else None,
-        list(group["pred_model"].attrs.get("models", [])), pred_model,
+        list(json_attr(group["pred_model"].attrs, "models", [])), pred_model,
     )  # fmt: skip
 
 

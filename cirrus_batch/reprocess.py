@@ -41,7 +41,7 @@ from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.models import MEMORY_FORMAT, autocast_dtype, pick_device
 from cirrus_batch.prepare import UNPREPARED, Models
 from cirrus_batch.registry import CHAMPION
-from cirrus_batch.store import Store, write_images
+from cirrus_batch.store import Store, json_attr, set_json_attr, write_images
 from cirrus_batch.tracking import require_tracking_store, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -60,15 +60,16 @@ ATTRS = {
     "p_cloudy": {"long_name": "classifier probability that the image is cloudy", "units": "1",
                  "comment": "NaN: not reprocessed"},
     "cloudy_pred": {"long_name": "classified cloudy (p_cloudy >= threshold of the pred_model entry)"},
-    "cloud_prob": {"long_name": "U-Net cloud probability", "probability_scale": PROB_SCALE,
-                   "not_computed": NOT_COMPUTED,
-                   "comment": f"round(probability * {PROB_SCALE}) at full resolution (bilinear upsampling of the "
-                              f"binned U-Net output); {NOT_COMPUTED}: not sky, image classified clear, or not "
-                              "reprocessed"},
-    "cloud_fraction_pred": {"long_name": "fraction of sky pixels with U-Net probability > 0.5", "units": "1",
-                            "comment": "0 for images classified clear; NaN: not reprocessed"},
-    "pred_model": {"long_name": "index into attrs['models'] of the model pair that produced the predictions",
-                   "comment": f"{UNPROCESSED}: not reprocessed"},
+    "cloud_prob": {"long_name": "U-Net cloud probability", "units": "1", "scale_factor": 1 / PROB_SCALE,
+                   "_FillValue": NOT_COMPUTED, "valid_range": [0, PROB_SCALE],
+                   "comment": f"stored as round(probability * {PROB_SCALE}) at full resolution (bilinear upsampling "
+                              f"of the binned U-Net output); {NOT_COMPUTED} (_FillValue, decoded to NaN): not sky, "
+                              "image classified clear, or not reprocessed"},
+    "cloud_fraction_pred": {"long_name": "U-Net cloud fraction", "units": "1", "standard_name": "cloud_area_fraction",
+                            "comment": "fraction of sky pixels with U-Net probability > 0.5; 0 for images "
+                                       "classified clear; NaN: not reprocessed"},
+    "pred_model": {"long_name": "model pair of the predictions",
+                   "comment": f"index into the JSON list attribute models; {UNPROCESSED}: not reprocessed"},
 }  # fmt: skip
 
 
@@ -346,16 +347,16 @@ def model_index(group: zarr.Group, classifier: ModelIdentity, unet: ModelIdentit
         "unet": unet.to_attrs(),
         "threshold": float(cfg.threshold),
         "amp": cfg.amp,
-        "normalization": group.attrs["prepare"]["normalization"],
+        "normalization": json_attr(group.attrs, "prepare")["normalization"],
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    entries = list(group["pred_model"].attrs.get("models", []))
+    entries = list(json_attr(group["pred_model"].attrs, "models", []))
     for i, old in enumerate(entries):
         if _entry_key(old) == _entry_key(entry):
             return i
     if len(entries) >= np.iinfo(np.int16).max:
         raise StoreError("pred_model: too many model pairs recorded")
-    group["pred_model"].attrs["models"] = [*entries, entry]
+    set_json_attr(group["pred_model"].attrs, "models", [*entries, entry])
     return len(entries)
 
 

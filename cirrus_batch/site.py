@@ -89,7 +89,9 @@ def site_attrs(site: SiteConfig) -> dict[str, float]:
 
 def site_from_attrs(attrs: dict[str, Any], url: str = "the store") -> SiteConfig:
     """The site recorded in a store's root attributes; a :class:`CirrusError` naming ``[site]`` when absent."""
-    value = attrs.get(SITE_ATTR)
+    from cirrus_batch.store import json_attr
+
+    value = json_attr(attrs, SITE_ATTR)
     if not value:
         raise CirrusError(f"{url} has no site: give [site] latitude_deg, longitude_deg, elevation_m in --config "
                           "(cirrus ingest or cirrus orient stores it)")  # fmt: skip
@@ -98,8 +100,8 @@ def site_from_attrs(attrs: dict[str, Any], url: str = "the store") -> SiteConfig
 
 def store_site(url: str, site: SiteConfig) -> dict[str, float]:
     """Record ``site`` in the store's root attributes (the caller holds the writer lock)."""
-    from cirrus_batch.store import Store
+    from cirrus_batch.store import Store, set_json_attr
 
     attrs = site_attrs(site)
-    Store.open(url).group.attrs[SITE_ATTR] = attrs
+    set_json_attr(Store.open(url).group.attrs, SITE_ATTR, attrs)
     return attrs

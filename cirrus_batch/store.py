@@ -11,8 +11,9 @@ ever rewritten for it); readers see them sorted by time: :func:`open_dataset` an
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,12 +25,20 @@ from zarr.codecs import BloscCodec
 
 from cirrus_batch.errors import StoreError
 from cirrus_batch.fitsio import NODATA
+from cirrus_batch.sampling import block_keys
 from cirrus_batch.shards import write_shards
 
 SCHEMA = "cirrus-store/1"
+CONVENTIONS = "CF-1.10"
 TIME_UNITS = "microseconds since 1970-01-01"
-_TIME_ATTRS = {"units": TIME_UNITS, "calendar": "proleptic_gregorian", "long_name": "DATE-OBS (UTC)"}
-DIGEST_ATTRS = {"long_name": "content digest of the file: size << 32 | CRC32C of its bytes (0: unknown)"}
+_TIME_ATTRS = {"units": TIME_UNITS, "calendar": "proleptic_gregorian", "standard_name": "time", "axis": "T",
+               "long_name": "DATE-OBS (UTC)"}  # fmt: skip
+DIGEST_ATTRS = {"long_name": "file content digest",
+                "comment": "size << 32 | CRC32C of the file's bytes; 0: ingested before digests"}  # fmt: skip
+HEADER_ATTRS = {"EXPTIME": {"units": "s", "long_name": "exposure time"},
+                "AMBTEMP": {"units": "degC", "standard_name": "air_temperature", "long_name": "ambient temperature"},
+                "DET-TEMP": {"units": "degC", "long_name": "detector temperature"}}  # fmt: skip
+"""CF attributes of the header keywords whose units are known (other keys: ``long_name`` only)."""
 REJECTIONS = "rejections"
 REMOVING = "removing"
 """Group holding the kept tail of an image removal until it is applied (see :meth:`Store.remove`)."""
@@ -103,6 +112,7 @@ class Store:
                 "header_keys": list(header_keys),
                 "source_root": source_root,
                 "title": "CIRRUS LWIR all-sky camera archive",
+                "Conventions": CONVENTIONS,
             }
         )
         group.create_array(
@@ -115,10 +125,10 @@ class Store:
             compressors=BloscCodec(cname="lz4", clevel=clevel, shuffle="shuffle"),
             dimension_names=("time", "y", "x"),
             attributes={
-                "long_name": "raw detector counts",
-                "units": "ADU",
-                "nodata": int(NODATA),
-                "comment": "14-bit camera counts; nodata marks NaN/BLANK pixels of the file",
+                "long_name": "raw detector counts (ADU)",
+                "units": "1",
+                "valid_max": int(NODATA) - 1,
+                "comment": f"camera counts; {int(NODATA)} (above valid_max): a NaN/BLANK pixel of the file",
             },
         )
         vectors: dict[str, tuple[Any, Any, dict[str, Any]]] = {
@@ -127,7 +137,8 @@ class Store:
             "digest": ("uint64", NO_DIGEST, DIGEST_ATTRS),
         }
         for key in header_keys:
-            vectors[header_var(key)] = ("float64", np.nan, {"long_name": f"FITS header {key}", "header_key": key})
+            attrs = {"long_name": f"FITS header {key}", **HEADER_ATTRS.get(key.upper(), {}), "header_key": key}
+            vectors[header_var(key)] = ("float64", np.nan, attrs)
         for name, (dtype, fill, attrs) in vectors.items():
             group.create_array(
                 name,
@@ -280,10 +291,10 @@ class Store:
 
     def history(self) -> list[dict[str, Any]]:
         """The store's history of operations that changed images other than by appending (``cirrus remove``)."""
-        return list(self.group.attrs.get("history", []))
+        return list(json_attr(self.group.attrs, "history", []))
 
     def add_history(self, entry: dict[str, Any]) -> None:
-        self.group.attrs["history"] = [*self.history(), entry]
+        set_json_attr(self.group.attrs, "history", [*self.history(), entry])
 
     def rejections(self) -> list[Rejection]:
         rej = self.group[REJECTIONS]
@@ -305,6 +316,20 @@ class Store:
         for name, values in columns.items():
             rej[name].resize((n0 + len(items),))
             rej[name][n0:] = values
+
+
+def json_attr(attrs: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    """A nested attribute (dicts, lists: stored as a JSON string, which netCDF can hold) decoded; ``default``
+    when absent. One stored as JSON itself (stores written before) is returned as it is."""
+    value = attrs.get(key)
+    if value is None:
+        return default
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def set_json_attr(attrs: Any, key: str, value: Any) -> None:
+    """Store the nested attribute ``value`` as a JSON string (read it with :func:`json_attr`)."""
+    attrs[key] = json.dumps(value)
 
 
 def _copy(source: zarr.Array, index: np.ndarray, dest: zarr.Array, start: int) -> None:
@@ -336,12 +361,18 @@ def time_order(times: np.ndarray) -> np.ndarray | slice:
     return np.argsort(times, kind="stable")
 
 
+NIGHT_ATTRS = {"long_name": "night of the image", "comment": "date of time - 12 h (UTC), as in sampling and report"}
+
+
 def open_dataset(url: str) -> xr.Dataset:
-    """The store as an xarray Dataset of its committed images sorted by time (lazy, dask-backed). Positions in
-    it are not store positions when a night arrived late; select by ``time`` or ``source``."""
+    """The store as an xarray Dataset of its committed images sorted by time (lazy, dask-backed), with the
+    coordinate ``night``. Positions in it are not store positions when a night arrived late; select by ``time``
+    or ``source``. Nested attributes are JSON strings (:func:`json_attr` decodes them)."""
     store = Store.open(url, mode="r")
     ds = xr.open_zarr(url, consolidated=False, zarr_format=3)
-    return ds.isel(time=slice(0, store.committed)).isel(time=time_order(store.times()))
+    ds = ds.isel(time=slice(0, store.committed)).isel(time=time_order(store.times()))
+    night = xr.Variable("time", block_keys(ds["time"].values, "night").astype("datetime64[s]"), NIGHT_ATTRS)
+    return ds.assign_coords(night=night)
 
 
 def open_rejections(url: str) -> xr.Dataset:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import multiprocessing
+import pickle
 import signal
 import socket
 import tempfile
@@ -49,6 +50,7 @@ from cirrus_batch.models import MEMORY_FORMAT, autocast_dtype, build_model, pick
 from cirrus_batch.prepare import read_images, truth_index
 from cirrus_batch.registry import champion_uri, code_version, describe_version, promote
 from cirrus_batch.sampling import Split, make_split
+from cirrus_batch.store import json_attr
 from cirrus_batch.tracking import resolve_tracking_uri
 
 if TYPE_CHECKING:
@@ -217,7 +219,8 @@ def _ema_update(decay: float, averaged: list[torch.Tensor], current: list[torch.
 
 
 class _Checkpoint:
-    """Atomic per-epoch checkpoint of everything a resumed run needs."""
+    """Atomic per-epoch checkpoint of everything a resumed run needs: tensors and plain types only (loaded
+    with ``weights_only=True``)."""
 
     def __init__(self, directory: str | Path, task: str):
         self.path = Path(directory) / f"{task}.pt"
@@ -231,8 +234,12 @@ class _Checkpoint:
     def load(self) -> dict[str, Any]:
         if not self.path.exists():
             raise CirrusError(f"--resume: no checkpoint at {self.path}")
-        try:
-            return torch.load(self.path, map_location="cpu", weights_only=False)
+        try:  # tensors and plain types only: unpickling anything else could run code planted in the file
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise CirrusError(f"cannot read checkpoint {self.path}: it holds objects other than tensors and plain "
+                              "types, which are not loaded (they could run code); delete it or train without "
+                              "--resume") from None
         except Exception as exc:
             raise CirrusError(f"cannot read checkpoint {self.path}: {exc}") from None
 
@@ -485,7 +492,7 @@ def store_tags(store_url: str) -> dict[str, str]:
     n = int(group.attrs["committed"])
     times = np.asarray(group["time"][[0, n - 1]] if n else [], dtype="int64").astype("datetime64[us]").astype(
         "datetime64[s]")  # fmt: skip
-    geometry = (group.attrs.get("prepare") or {}).get("geometry", {})
+    geometry = json_attr(group.attrs, "prepare", {}).get("geometry", {})
     return {"store.images": str(n), "store.start": str(times[0]) if n else "", "store.end": str(times[-1]) if n else "",
             "camera.shape": "x".join(map(str, group["raw"].shape[1:])),
             "camera.center": ", ".join(f"{c:.1f}" for c in geometry.get("center", [])),

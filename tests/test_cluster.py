@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
+import psutil
 import pytest
 from distributed import Client, LocalCluster
 
 from cirrus_batch.cluster import connect, gpu_resources
-from cirrus_batch.config import ClusterConfig
+from cirrus_batch.config import ClusterConfig, IngestConfig
 from cirrus_batch.errors import CirrusError
+from cirrus_batch.ingest import ingest
+from cirrus_batch.synth import write_archive
 
 
 def test_local_cluster_runs_tasks_and_closes():
@@ -57,9 +64,42 @@ def test_slurm_job_script_from_config():
 
 
 def test_slurm_without_sbatch_is_a_clear_error(monkeypatch):
-    from cirrus_batch.config import ClusterConfig
+    from cirrus_batch.config import ClusterConfig, IngestConfig
 
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(CirrusError, match="needs SLURM's sbatch"):
         with connect("slurm", ClusterConfig()):
             pass
+
+
+def _listeners(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every listening TCP socket of process ``pid`` and its children."""
+    try:
+        parent = psutil.Process(pid)
+        procs = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return set()
+    found = set()
+    for proc in procs:
+        try:
+            found |= {(c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="tcp")
+                      if c.status == psutil.CONN_LISTEN}  # fmt: skip
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def test_a_local_run_listens_on_loopback_only(tmp_path, client):
+    """`cirrus prepare` on the default config: scheduler, workers, nannies and dashboard on 127.0.0.1 only."""
+    write_archive(tmp_path / "a", nights=2, per_night=4, cadence_min=10, shape=(48, 60), seed=5, progress=False,
+                  kinds=["arriving", "overcast"])
+    ingest(str(tmp_path / "a"), str(tmp_path / "s.zarr"), client, IngestConfig(shard_size=4), progress=False)
+    run = subprocess.Popen([sys.executable, "-m", "cirrus_batch.cli", "prepare", str(tmp_path / "s.zarr"),
+                            "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    seen: set[tuple[str, int]] = set()
+    while run.poll() is None:
+        seen |= _listeners(run.pid)
+        time.sleep(0.1)
+    assert run.returncode == 0, run.stdout.read()
+    assert len(seen) >= 3, seen  # the scheduler, its dashboard, a worker at least
+    assert {ip for ip, _ in seen} <= {"127.0.0.1", "::1"}, seen

@@ -26,7 +26,7 @@ from cirrus_batch.orientation import (
     sky_coords,
 )
 from cirrus_batch.prepare import prepare
-from cirrus_batch.store import open_dataset
+from cirrus_batch.store import json_attr, open_dataset
 
 
 @pytest.mark.parametrize("kind", list(synth.CAMERA_KINDS))
@@ -160,8 +160,8 @@ def test_orient_cli_writes_the_orientation(oriented, capsys):
     out = capsys.readouterr().out
     assert "mirror no" in out and (tmp / "o.png").stat().st_size > 10_000
     ds = open_dataset(url)
-    assert ds.attrs["site"]["latitude_deg"] == 28.76
-    o = ds.attrs["orientation"]
+    assert json_attr(ds.attrs, "site")["latitude_deg"] == 28.76
+    o = json_attr(ds.attrs, "orientation")
     truth = xr.open_zarr(summary.truth, consolidated=False).attrs
     assert o["mirror"] is False and o["rms_px"] < 1.0 and o["n_used"] >= 20
     assert abs((o["north_deg"] - truth["up_azimuth_deg"] + 180) % 360 - 180) < 0.5

@@ -21,7 +21,7 @@ from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.ingest import ingest
 from cirrus_batch.prepare import UNPREPARED, Models, evaluate_store, prepare, read_labels
 from cirrus_batch.normalization import Normalization, normalize
-from cirrus_batch.store import open_dataset
+from cirrus_batch.store import json_attr, open_dataset, set_json_attr
 from cirrus_batch.synth import write_archive
 
 SHAPE = (120, 150)
@@ -54,13 +54,13 @@ def test_prepare_writes_the_schema(season):
     assert ds["mask"].dtype == np.uint8 and set(np.unique(ds["mask"].values)) <= {0, 1}
     assert ds["cloud_fraction"].dtype == np.float32 and ds["cloudy"].dtype == bool
     assert (ds["quality"].values == 0).all()
-    assert "normalization" in ds.attrs["prepare"] and "clear_sky" in ds.attrs["prepare"]
+    assert "normalization" in json_attr(ds.attrs, "prepare") and "clear_sky" in json_attr(ds.attrs, "prepare")
     true_sky = xr.open_zarr(truth, consolidated=False)["sky"].values.astype(bool)
     sky = ds["sky"].values.astype(bool)
     assert (sky & true_sky).sum() / (sky | true_sky).sum() > 0.95
     assert (ds["mask"].values[:, ~sky] == 0).all()
     # norm is the documented deterministic transform of raw
-    models = ds.attrs["prepare"]
+    models = json_attr(ds.attrs, "prepare")
     expect = normalize(ds["raw"].values[:3], Normalization.from_attrs(models["normalization"]))
     np.testing.assert_array_equal(ds["norm"].values[:3], expect)
     # the residual: float16, 0 off the sky, about 0 on clear sky and high under the mask
@@ -244,9 +244,9 @@ def test_a_store_prepared_by_an_older_version_is_fitted_again(tmp_path, client):
     prepare(str(store), client, PrepareConfig(fit_images=30), progress=False)
     group = zarr.open_group(str(store), mode="r+")
     before = group["mask"][:]
-    attrs = dict(group.attrs["prepare"])
+    attrs = json_attr(group.attrs, "prepare")
     del attrs["clear_config"]  # as an older version left it
-    group.attrs["prepare"] = attrs
+    set_json_attr(group.attrs, "prepare", attrs)
     with pytest.raises(StoreError, match="--refit"):
         Models.from_store(group)
     report = prepare(str(store), client, PrepareConfig(fit_images=30), progress=False)

@@ -11,7 +11,7 @@ from cirrus_batch.config import PrepareConfig
 from cirrus_batch.errors import ConfigError
 from cirrus_batch.prepare import FITTED_VARS, prepare
 from cirrus_batch.provenance import differences
-from cirrus_batch.store import Store
+from cirrus_batch.store import Store, json_attr
 
 FIT = PrepareConfig(fit_images=40)  # the settings of the `store` fixture
 
@@ -40,5 +40,5 @@ def test_changed_mask_settings_name_the_stale_arrays_until_refit(tmp_path, store
     rebuilt = prepare(url, client, changed, refit=True, progress=False)
     assert rebuilt.fitted and rebuilt.prepared_now == rebuilt.images
     group = Store.open(url, mode="r").group
-    assert all(group[name].attrs["settings"]["mask"]["min_sigma"] == 6.0 for name in FITTED_VARS)
+    assert all(json_attr(group[name].attrs, "settings")["mask"]["min_sigma"] == 6.0 for name in FITTED_VARS)
     assert prepare(url, client, changed, progress=False).prepared_now == 0  # now current

@@ -17,6 +17,7 @@ from test_reprocess import Trained, build_trained
 from cirrus_batch.errors import StoreError
 from cirrus_batch.masks import QUALITY_CONSTANT
 from cirrus_batch.report import image_hours, report
+from cirrus_batch.store import set_json_attr
 from cirrus_batch.sampling import block_keys
 from cirrus_batch.reprocess import UNPROCESSED, reprocess
 from cirrus_batch.store import Rejection, Store
@@ -124,8 +125,8 @@ def test_an_oriented_store_gets_the_observers_nights(season, trained, tmp_path):
     store = str(tmp_path / "s.zarr")
     shutil.copytree(season, store)
     group = Store.open(store).group
-    group.attrs["site"] = {"latitude_deg": 28.76, "longitude_deg": -17.88, "elevation_m": 2396.0}
-    group.attrs["orientation"] = {"north_deg": 0.0, "mirror": False}  # the lens of prepare's geometry
+    set_json_attr(group.attrs, "site", {"latitude_deg": 28.76, "longitude_deg": -17.88, "elevation_m": 2396.0})
+    set_json_attr(group.attrs, "orientation", {"north_deg": 0.0, "mirror": False})  # the lens of prepare's geometry
     result = report(store, tmp_path / "out", tracking_uri=trained.tracking)
     assert "observer_nights.csv" in {p.name for p in result.files}
     rows = read_csv(tmp_path / "out" / "observer_nights.csv")

@@ -35,7 +35,7 @@ from cirrus_batch.reprocess import (
     reprocess,  # fmt: skip
     resolve_model,
 )
-from cirrus_batch.store import open_dataset
+from cirrus_batch.store import json_attr, open_dataset
 from cirrus_batch.synth import write_archive
 from cirrus_batch.train import train
 
@@ -108,7 +108,7 @@ def direct(store: str, tracking: str, uris: tuple[str, str] = (CLASSIFIER, UNET)
     mlflow.set_tracking_uri(tracking)
     group = zarr.open_group(store, mode="r")
     images = {"norm": normalize(group["raw"][:],
-                                      Normalization.from_attrs(group.attrs["prepare"]["normalization"])),
+                                      Normalization.from_attrs(json_attr(group.attrs, "prepare")["normalization"])),
               "residual": group["residual"][:], "brightness": group["brightness"][:]}  # fmt: skip
     zenith = store_zenith(group)
     out = []
@@ -141,12 +141,12 @@ def test_reprocess_writes_the_schema_and_matches_a_direct_model_call(trained, tm
     ds = open_dataset(store)
     dtypes = {"p_cloudy": np.float32, "cloudy_pred": bool, "cloud_prob": np.uint8, "cloud_fraction_pred": np.float32,
               "pred_model": np.int16}  # fmt: skip
-    for name, dtype in dtypes.items():
-        assert ds[name].dtype == dtype and ds[name].dims[0] == "time", name
+    for name, dtype in dtypes.items():  # cloud_prob: stored as uint8, decoded to a float probability
+        assert ds[name].encoding["dtype"] == dtype and ds[name].dims[0] == "time", name
     assert ds["cloud_prob"].dims == ("time", "y", "x") and ds["cloud_prob"].encoding["chunks"] == (1, *SHAPE)
     assert ds["cloud_prob"].encoding["shards"] == (SHARD, *SHAPE)
     assert (ds["pred_model"].values == 0).all()
-    (entry,) = ds["pred_model"].attrs["models"]
+    (entry,) = json_attr(ds["pred_model"].attrs, "models")
     assert entry["classifier"]["name"] == "cirrus-classifier" and entry["unet"]["version"] == "1"
     assert entry["unet"]["run_id"] and entry["unet"]["uri"] == "models:/cirrus-unet@champion"
     assert entry["threshold"] == trained.threshold
@@ -161,10 +161,12 @@ def test_reprocess_writes_the_schema_and_matches_a_direct_model_call(trained, tm
     assert report.cloudy == cloudy.sum() and 0 < cloudy.sum() < 32
     np.testing.assert_array_equal(cloudy, p >= trained.threshold)
     sky = ds["sky"].values.astype(bool)
-    q = ds["cloud_prob"].values
-    assert (q[~cloudy] == NOT_COMPUTED).all() and (q[:, ~sky] == NOT_COMPUTED).all()
+    q = ds["cloud_prob"].values  # decoded by xarray (CF scale_factor, _FillValue)
+    assert ds["cloud_prob"].dtype == np.float64 and np.nanmin(q) >= 0 and np.nanmax(q) <= 1
+    assert np.isnan(q[~cloudy]).all() and np.isnan(q[:, ~sky]).all()
+    np.testing.assert_array_equal(np.isnan(q), zarr.open_group(store, mode="r")["cloud_prob"][:] == NOT_COMPUTED)
     assert (ds["cloud_fraction_pred"].values[~cloudy] == 0).all()
-    got = q[cloudy][:, sky].astype(np.float32) / PROB_SCALE
+    got = q[cloudy][:, sky]
     np.testing.assert_allclose(got, prob[cloudy][:, sky], atol=0.5 / PROB_SCALE + 1e-5)  # the uint8 quantization
     fraction = (prob[cloudy][:, sky] > 0.5).mean(axis=1)
     np.testing.assert_allclose(ds["cloud_fraction_pred"].values[cloudy], fraction, atol=1e-3)
@@ -176,7 +178,7 @@ def test_mixed_precision_is_recorded_and_close_to_float32(trained, tmp_path, cli
     fp32 = outputs(store)
     amp = reprocess(store, client, cfg=trained.cfg(), progress=False, tracking_uri=trained.tracking)
     assert (exact.model_index, amp.model_index, amp.processed) == (0, 1, 32)  # another precision: redone
-    assert [e["amp"] for e in zarr.open_group(store, mode="r")["pred_model"].attrs["models"]] == [False, True]
+    assert [e["amp"] for e in json_attr(zarr.open_group(store, mode="r")["pred_model"].attrs, "models")] == [False, True]
     got = outputs(store)
     np.testing.assert_allclose(got["p_cloudy"], fp32["p_cloudy"], atol=0.01)
     both = got["cloudy_pred"] & fp32["cloudy_pred"]
@@ -211,7 +213,7 @@ def test_second_run_does_nothing_force_and_a_new_version_redo_all(trained, tmp_p
     assert newer.processed == 32 and newer.model_index == 1 and newer.unet.label == "cirrus-unet v2 (@champion)"
     now = outputs(store)
     assert (now["pred_model"] == 1).all()
-    assert [e["unet"]["version"] for e in zarr.open_group(store)["pred_model"].attrs["models"]] == ["1", "2"]
+    assert [e["unet"]["version"] for e in json_attr(zarr.open_group(store)["pred_model"].attrs, "models")] == ["1", "2"]
     assert_same({**now, "pred_model": first["pred_model"]}, first)
 
 

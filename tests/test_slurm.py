@@ -20,6 +20,7 @@ from cirrus_batch.cli import main
 from cirrus_batch.cluster import connect, job_script
 from cirrus_batch.config import ClusterConfig, SlurmConfig, load_config
 from cirrus_batch.errors import CirrusError
+from cirrus_batch.store import json_attr
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "slurm" / "local-cluster.sh"
@@ -290,7 +291,7 @@ def test_train_sh_driver_job_runs_ingest_prepare_train(local_slurm, tmp_path):
     info, log = _driver("slurm/reprocess.sh", config, {**env, "SOURCE": "", "REPORT": str(report)}, tmp_path)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
     group = zarr.open_group(str(store), mode="r")
-    assert (group["pred_model"][:] == 0).all() and group["pred_model"].attrs["models"][0]["unet"]["version"] == "1"
+    assert (group["pred_model"][:] == 0).all() and json_attr(group["pred_model"].attrs, "models")[0]["unet"]["version"] == "1"
     assert (report / "report.md").exists() and (report / "clear_hours.csv").exists()
 
     # slurm/tune.sh: a 2-trial study whose trials ran on the Dask worker jobs

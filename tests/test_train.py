@@ -208,7 +208,7 @@ def test_on_the_cluster_sigusr1_stops_the_worker_task_with_a_checkpoint(store, t
     threading.Thread(target=signal_after_first_epoch, daemon=True).start()
     with pytest.raises(CirrusError, match=r"stopped after epoch \d+ .*--resume"):
         train_on_cluster(client, store, "segment", cfg)
-    stopped = torch.load(checkpoint, weights_only=False)
+    stopped = torch.load(checkpoint, weights_only=True)
     assert stopped["epoch"] < 39
     done = train_on_cluster(client, store, "segment", tiny(tmp_path, **{"train.epochs": stopped["epoch"] + 2,
                             "train.register": False, "train.log_model": False}), resume=True)  # fmt: skip
@@ -241,7 +241,7 @@ def test_resume_after_kill_continues_the_same_run(store, tmp_path):
     script.write_text(KILLER)
     proc = subprocess.run([sys.executable, str(script), store, repr(overrides)], timeout=300)
     assert proc.returncode == -signal.SIGKILL
-    state = torch.load(tmp_path / "k" / "segment.pt", weights_only=False)
+    state = torch.load(tmp_path / "k" / "segment.pt", weights_only=True)
     assert state["epoch"] == 0
     resumed = train(store, "segment", load_config(overrides=overrides).train, resume=True, progress=False)
     assert resumed.run_id == state["run_id"] and resumed.epochs_run == 3
@@ -367,3 +367,24 @@ def test_a_dataset_inserted_by_a_concurrent_trial_is_found_on_retry(tmp_path, mo
         mlflow.exceptions.MlflowException("RESOURCE_DOES_NOT_EXIST")))
     with mlflow.start_run(), pytest.raises(mlflow.exceptions.MlflowException, match="RESOURCE"):
         train_module.log_input(dataset, {})  # any other error is not retried
+
+
+class _RunsCode:
+    """A pickle that runs code when loaded (what a writable checkpoint folder would let anyone plant)."""
+
+    def __reduce__(self):
+        return (os.system, ("touch ran-code",))
+
+
+def test_resume_loads_only_tensors_and_plain_types(tmp_path, monkeypatch):
+    from cirrus_batch.train import _Checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    checkpoint = _Checkpoint(tmp_path, "segment")
+    checkpoint.save({"epoch": 3, "model": {"w": torch.ones(2)}, "history": [{"val_loss": 0.5}], "split": None})
+    state = checkpoint.load()
+    assert state["epoch"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
+    torch.save({"epoch": 3, "payload": _RunsCode()}, checkpoint.path)
+    with pytest.raises(CirrusError, match="cannot read checkpoint .*segment.pt: it holds objects other than tensors"):
+        checkpoint.load()
+    assert not (tmp_path / "ran-code").exists()
