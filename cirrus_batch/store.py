@@ -371,6 +371,9 @@ def open_dataset(url: str) -> xr.Dataset:
     store = Store.open(url, mode="r")
     ds = xr.open_zarr(url, consolidated=False, zarr_format=3)
     ds = ds.isel(time=slice(0, store.committed)).isel(time=time_order(store.times()))
+    for var in ds.variables.values():
+        if var.dtype == np.float16:  # written as float32 by ds.to_netcdf: netCDF has no float16
+            var.encoding["dtype"] = np.dtype(np.float32)
     night = xr.Variable("time", block_keys(ds["time"].values, "night").astype("datetime64[s]"), NIGHT_ATTRS)
     return ds.assign_coords(night=night)
 

@@ -59,6 +59,10 @@ def test_xarray_decodes_the_store_with_cf_attributes(season, tmp_path):
     with xr.open_dataset(tmp_path / "two.nc") as nc:
         np.testing.assert_array_equal(nc["p_cloudy"].values, ds["p_cloudy"].values)
         assert json_attr(nc["p_cloudy"].attrs, "settings") is None and nc.attrs["Conventions"] == "CF-1.10"
+    ds.drop_vars("raw").to_netcdf(tmp_path / "all.nc")  # the whole store, float16 arrays included, plain xarray
+    with xr.open_dataset(tmp_path / "all.nc") as nc:
+        for name in ("residual", "brightness", "cloud_prob", "mask", "cloud_fraction_pred"):
+            np.testing.assert_array_equal(nc[name].values, ds[name].values.astype(nc[name].dtype), err_msg=name)
 
 
 def test_cloud_prob_plots_as_a_probability_with_the_non_sky_blank(season, tmp_path):
