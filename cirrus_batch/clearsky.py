@@ -12,12 +12,13 @@ temperature above zero radiance, every sky pixel's brightness relative to the am
 and flat-field-correction jumps. The clear sky is a grey body whose emissivity grows with the slant path
 (Aebi et al. 2018, AMT 11, 5549; Wang et al. 2021, Remote Sens. 13, 1852):
 
-    e_clear(θ; ε0) = 1 - T(θ) (1 - ε0) ** (m(θ) ** p)
+    e_clear(θ; ε0) = h + T(θ) [1 - (1 - ε0) ** (m(θ) ** p) - h]
 
-``m`` the Kasten-Young air mass, ``p`` (band saturation) and ``T(θ)`` fitted once on the season's clear frames.
-``T`` is the optics' transmission relative to the zenith: where the lens vignettes or the housing enters the
-field, a pixel sees the sky through ``T`` and the camera's own parts, at about ambient temperature (brightness
-1), through ``1 - T``; so no clear sky, however humid, comes out brighter than the ambient black body. and ``ε0`` (zenith emissivity: humidity) the one parameter per image.
+``m`` the Kasten-Young air mass; ``p`` (band saturation), ``T(θ)`` and ``h`` fitted once on the season's clear
+frames, and ``ε0`` (zenith emissivity: humidity) the one parameter per image. ``T`` is the optics' transmission
+relative to the zenith: where the lens vignettes or the housing enters the field, a pixel sees the sky through
+``T`` and the camera's own parts, of brightness ``h`` (1 at ambient temperature, 0 a pure loss of signal), through
+``1 - T``; with ``h = 1`` no clear sky, however humid, comes out brighter than the ambient black body.
 It is fitted one-sided (clouds only add radiance) with the slant-path exponent, never above ``eps_cap``, and is
 trusted only where a good part of the sky matches the clear shape; it may not exceed the night's clear-sky trend:
 a flat warm deck is cloud, never a humid clear sky. The season's clear frames are searched among up to ``search_images`` frames, so a season where
@@ -228,7 +229,8 @@ def _grid(lo: float, hi: float, n_eps: int = 61, n_p: int = 18,
 
 @dataclass
 class ClearSkyModel:
-    """e_clear(θ; ε0, p) = 1 - T(θ) (1 - ε0) ** (m(θ) ** p); per-bin noise ``sigma`` (ambient units)."""
+    """e_clear(θ; ε0, p) = h + T(θ) [1 - (1 - ε0) ** (m(θ) ** p) - h]; per-bin noise ``sigma`` (ambient
+    units)."""
 
     theta: list[float]
     transmission: list[float]
@@ -347,9 +349,9 @@ HOUSING_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def _fit_optics(y: np.ndarray, housing: float, theta: np.ndarray, inv_sig: np.ndarray, sky_bins: np.ndarray,
-                zen_bins: np.ndarray, eps_cap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:  # fmt: skip
+                zen_bins: np.ndarray, eps_cap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:  # fmt: skip
     """T(θ) and each clear profile's (ε0, p) by alternating least squares for one ``housing`` brightness ->
-    (T, ε0, p, mean squared residual in sigmas, housing)."""
+    (T, ε0, p, mean squared residual in sigmas)."""
     trans = np.ones(theta.size)
     for it in range(4):  # the sky first where the optics hardly matter (T ~ 1 within 60° of the zenith)
         eps_c, p_c, _ = _fit_eps(np.where(theta < 60, y, np.nan) if it == 0 else y, trans, housing, theta, inv_sig,
@@ -361,7 +363,7 @@ def _fit_optics(y: np.ndarray, housing: float, theta: np.ndarray, inv_sig: np.nd
         trans = ndimage.gaussian_filter1d(trans, 2.0, mode="nearest")
         trans /= np.mean(trans[zen_bins])
     eps_c, p_c, rms = _fit_eps(y, trans, housing, theta, inv_sig, 0.01, eps_cap)
-    return trans, eps_c, p_c, float(np.mean(rms**2)), housing
+    return trans, eps_c, p_c, float(np.mean(rms**2))
 
 
 def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSkyModel:
@@ -393,8 +395,9 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
         if clear.sum() < cfg.min_clear:
             break
         y = np.where(sky_bins[None, :], q50[clear], np.nan)
-        fits = [_fit_optics(y, h, theta, inv_sig, sky_bins, zen_bins, cfg.eps_cap) for h in HOUSING_GRID]
-        trans, eps_c, p_c, _, housing = min(fits, key=lambda f: f[3])
+        fits = {h: _fit_optics(y, h, theta, inv_sig, sky_bins, zen_bins, cfg.eps_cap) for h in HOUSING_GRID}
+        housing = min(fits, key=lambda h: fits[h][3])
+        trans, eps_c, p_c, _ = fits[housing]
         p = float(np.median(p_c))
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # bins no clear frame reaches (behind obstacles)
