@@ -36,6 +36,7 @@ from scipy import ndimage
 
 from cirrus_batch.geometry import SkyGeometry
 from cirrus_batch.radiometry import NODATA, air_mass, band_radiance
+from cirrus_batch.skyflat import SkyFlat
 
 EPS_SOURCES = {"fit": 0, "night": 1, "season": 2}
 """Where an image's ε0 comes from: its own fit, the night's clear-sky trend, the season's typical value."""
@@ -66,7 +67,7 @@ class ClearSkyConfig:
     """A pixel more than this many sigmas above the clear sky is cloud when judging frames clear."""
     clear_max_cloud: float = 0.01
     """Frames with at most this fraction of such pixels are clear (they set the night's trend)."""
-    min_consistent: float = 0.4
+    min_consistent: float = 0.25
     """An image's own ε0 is trusted when at least this fraction of its sky within 60° of the zenith lies within
     ``clear_sigma`` of the fitted clear sky (clear gaps); else (a deck, fog) it takes its night's trend."""
     pinned_consistent: float = 0.8
@@ -81,9 +82,16 @@ class ClearSkyConfig:
     """Clear frames needed to fit T(θ) and p; fewer: the physical shape alone (low confidence)."""
     fit_stride: int = 4
     """Per-image fits use every fit_stride-th sky pixel."""
-    fit_max_deg: float = 90.0
-    """Per-image fits use the sky within this zenith angle (nearer the horizon, ground inversions and haze
-    depart from the one-parameter clear sky)."""
+    flat_images: int = 200
+    """Clear frames (of those the model was fitted on) that measure the sky flat (:mod:`cirrus_batch.skyflat`);
+    0: no flat, the model's azimuthal scatter is the noise."""
+    flat_min_span: float = 0.1
+    """The clear frames must span this much of ε0 (dry and humid skies) for the flat's gain to be measured;
+    narrower (one dry night): no flat."""
+    flat_sigma_floor: float = 0.002
+    """Added in quadrature to the noise left on the flattened clear frames (ambient units)."""
+    flat_clip: float = 5.0
+    """The flat's second pass leaves out pixels this many sigmas above the first (clouds in clear frames)."""
     fit_iter: int = 6
     """Iterations of the one-sided robust fit."""
     clip_sigma: float = 3.0
@@ -93,14 +101,17 @@ class ClearSkyConfig:
         for key in ("search_images", "min_clear", "fit_stride", "fit_iter"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.flat_images < 0:
+            raise ValueError(f"flat_images must be >= 0, got {self.flat_images}")
         if not 0.0 < self.eps_cap < 1.0:
             raise ValueError(f"eps_cap must be in (0, 1), got {self.eps_cap}")
         if not 0.1 <= self.bin_deg <= 10:
             raise ValueError(f"bin_deg must be in [0.1, 10], got {self.bin_deg}")
-        for key in ("eps_floor", "p_margin", "clear_max_cloud", "min_consistent", "pinned_consistent", "trend_tol"):
+        for key in ("eps_floor", "flat_min_span", "p_margin", "clear_max_cloud", "min_consistent", "pinned_consistent", "trend_tol"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
-        for key in ("sigma_floor", "clear_sigma", "fit_max_deg", "trend_hours", "night_gap_hours", "clip_sigma"):
+        for key in ("sigma_floor", "flat_sigma_floor", "flat_clip", "clear_sigma", "trend_hours", "night_gap_hours",
+                    "clip_sigma"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
 
@@ -255,6 +266,10 @@ class ClearSkyModel:
     """No clear frame was found: T = 1, p = 0.6, bounds from physics alone (low confidence)."""
     clear_eps: list[float] = field(default_factory=list)
     """ε0 of the clear frames the model was fitted on."""
+    clear_p: list[float] = field(default_factory=list)
+    """Their slant-path exponents."""
+    clear_frames: list[int] = field(default_factory=list)
+    """Their positions in the profile sample (the sky flat is measured on them)."""
 
     def to_attrs(self) -> dict[str, Any]:
         return asdict(self)
@@ -391,9 +406,11 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
     trans, housing = np.ones(theta.size), 1.0
     p, inv_sig = 0.6, np.full(theta.size, 1.0 / 0.01)
     eps_c = np.zeros(0)
+    fitted = clear
     for _ in range(4):
         if clear.sum() < cfg.min_clear:
             break
+        fitted = clear
         y = np.where(sky_bins[None, :], q50[clear], np.nan)
         fits = {h: _fit_optics(y, h, theta, inv_sig, sky_bins, zen_bins, cfg.eps_cap) for h in HOUSING_GRID}
         housing = min(fits, key=lambda h: fits[h][3])
@@ -432,7 +449,8 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
         p_lo=float(max(P_RANGE[0], np.min(p_c) - cfg.p_margin)), p_hi=float(min(P_RANGE[1], np.max(p_c) + cfg.p_margin)),
         eps_lo=0.01, eps_hi=float(cfg.eps_cap), eps_typical=float(np.median(eps_c)), scale=asdict(scale),
         n_clear=int(eps_c.size), offset=offset,
-        clear_eps=np.asarray(eps_c).tolist(),
+        clear_eps=np.asarray(eps_c).tolist(), clear_p=np.asarray(p_c).tolist(),
+        clear_frames=np.flatnonzero(fitted).tolist(),
     )  # fmt: skip
 
 
@@ -440,9 +458,10 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
 
 
 class Frame:
-    """Per-geometry precomputation for the per-image work: sky pixels, their bins, the subsample for fits."""
+    """Per-geometry precomputation for the per-image work: sky pixels, their bins, the subsample for fits, and
+    the sky flat (:mod:`cirrus_batch.skyflat`) when there is one (its noise then replaces the model's)."""
 
-    def __init__(self, geom: SkyGeometry, model: ClearSkyModel, cfg: ClearSkyConfig):
+    def __init__(self, geom: SkyGeometry, model: ClearSkyModel, cfg: ClearSkyConfig, flat: SkyFlat | None = None):
         self.geom, self.model, self.cfg = geom, model, cfg
         self.sky_idx = np.flatnonzero(geom.sky)
         self.zen = geom.zenith.ravel()[self.sky_idx].astype(np.float64)
@@ -450,19 +469,31 @@ class Frame:
         self.bin_deg = float(th[1] - th[0]) if th.size > 1 else 1.0
         self.bins, self.nb = _bins(self.zen, self.bin_deg)
         self.sub = np.arange(0, self.sky_idx.size, max(1, cfg.fit_stride))
-        self.sub = self.sub[self.zen[self.sub] < cfg.fit_max_deg]
-        self.sigma_px = np.interp(self.zen, th, model.sigma).astype(np.float32)
+        self.flat = flat.on(self.sky_idx) if flat is not None else None
+        sigma = np.asarray(flat.sigma if flat is not None else model.sigma)
+        self.sigma_px = np.interp(self.zen, th, sigma).astype(np.float32)
         self.inv_sigma_px = (1.0 / self.sigma_px).astype(np.float32)
-        self.inv_sig_b = 1.0 / np.asarray(model.sigma)
+        self.inv_sig_b = 1.0 / sigma
         self.transmission = np.asarray(model.transmission)
         self.theta = th
 
     def brightness(self, img: np.ndarray, ambient: float, span: float) -> tuple[np.ndarray, np.ndarray]:
-        """(e on sky pixels float32, valid bool) of one raw image."""
+        """(e on sky pixels float32, flattened when there is a flat; valid bool) of one raw image."""
         v = img.ravel()[self.sky_idx]
         valid = v != NODATA
         e = (1.0 - (np.float32(ambient) - v.astype(np.float32)) / np.float32(span)).astype(np.float32)
+        if self.flat is not None:
+            e = (e - self.flat[0]) * self.flat[1]
         return e, valid
+
+    def inv_sigma(self, clear: np.ndarray, at: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """1 / noise of the sky pixels ``at`` whose clear sky is ``clear``: the noise per zenith bin and the flat's
+        gain uncertainty for skies unlike the clear frames it was measured on (see :mod:`cirrus_batch.skyflat`)."""
+        var = self.sigma_px[at] ** 2
+        if self.flat is not None:
+            dm = clear - self.flat[2][at]
+            var = var + dm * dm * self.flat[3][at]
+        return (1.0 / np.sqrt(var)).astype(np.float32)
 
     def clear(self, eps: float, p: float) -> np.ndarray:
         """Clear-sky brightness on the sky pixels (float32) for (ε0, p)."""
@@ -476,7 +507,7 @@ class Frame:
         y = e[self.sub].astype(np.float64)
         b = self.bins[self.sub]
         ok = valid[self.sub]
-        ge, gp = _grid(m.eps_lo, m.eps_hi, 61, 9, (m.p_lo, m.p_hi))
+        ge, gp = _grid(m.eps_lo, m.eps_hi, 241, 9, (m.p_lo, m.p_hi))
         table = m.offset + _seen(self.transmission, _shape(self.theta, ge, gp), m.housing)  # (g, nb)
         w_b = self.inv_sig_b**2
         t2 = w_b[None, :] * table**2
@@ -494,7 +525,7 @@ class Frame:
             if np.array_equal(new, keep):
                 break
             keep = new
-        r = (y - table[k][b]) * self.inv_sig_b[b]
+        r = (y - table[k][b]) * self.inv_sigma(table[k][b], self.sub)
         inner = ok & (self.zen[self.sub] < 60)  # near the horizon every sky matches: not evidence
         if not inner.any():
             return float(ge[k]), float(gp[k]), 1.0, 0.0

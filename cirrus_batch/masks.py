@@ -11,6 +11,7 @@ used for that image instead, and recorded as such.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ import numpy as np
 from cirrus_batch.clearsky import EPS_SOURCES, ClearSkyConfig, ClearSkyModel, Frame, levels
 from cirrus_batch.geometry import SkyGeometry
 from cirrus_batch.radiometry import ADU_MAX, NODATA
+from cirrus_batch.skyflat import FlatSums, SkyFlat, accumulate, fit_flat
 
 QUALITY_CONSTANT = 1
 """Bit flag: every pixel of the image has the same value (dead frame)."""
@@ -208,12 +210,34 @@ class Masks:
     """(n,) uint8 QUALITY_* bits."""
 
 
-def fit_block(raw: np.ndarray, temps: np.ndarray, geom: SkyGeometry, model: ClearSkyModel,
-              ccfg: ClearSkyConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+def flat_block(raw: np.ndarray, temps: np.ndarray, eps: np.ndarray, p: np.ndarray, geom: SkyGeometry,
+               model: ClearSkyModel, ccfg: ClearSkyConfig, prior: SkyFlat | None = None) -> FlatSums:  # fmt: skip
+    """Sky-flat sums (:mod:`cirrus_batch.skyflat`) of clear raw images (n, y, x) with their clear skies (ε0, p);
+    with a ``prior`` flat, pixels more than ``flat_clip`` sigmas above it (cloud) are left out."""
+    raw3 = np.asarray(raw).reshape(-1, *geom.shape)
+    fr = Frame(geom, model, ccfg)
+    check = Frame(geom, model, ccfg, prior) if prior is not None else None
+    a, d = levels(raw3, geom)
+    span = model.scaler.span(a, d, np.broadcast_to(np.asarray(temps, np.float64).reshape(-1), a.shape))
+    sums = FlatSums.zeros(fr.sky_idx.size)
+    for i, im in enumerate(raw3):
+        if not (np.isfinite(a[i]) and np.isfinite(span[i])):
+            continue
+        e, valid = fr.brightness(im, a[i], span[i])
+        m = fr.clear(float(eps[i]), float(p[i]))
+        if check is not None:
+            ef, _ = check.brightness(im, a[i], span[i])
+            valid &= (ef - m) * check.inv_sigma(m) <= ccfg.flat_clip  # clouds only add radiance
+        accumulate(e, m, valid, sums)
+    return sums
+
+
+def fit_block(raw: np.ndarray, temps: np.ndarray, geom: SkyGeometry, model: ClearSkyModel, ccfg: ClearSkyConfig,
+              flat: SkyFlat | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """(ε0, p, fraction of sky above the clear sky, fraction consistent with it) per image of raw (n, y, x): the
     first pass of prepare (see :meth:`cirrus_batch.clearsky.Frame.fit`)."""
     raw3 = np.asarray(raw).reshape(-1, *geom.shape)
-    fr = Frame(geom, model, ccfg)
+    fr = Frame(geom, model, ccfg, flat)
     a, d = levels(raw3, geom)
     span = model.scaler.span(a, d, temps)
     out = np.full((4, raw3.shape[0]), np.nan)
@@ -228,12 +252,13 @@ def fit_block(raw: np.ndarray, temps: np.ndarray, geom: SkyGeometry, model: Clea
 
 
 def make_masks(raw: np.ndarray, temps: np.ndarray, eps: np.ndarray, p: np.ndarray, eps_source: np.ndarray,
-               geom: SkyGeometry, model: ClearSkyModel, cfg: MaskConfig, ccfg: ClearSkyConfig) -> Masks:  # fmt: skip
+               geom: SkyGeometry, model: ClearSkyModel, cfg: MaskConfig, ccfg: ClearSkyConfig,
+               flat: SkyFlat | None = None) -> Masks:  # fmt: skip
     """Masks, network inputs, confidence and flags of raw images (n, y, x) given each image's clear sky (ε0, p)
-    and its source (:func:`cirrus_batch.clearsky.choose_eps`)."""
+    and its source (:func:`cirrus_batch.clearsky.choose_eps`), flattened by the sky ``flat`` if there is one."""
     raw3 = np.asarray(raw).reshape(-1, *geom.shape)
     n = raw3.shape[0]
-    fr = Frame(geom, model, ccfg)
+    fr = Frame(geom, model, ccfg, flat)
     a, d = levels(raw3, geom)
     span = model.scaler.span(a, d, np.broadcast_to(np.asarray(temps, np.float64).reshape(-1), (n,)))
     quality = quality_flags(raw3, geom, cfg.saturated_fraction)
@@ -261,7 +286,8 @@ def make_masks(raw: np.ndarray, temps: np.ndarray, eps: np.ndarray, p: np.ndarra
         if valid_frac[i] < 1 - cfg.max_nodata_fraction:
             out.flags[i] = flags | MASK_FLAGS["no_mask"]
             continue
-        z = (e - fr.clear(float(eps[i]), float(p[i]))) * fr.inv_sigma_px
+        clear = fr.clear(float(eps[i]), float(p[i]))
+        z = (e - clear) * fr.inv_sigma(clear)
         zv = z[valid]
         if float(np.mean(zv < -cfg.min_sigma)) > cfg.contradicted_fraction:
             flags |= MASK_FLAGS["model_contradicted"]
@@ -310,3 +336,24 @@ def describe_flags(flags: np.ndarray) -> dict[str, int]:
     """Number of images carrying each :data:`MASK_FLAGS` reason."""
     flags = np.asarray(flags, np.uint8)
     return {name: int(((flags & bit) > 0).sum()) for name, bit in MASK_FLAGS.items()}
+
+
+def sky_flat(sums_of: Callable[[SkyFlat | None], FlatSums], frames: int, geom: SkyGeometry, model: ClearSkyModel,
+             ccfg: ClearSkyConfig) -> SkyFlat:  # fmt: skip
+    """The sky flat in two passes of ``sums_of(prior)`` (the sums of :func:`flat_block` over the ``frames``
+    clear frames, in one process or as a map)."""
+    fr = Frame(geom, model, ccfg)
+    flat = None
+    for _ in range(2):
+        flat = fit_flat(sums_of(flat), geom, fr.bins, fr.nb, ccfg.flat_sigma_floor, frames)
+    return flat
+
+
+def flat_frames(model: ClearSkyModel, ccfg: ClearSkyConfig) -> np.ndarray:
+    """Which of the clear-sky model's clear frames (indices into ``clear_frames``, ``clear_eps``, ``clear_p``)
+    measure the sky flat: up to ``flat_images``, spread over them; none when there is no flat (``flat_images``
+    0, fewer than ``min_clear`` clear frames, or clear skies spanning less than ``flat_min_span`` of ε0)."""
+    n = len(model.clear_frames)
+    if ccfg.flat_images == 0 or model.prior_only or n < ccfg.min_clear or np.ptp(model.clear_eps) < ccfg.flat_min_span:
+        return np.zeros(0, np.int64)
+    return np.unique(np.linspace(0, n - 1, min(n, ccfg.flat_images)).round().astype(np.int64))

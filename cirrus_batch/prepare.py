@@ -31,6 +31,7 @@ from cirrus_batch import clearsky, geometry, humanmasks, masks, panels, provenan
 from cirrus_batch.config import PrepareConfig, to_dict
 from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.normalization import Normalization, fit_normalization, normalize
+from cirrus_batch.skyflat import FlatSums, SkyFlat
 from cirrus_batch.store import Store, header_var, json_attr, set_json_attr, write_images
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,10 @@ def fit_settings(cfg: PrepareConfig) -> dict[str, Any]:
             "ambient_key": cfg.ambient_key}
 
 
+CURRENT_KEYS = {"clear_config", "flat"}
+"""Keys of the ``prepare`` attribute that this version writes: a store without them is fitted again."""
+
+
 @dataclass
 class Models:
     """Everything fitted once per archive; JSON-able attrs plus the pixel classes."""
@@ -67,10 +72,13 @@ class Models:
     mask_config: masks.MaskConfig
     clear_config: clearsky.ClearSkyConfig
     ambient_key: str
+    flat: SkyFlat | None = None
+    """The sky flat (arrays ``flat_offset``, ``flat_gain``); None: none could be measured or ``flat_images`` 0."""
 
     def to_attrs(self) -> dict[str, Any]:
         return {
             "ambient_key": self.ambient_key,
+            "flat": {"sigma": self.flat.sigma, "frames": self.flat.frames} if self.flat is not None else None,
             "geometry": self.geometry.to_attrs(),
             "normalization": self.normalization.to_attrs(),
             "clear_sky": self.clear_sky.to_attrs(),
@@ -81,7 +89,7 @@ class Models:
     @classmethod
     def from_store(cls, group: zarr.Group) -> Models:
         attrs = json_attr(group.attrs, "prepare")
-        if not attrs or "pixel_class" not in group or "clear_config" not in attrs:
+        if not attrs or "pixel_class" not in group or not CURRENT_KEYS <= attrs.keys():
             raise StoreError("the store is not prepared (or was prepared by an older version): run "
                              "`cirrus prepare STORE --refit`")  # fmt: skip
         return cls(
@@ -91,6 +99,7 @@ class Models:
             masks.MaskConfig(**attrs["mask_config"]),
             clearsky.ClearSkyConfig(**attrs["clear_config"]),
             attrs["ambient_key"],
+            SkyFlat(*(group[f"flat_{k}"][:] for k in SkyFlat.ARRAYS), **attrs["flat"]) if attrs["flat"] else None,
         )
 
 
@@ -162,8 +171,22 @@ def profile_block(store_url: str, index: np.ndarray, geom: geometry.SkyGeometry,
     return clearsky.profiles(read_images(group["raw"], index), _ambient(group, ambient_key, index), geom, cfg)
 
 
+FLAT_NAMES = {"offset": "offset a of e = a + (1 + b) e_clear", "gain": "gain b of e = a + (1 + b) e_clear",
+              "mean_clear": "mean clear sky of the frames it was measured on", "gain_var": "variance of the gain b"}
+
+
+def flat_sums_block(store_url: str, index: np.ndarray, eps: np.ndarray, p: np.ndarray, geom: geometry.SkyGeometry,
+                    model: clearsky.ClearSkyModel, ambient_key: str, cfg: clearsky.ClearSkyConfig,
+                    prior: SkyFlat | None) -> FlatSums:  # fmt: skip
+    """Task: sky-flat sums of the clear images at ``index`` (see :func:`cirrus_batch.masks.flat_block`)."""
+    group = zarr.open_group(store_url, mode="r", zarr_format=3)
+    return masks.flat_block(read_images(group["raw"], index), _ambient(group, ambient_key, index), eps, p, geom,
+                            model, cfg, prior)  # fmt: skip
+
+
 def fit_models(store_url: str, n: int, client: Client, cfg: PrepareConfig, shard: int) -> Models:
-    """Fit geometry and normalization in one task, the clear-sky model from profiles computed by a map."""
+    """Fit geometry and normalization in one task, the clear-sky model from profiles computed by a map, the sky
+    flat from two maps over the model's clear frames."""
     geom, norm = client.submit(fit_geometry, store_url, n, cfg, pure=False).result()
     index = spread_index(n, cfg.clear.search_images)
     parts = [p for a in range(0, n, shard) if (p := index[(index >= a) & (index < a + shard)]).size]
@@ -171,7 +194,20 @@ def fit_models(store_url: str, n: int, client: Client, cfg: PrepareConfig, shard
                          cfg=cfg.clear, pure=False)  # fmt: skip
     prof = clearsky.concat_profiles(client.gather(futures))
     model = clearsky.fit_clear_sky(prof, cfg.clear)
-    return Models(geom, norm, model, cfg.mask, cfg.clear, cfg.ambient_key)
+    pick = masks.flat_frames(model, cfg.clear)
+    flat = None
+    if pick.size:
+        at = index[np.asarray(model.clear_frames)[pick]]
+        eps, p = np.asarray(model.clear_eps)[pick], np.asarray(model.clear_p)[pick]
+        tasks = np.array_split(np.arange(pick.size), min(pick.size, 2 * len(client.nthreads()) or 1))
+
+        def sums_of(prior: SkyFlat | None) -> FlatSums:
+            futures = [client.submit(flat_sums_block, store_url, at[t], eps[t], p[t], geom, model, cfg.ambient_key,
+                                     cfg.clear, prior, pure=False) for t in tasks if t.size]  # fmt: skip
+            return sum(client.gather(futures), FlatSums.zeros(int(geom.sky.sum())))
+
+        flat = masks.sky_flat(sums_of, pick.size, geom, model, cfg.clear)
+    return Models(geom, norm, model, cfg.mask, cfg.clear, cfg.ambient_key, flat)
 
 
 def _create_arrays(store: Store, n: int, models: Models) -> None:
@@ -218,7 +254,7 @@ def fit_block(store_url: str, start: int, stop: int) -> tuple[np.ndarray, ...]:
     models = Models.from_store(group)
     region = slice(start, stop)
     fits = masks.fit_block(group["raw"][region], _ambient(group, models.ambient_key, region), models.geometry,
-                           models.clear_sky, models.clear_config)  # fmt: skip
+                           models.clear_sky, models.clear_config, models.flat)  # fmt: skip
     for name, values in zip(("eps_fit", "p_fit", "sky_excess", "sky_clear"), fits):
         group[name][region] = values.astype(np.float32)
     return fits
@@ -233,7 +269,7 @@ def prepare_block(store_url: str, start: int, stop: int) -> int:
     ambient = _ambient(group, models.ambient_key, region)
     out = masks.make_masks(raw, ambient, group["clear_eps"][region], group["clear_p"][region],
                            group["clear_eps_source"][region], models.geometry, models.clear_sky, models.mask_config,
-                           models.clear_config)  # fmt: skip
+                           models.clear_config, models.flat)  # fmt: skip
     write_images(group["norm"], region, normalize(raw, models.normalization))
     write_images(group["residual"], region, out.residual.astype(np.float16))
     write_images(group["brightness"], region, out.brightness.astype(np.float16))
@@ -292,7 +328,7 @@ def prepare(
     labels = read_labels(cfg.labels) if cfg.labels else {}  # fail early on a bad label file
     if cfg.human.source:  # hand-drawn masks: imported first, so they are kept when the astropy fit fails
         report.human_masks = humanmasks.import_masks(store, cfg.human).masks
-    current = "clear_config" in json_attr(group.attrs, "prepare", {}) and "pixel_class" in group
+    current = CURRENT_KEYS <= json_attr(group.attrs, "prepare", {}).keys() and "pixel_class" in group
     if "prepare" in group.attrs and not current:
         log.warning("%s was prepared by an older version of cirrus: fitting the models again", store_url)
     if current and not refit:
@@ -306,6 +342,13 @@ def prepare(
             arr = group.require_array(name, shape=values.shape, dtype="uint8", fill_value=0, dimension_names=("y", "x"))
             arr[:] = values
             arr.attrs.update({"flag_values": list(meanings), "flag_meanings": " ".join(meanings.values())})
+        zero = np.zeros(models.geometry.shape, np.float32)
+        flat = models.flat or SkyFlat(zero, zero, zero, zero, [], 0)
+        for key in SkyFlat.ARRAYS:
+            arr = group.require_array(f"flat_{key}", shape=zero.shape, dtype="float32", fill_value=0.0,
+                                      dimension_names=("y", "x"))  # fmt: skip
+            arr[:] = getattr(flat, key)
+            arr.attrs.update({"long_name": f"sky flat: {FLAT_NAMES[key]}", "units": "1"})
         group["sky"].attrs["long_name"] = "valid sky pixels"
         group["pixel_class"].attrs["long_name"] = "sky geometry: sky, ambient reference, dark reference, other"
         _create_arrays(store, n, models)
@@ -373,17 +416,26 @@ def prepare_arrays(raw: np.ndarray, ambtemp: np.ndarray, times: np.ndarray,
     geom = geometry.estimate_sky(raw[index], ambtemp[index], cfg.sky)
     search = spread_index(len(raw), cfg.clear.search_images)
     model = clearsky.fit_clear_sky(clearsky.profiles(raw[search], ambtemp[search], geom, cfg.clear), cfg.clear)
-    eps, p, source = clearsky.choose_eps(times, *masks.fit_block(raw, ambtemp, geom, model, cfg.clear), model,
+    pick = masks.flat_frames(model, cfg.clear)
+    flat = None
+    if pick.size:
+        at = search[np.asarray(model.clear_frames)[pick]]
+        eps, p = np.asarray(model.clear_eps)[pick], np.asarray(model.clear_p)[pick]
+        flat = masks.sky_flat(lambda prior: masks.flat_block(raw[at], ambtemp[at], eps, p, geom, model, cfg.clear,
+                                                             prior), pick.size, geom, model, cfg.clear)  # fmt: skip
+    eps, p, source = clearsky.choose_eps(times, *masks.fit_block(raw, ambtemp, geom, model, cfg.clear, flat), model,
                                          cfg.clear)  # fmt: skip
-    out = masks.make_masks(raw, ambtemp, eps, p, source, geom, model, cfg.mask, cfg.clear)
-    return Models(geom, fit_normalization(raw[index], geom), model, cfg.mask, cfg.clear, cfg.ambient_key), out
+    out = masks.make_masks(raw, ambtemp, eps, p, source, geom, model, cfg.mask, cfg.clear, flat)
+    models = Models(geom, fit_normalization(raw[index], geom), model, cfg.mask, cfg.clear, cfg.ambient_key, flat)
+    return models, out
 
 
 def _model_summary(models: Models) -> dict[str, Any]:
     m, g = models.clear_sky, models.geometry
     return {"clear frames found": m.n_clear, "scale from": m.scale["source"], "prior only": m.prior_only,
             "eps range": [round(m.eps_lo, 3), round(m.eps_hi, 3)], "outside the circle": g.outside,
-            "ambient reference": g.ambient_source}  # fmt: skip
+            "ambient reference": g.ambient_source, "sky flat frames": models.flat.frames if models.flat else 0,
+            "noise after the flat": round(float(np.median(models.flat.sigma)), 4) if models.flat else None}  # fmt: skip
 
 
 # -- evaluation against true masks ------------------------------------------------------------------
@@ -462,7 +514,7 @@ def _panel(group: zarr.Group, truth_url: str, index: np.ndarray, out_png: str | 
     eps, p, source = (group[k].get_orthogonal_selection(np.array(picks)) for k in ("clear_eps", "clear_p",
                                                                                      "clear_eps_source"))
     out = masks.make_masks(raw, ambient, eps, p, source, models.geometry, models.clear_sky, models.mask_config,
-                           models.clear_config)  # fmt: skip
+                           models.clear_config, models.flat)  # fmt: skip
     fr = clearsky.Frame(models.geometry, models.clear_sky, models.clear_config)
     clear = np.zeros(out.brightness.shape, np.float32)
     for k, (e, pk) in enumerate(zip(eps, p)):
