@@ -15,8 +15,9 @@ extension) with hand-drawn masks (255 cloud, 100 sky, 0 undefined: horizon and s
    (c) the same U-Net trained on the astropy masks only (``masks = "astropy"``), scored on the same test frames
        against the human masks (``--truth`` = the store).
 
-If the astropy part of ``prepare`` fails, (a) is reported as failed with its error and (b) still runs when the
-store could be prepared. The data stay outside git:
+Settings (file names, mask values, the sky circle of ``[prepare.sky]``) come from ``jobs/wsiseg.toml``; the
+options below override it. If the astropy part of ``prepare`` fails, (a) is reported as failed with its error
+and (b) still runs when the store could be prepared. The data stay outside git:
 
     python benchmarks/bench_wsiseg.py PATH [--out bench-out/wsiseg] [--epochs 15] [--bin 4] [--rgb red_blue_ratio]
                                            [--parts bc] [--reuse]
@@ -41,9 +42,7 @@ from cirrus_batch.prepare import evaluate_store, prepare
 from cirrus_batch.store import Store
 from cirrus_batch.train import train
 
-WSISEG = {"ingest.image_files.time_from": "index", "ingest.image_files.time_start": "2020-01-01T00:00:00",
-          "ingest.image_files.time_step_s": 1296.0, "ingest.shard_size": 100,
-          "prepare.human.cloud": [255], "prepare.human.clear": [100], "prepare.human.unlabelled": [0]}  # fmt: skip
+JOB = Path(__file__).resolve().parent.parent / "jobs" / "wsiseg.toml"  # file names, mask values, sky circle
 
 
 def train_overrides(out: Path, epochs: int, binning: int, masks: str) -> dict:
@@ -74,8 +73,8 @@ def main() -> None:
     store = str(out / "wsiseg.zarr")
     results: dict = {}
     with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
-        cfg = load_config(overrides={**WSISEG, "prepare.human.source": str(args.path / "annotation"),
-                                     "ingest.image_files.rgb": args.rgb})
+        cfg = load_config(JOB, overrides={"prepare.human.source": str(args.path / "annotation"),
+                                          "ingest.image_files.rgb": args.rgb})
         t0 = time.perf_counter()
         report = ingest(str(args.path / "whole sky images"), store, client, cfg.ingest, progress=False)
         results["ingest"] = {"images": report.total, "rejected": len(report.rejected),
@@ -99,7 +98,7 @@ def main() -> None:
         if key not in args.parts:
             continue
         shutil.rmtree(out / f"ckpt-{masks}", ignore_errors=True)
-        tcfg = load_config(overrides=train_overrides(out, args.epochs, args.bin, masks)).train
+        tcfg = load_config(JOB, overrides=train_overrides(out, args.epochs, args.bin, masks)).train
         try:
             r = train(store, "segment", tcfg, progress=False, truth=store)
         except Exception as exc:
