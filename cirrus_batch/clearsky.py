@@ -544,11 +544,20 @@ def night_index(times: np.ndarray, gap_hours: float) -> np.ndarray:
 
 
 def _trend(t: np.ndarray, tr: np.ndarray, er: np.ndarray, hours: float) -> np.ndarray:
-    """Median of ``er`` (at times ``tr``, sorted) within ``hours`` of each ``t``, interpolated where none is."""
+    """Local trend of ``er`` (at times ``tr``, sorted) at each ``t``: a straight line through the values within
+    ``hours`` (so it follows a drift at the ends of a night, where a median lags), kept within their range;
+    interpolated where none is."""
     out = np.empty(t.size)
     for j, ti in enumerate(t):
         near = np.abs(tr - ti) <= hours
-        out[j] = np.median(er[near]) if near.any() else np.interp(ti, tr, er)
+        if not near.any():
+            out[j] = np.interp(ti, tr, er)
+            continue
+        x, y = tr[near] - ti, er[near]
+        value = float(np.median(y))
+        if np.ptp(x) > 0 and x.size >= 3:
+            value = np.polyfit(x, y, 1)[1]
+        out[j] = np.clip(value, y.min(), y.max())
     return out
 
 
@@ -559,8 +568,8 @@ def choose_eps(times: np.ndarray, eps_fit: np.ndarray, p_fit: np.ndarray, excess
 
     A fit is anchored when at least ``min_consistent`` of the sky lies within ``clear_sigma`` of its clear sky
     (clear gaps between clouds) and ε0 is not at its upper bound; a frame is clear when also at most
-    ``clear_max_cloud`` of its sky lies above. Each night's trend of (ε0, p) (median within ``trend_hours``,
-    interpolated between frames) comes from its clear frames, else from its anchored ones. Anchored frames keep
+    ``clear_max_cloud`` of its sky lies above. Each night's trend of (ε0, p) (a line through the values within
+    ``trend_hours``, interpolated between frames) comes from its clear frames, else from its anchored ones. Anchored frames keep
     their fit while ε0 is at most ``trend_tol`` above the trend; the others (a deck, fog) take the trend. A night
     with no anchored frame (nothing in it looks like a clear sky) takes the driest clear sky of the season (10th
     percentile of the clear frames' ε0).
