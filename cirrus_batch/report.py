@@ -32,7 +32,7 @@ from cirrus_batch.prepare import QUALITY_BITS, UNPREPARED, Models, read_images
 from cirrus_batch.reprocess import NOT_COMPUTED, PROB_SCALE, UNPROCESSED
 from cirrus_batch.sampling import block_keys
 from cirrus_batch.store import Store, json_attr
-from cirrus_batch.tracking import require_tracking_store, resolve_tracking_uri
+from cirrus_batch.tracking import require_tracking_store, resolve_tracking_uri, use_experiment
 
 PANEL_COLUMNS = 4
 
@@ -354,7 +354,7 @@ def report(store_url: str, out_dir: str | Path, tracking_uri: str | None = None,
     result.files += [*figures, *flag_files, write_markdown(out, store_url, season, rows, reasons, flags, figures,
                                                            (observers[1],) if observers else ())]  # fmt: skip
     mlflow.set_tracking_uri(tracking)
-    mlflow.set_experiment(f"{experiment}-reports")
+    use_experiment(f"{experiment}-reports")
     models = model_tags(season)
     with mlflow.start_run(run_name=f"report-{time.strftime('%Y%m%d-%H%M%S')}") as run:
         mlflow.set_tags({"store": store_url, "kind": "season report", **models,

@@ -74,6 +74,24 @@ def sqlite_path(uri: str) -> Path | None:
     return None
 
 
+def use_experiment(name: str) -> str:
+    """Make ``name`` MLflow's active experiment in the current tracking store and return its id. A new one
+    created in an sqlite store keeps its artifacts (models, figures) in ``mlartifacts/`` beside the database,
+    not in ``./mlruns`` of whatever directory the command runs from."""
+    import mlflow
+
+    found = mlflow.get_experiment_by_name(name)
+    if found is None:
+        db = sqlite_path(mlflow.get_tracking_uri())
+        location = (db.parent / "mlartifacts").as_uri() if db is not None else None
+        try:
+            mlflow.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException as err:  # another process created it meanwhile
+            if mlflow.get_experiment_by_name(name) is None:
+                raise err
+    return mlflow.set_experiment(name).experiment_id
+
+
 def require_tracking_store(uri: str) -> None:
     """A clear error when ``uri`` is an sqlite file that does not exist (MLflow would create an empty one)."""
     path = sqlite_path(uri)

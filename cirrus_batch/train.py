@@ -51,7 +51,7 @@ from cirrus_batch.prepare import read_images, truth_index
 from cirrus_batch.registry import champion_uri, code_version, describe_version, promote
 from cirrus_batch.sampling import Split, make_split
 from cirrus_batch.store import json_attr
-from cirrus_batch.tracking import resolve_tracking_uri
+from cirrus_batch.tracking import resolve_tracking_uri, use_experiment
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -335,7 +335,7 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
     stop = {"now": False}
     previous = _on_signal(signal.SIGUSR1, lambda *_: stop.update(now=True))
     mlflow.set_tracking_uri(cfg.tracking_uri)
-    mlflow.set_experiment(cfg.experiment)
+    use_experiment(cfg.experiment)
     try:
         with mlflow.start_run(run_id=run_id, log_system_metrics=True, parent_run_id=None if run_id else parent_run_id,
                               run_name=None if run_id else run_name or f"{task}-{time.strftime('%Y%m%d-%H%M%S')}",

@@ -46,7 +46,7 @@ from cirrus_batch.config import ConfigError, ParamSpec, TrainConfig, TuneConfig,
 from cirrus_batch.data import check_store
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.registry import promote
-from cirrus_batch.tracking import resolve_tracking_uri
+from cirrus_batch.tracking import resolve_tracking_uri, use_experiment
 from cirrus_batch.train import REGISTERED, TASKS, TrainResult, input_spec, train
 
 log = logging.getLogger(__name__)
@@ -389,8 +389,8 @@ def _run_trials(optuna_study: optuna.Study, study: StudySpec, client: Client, di
 # -- MLflow ----------------------------------------------------------------------------------------------
 def _parent_run(ml: MlflowClient, study: StudySpec, label: str) -> str:
     """The study's parent run (found by its tags when the study is resumed), RUNNING."""
-    exp = ml.get_experiment_by_name(study.train.experiment)
-    exp_id = exp.experiment_id if exp else ml.create_experiment(study.train.experiment)
+    mlflow.set_tracking_uri(study.train.tracking_uri)
+    exp_id = use_experiment(study.train.experiment)
     query = f"tags.optuna_study = '{study.name}' and tags.optuna_storage = '{label}'"
     found = ml.search_runs([exp_id], query, max_results=1)
     if found:

@@ -388,3 +388,20 @@ def test_resume_loads_only_tensors_and_plain_types(tmp_path, monkeypatch):
     with pytest.raises(CirrusError, match="cannot read checkpoint .*segment.pt: it holds objects other than tensors"):
         checkpoint.load()
     assert not (tmp_path / "ran-code").exists()
+
+
+def test_artifacts_live_beside_the_tracking_database_wherever_the_command_runs(tmp_path, monkeypatch) -> None:
+    from cirrus_batch.tracking import use_experiment
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    try:
+        exp_id = use_experiment("artifact-home")
+        assert use_experiment("artifact-home") == exp_id  # found, not created twice
+        with mlflow.start_run():
+            mlflow.log_text("hello", "note.txt")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert list(project.glob("mlartifacts/*/artifacts/note.txt")) and not (elsewhere / "mlruns").exists()
