@@ -194,7 +194,7 @@ class StoreSamples(Dataset):
             mask = bin_image((h == CLOUD).astype(np.float32), self.bin) / np.maximum(labelled, 1e-6)
             weight = (labelled > 0.5).astype(np.float32)[None]
         else:
-            mask, weight = bin_image(self._array("mask")[p], self.bin), None
+            mask, weight = bin_image(self._array("mask")[p], self.bin).astype(np.float32, copy=False), None
         return x, (mask if self.soft else (mask > 0.5).astype(np.float32))[None], weight
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

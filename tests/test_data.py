@@ -74,6 +74,18 @@ def test_store_samples_read_the_spec_images_and_majority_or_soft_targets(store):
     assert edges > 0  # the soft targets carry more than the majority
 
 
+def test_store_samples_unbinned_soft_targets_are_float(store):
+    """bin = 1 leaves the uint8 mask unbinned: its soft target must still be a float for the loss."""
+    group = zarr.open_group(store, mode="r")
+    cloudy = np.flatnonzero(group["cloudy"][:])
+    spec = InputSpec("segment", bin=1, zenith=True, image="residual+brightness")
+    _, fraction, weight = StoreSamples(store, cloudy, spec, soft=True)[0]
+    assert fraction.dtype == weight.dtype == torch.float32
+    np.testing.assert_array_equal(fraction[0].numpy(), group["mask"][int(cloudy[0])].astype(np.float32))
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(torch.zeros_like(fraction), fraction)
+    assert torch.isfinite(loss)
+
+
 def test_store_samples_cache_built_samples_within_their_budget(store, monkeypatch):
     group = zarr.open_group(store, mode="r")
     cloudy = np.flatnonzero(group["cloudy"][:])[:3]
