@@ -40,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,10 @@ def store_metadata(store: Path) -> dict[str, int]:
 
 def bytes_per_pixel(results: dict[str, Any]) -> dict[str, float]:
     """Disk bytes per frame pixel of the archive, its truth store and the store, from the largest entry measured."""
-    if not results:
+    done = [r for r in results.values() if "store_bytes" in r]
+    if not done:
         return dict(GUESS)
-    r = max(results.values(), key=lambda r: r["season_frames"] * r["shape"][0] * r["shape"][1])
+    r = max(done, key=lambda r: r["season_frames"] * r["shape"][0] * r["shape"][1])
     pixels = r["shape"][0] * r["shape"][1]
     return {"archive": r["archive_bytes"] / (r["synth_frames"] * pixels),
             "truth": r["truth_bytes"] / (r["synth_frames"] * pixels),
@@ -180,8 +182,9 @@ def synth_archive(run: Runner, work: Path, frames: int, shape: tuple[int, int], 
     return row
 
 
-def run_season(args: argparse.Namespace) -> dict[str, Any]:
-    """Every stage on a season of ``args.frames`` frames; the result entry."""
+def run_season(args: argparse.Namespace, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Every stage on a season of ``args.frames`` frames; the result entry, handed to ``save`` after each stage
+    (``complete`` false until the last)."""
     shape = (args.shape[0], args.shape[1])
     nights, per = season_plan(args.frames)
     work = (args.workdir / f"season-{args.frames}-{shape[0]}x{shape[1]}").absolute()
@@ -198,32 +201,39 @@ def run_season(args: argparse.Namespace) -> dict[str, Any]:
     print(f"season: {nights} nights x {per} frames = {season} frames of {shape[0]}x{shape[1]}, plus one night of "
           f"{per} held out for the append; {os.cpu_count()} cores; {work}", flush=True)  # fmt: skip
     stages: dict[str, Any] = {"synth": synth_archive(run, work, args.frames, shape, args.reuse)}
-    hold_out(archive, held)
-    try:
-        stages["ingest"] = run("ingest", str(archive), store, *cluster, frames=season)
-        stages["prepare"] = run("prepare", store, *cluster, frames=season)
-        stages["train"] = run(*train)
-        stages["reprocess"] = run("reprocess", store, *cluster, frames=season)
-        stages["report"] = run("report", store, "--config", train_cfg, frames=season)
-    finally:
-        put_back(archive, held)
-    meta = store_metadata(work / "season.zarr")
-    print("(a) one night more", flush=True)
-    synth_rate = stages["synth"]["seconds"] / stages["synth"]["frames"]
-    append = {"synth": {"seconds": synth_rate * per, "frames": per, "estimated": True}}
-    for name in APPEND:
-        append[name] = run(name, *((str(archive),) if name == "ingest" else ()), store, *cluster, frames=per)
-    meta_append = store_metadata(work / "season.zarr")
-    print("(b) a new model version", flush=True)
-    new = {"train": run(*train), "promote": run("promote", store, "--force", "--config", train_cfg),
-           "reprocess": run("reprocess", store, *cluster, frames=season + per)}
-    archive_bytes, _ = du(archive)
-    truth_bytes, _ = du(work / "archive_truth.zarr")
     result = {"frames": args.frames, "shape": list(shape), "nights": nights, "per_night": per,
               "season_frames": season, "synth_frames": (nights + 1) * per, "epochs": args.epochs,
-              "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"), "stages": stages, "append": append,
-              "new_version": new, "archive_bytes": archive_bytes, "truth_bytes": truth_bytes, **meta,
-              "after_append": meta_append}  # fmt: skip
+              "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"), "complete": False, "stages": stages,
+              "archive_bytes": du(archive)[0], "truth_bytes": du(work / "archive_truth.zarr")[0]}  # fmt: skip
+    save(result)
+
+    def step(part: dict[str, Any], name: str, *argv: str, frames: int | None = None) -> None:
+        part[name] = run(*argv, frames=frames)
+        save(result)
+
+    hold_out(archive, held)
+    try:
+        step(stages, "ingest", "ingest", str(archive), store, *cluster, frames=season)
+        step(stages, "prepare", "prepare", store, *cluster, frames=season)
+        step(stages, "train", *train)
+        step(stages, "reprocess", "reprocess", store, *cluster, frames=season)
+        step(stages, "report", "report", store, "--config", train_cfg, frames=season)
+    finally:
+        put_back(archive, held)
+    result |= store_metadata(work / "season.zarr")
+    print("(a) one night more", flush=True)
+    synth_rate = stages["synth"]["seconds"] / stages["synth"]["frames"]
+    result["append"] = {"synth": {"seconds": synth_rate * per, "frames": per, "estimated": True}}
+    for name in APPEND:
+        step(result["append"], name, name, *((str(archive),) if name == "ingest" else ()), store, *cluster, frames=per)
+    result["after_append"] = store_metadata(work / "season.zarr")
+    print("(b) a new model version", flush=True)
+    result["new_version"] = {}
+    step(result["new_version"], "train", *train)
+    step(result["new_version"], "promote", "promote", store, "--force", "--config", train_cfg)
+    step(result["new_version"], "reprocess", "reprocess", store, *cluster, frames=season + per)
+    result["complete"] = True
+    save(result)
     if args.clean:
         for path in (archive, work / "archive_truth.zarr", work / "season.zarr", work / "synth.json"):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
@@ -254,13 +264,17 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
                 f"{inner:.1f}" if inner is not None else "", f"{frames / r['seconds']:.1f}" if frames else "",
                 mib("client_rss"), mib("worker_rss"), mib("tree_rss")]  # fmt: skip
 
-    out = [line("season", n, result["stages"][n]) for n in SEASON]
-    core = sum(result["stages"][n]["seconds"] for n in ("ingest", "prepare", "reprocess"))
-    out.append(["season", "ingest+prepare+reprocess", str(result["season_frames"]), f"{core:.1f}", "",
-                f"{result['season_frames'] / core:.1f}", "", "", ""])  # fmt: skip
-    for section, part in (("a) +1 night", result["append"]), ("b) new model", result["new_version"])):
+    stages = result["stages"]
+    out = [line("season", n, stages[n]) for n in SEASON if n in stages]
+    if all(n in stages for n in ("ingest", "prepare", "reprocess")):
+        core = sum(stages[n]["seconds"] for n in ("ingest", "prepare", "reprocess"))
+        out.append(["season", "ingest+prepare+reprocess", str(result["season_frames"]), f"{core:.1f}", "",
+                    f"{result['season_frames'] / core:.1f}", "", "", ""])  # fmt: skip
+    for section, name in (("a) +1 night", "append"), ("b) new model", "new_version")):
+        part = result.get(name, {})
         out += [line(section, n, r) for n, r in part.items()]
-        out.append([section, "total", "", f"{sum(r['seconds'] for r in part.values()):.1f}", "", "", "", "", ""])
+        if part:
+            out.append([section, "total", "", f"{sum(r['seconds'] for r in part.values()):.1f}", "", "", "", "", ""])
     return out
 
 
@@ -283,11 +297,14 @@ def summary(result: dict[str, Any]) -> str:
     head = (f"{result['season_frames']} frames of {result['shape'][0]}x{result['shape'][1]} ({result['nights']} "
             f"nights x {result['per_night']}), train {result['epochs']} epochs, {result['cores']} cores, "
             f"{result['date']}, 1-min load {min(loads, default=0):.1f}-{max(loads, default=0):.1f}")  # fmt: skip
-    after = result["after_append"]
-    disk = (f"store {gib(result['store_bytes'])} in {result['store_files']} files, metadata "
-            f"{result['metadata_bytes'] / 1024:.0f} KiB (root zarr.json {result['root_metadata_bytes'] / 1024:.0f} "
-            f"KiB; {after['root_metadata_bytes'] / 1024:.0f} KiB after the append); archive "
-            f"{gib(result['archive_bytes'])}, truth {gib(result['truth_bytes'])} (with the extra night)")  # fmt: skip
+    disk = f"archive {gib(result['archive_bytes'])}, truth {gib(result['truth_bytes'])} (with the extra night)"
+    if "store_bytes" in result:
+        disk = (f"store {gib(result['store_bytes'])} in {result['store_files']} files, metadata "
+                f"{result['metadata_bytes'] / 1024:.0f} KiB (root zarr.json {result['root_metadata_bytes'] / 1024:.0f} "
+                f"KiB" + (f"; {result['after_append']['root_metadata_bytes'] / 1024:.0f} KiB after the append"
+                          if "after_append" in result else "") + f"); {disk}")  # fmt: skip
+    if not result.get("complete", True):
+        head += " -- INCOMPLETE (stopped or still running)"
     return f"{head}\n{table(result)}\n{disk}"
 
 
@@ -302,10 +319,11 @@ def plot(results: dict[str, Any], out: Path) -> Path:
     colors = dict(zip(SEASON, ["0.5", "C0", "C1", "C2", "C3", "C4"]))
     for shape, style in zip(shapes, styles):
         points = sorted((r for r in results.values() if tuple(r["shape"]) == shape), key=lambda r: r["frames"])
-        frames = [r["season_frames"] for r in points]
         for name in SEASON:
             label = f"{name} ({shape[0]}x{shape[1]})" if len(shapes) > 1 else name
-            ax.plot(frames, [r["stages"][name]["seconds"] for r in points], style, color=colors[name], label=label)
+            done = [r for r in points if name in r["stages"]]
+            ax.plot([r["season_frames"] for r in done], [r["stages"][name]["seconds"] for r in done], style,
+                    color=colors[name], label=label)  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("frames in the season")
@@ -341,10 +359,13 @@ def main() -> None:
         stop = disk_check(args.frames, shape, free + reused, bytes_per_pixel(results))
         if stop:
             sys.exit(stop)
-        result = run_season(args)
-        own = load_results([args.json])
-        own[key(result)] = result
-        args.json.write_text(json.dumps(own, indent=1))
+
+        def save(result: dict[str, Any]) -> None:
+            own = load_results([args.json])
+            own[key(result)] = result
+            args.json.write_text(json.dumps(own, indent=1))
+
+        result = run_season(args, save)
         results[key(result)] = result
         print(summary(result))
         print(f"results: {args.json}")

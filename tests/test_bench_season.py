@@ -68,3 +68,18 @@ def test_plot_writes_a_log_log_curve(tmp_path):
     results = {f"{n}": entry(n, n / 100) for n in (1000, 5000)}
     out = bench_season.plot(results, tmp_path / "curve.png")
     assert out.stat().st_size > 10_000
+
+
+def test_an_incomplete_entry_tables_and_plots_its_finished_stages(tmp_path):
+    partial = entry(1000, 1.0)
+    partial["complete"] = False
+    for name in ("train", "reprocess", "report"):
+        del partial["stages"][name]
+    for name in ("append", "new_version", "after_append", "store_bytes"):
+        del partial[name]
+    text = bench_season.summary(partial)
+    assert "INCOMPLETE" in text.splitlines()[0]
+    assert [line.split()[1] for line in text.splitlines()[3:-1]] == ["synth", "ingest", "prepare"]
+    assert text.splitlines()[-1].startswith("archive ")
+    assert bench_season.bytes_per_pixel({"p": partial}) == bench_season.GUESS  # no store measured yet
+    assert bench_season.plot({"a": partial, "b": entry(5000, 5.0)}, tmp_path / "c.png").exists()
