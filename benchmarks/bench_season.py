@@ -221,12 +221,14 @@ def run_season(args: argparse.Namespace, save: Callable[[dict[str, Any]], None])
     finally:
         put_back(archive, held)
     result |= store_metadata(work / "season.zarr")
+    save(result)
     print("(a) one night more", flush=True)
     synth_rate = stages["synth"]["seconds"] / stages["synth"]["frames"]
     result["append"] = {"synth": {"seconds": synth_rate * per, "frames": per, "estimated": True}}
     for name in APPEND:
         step(result["append"], name, name, *((str(archive),) if name == "ingest" else ()), store, *cluster, frames=per)
     result["after_append"] = store_metadata(work / "season.zarr")
+    save(result)
     print("(b) a new model version", flush=True)
     result["new_version"] = {}
     step(result["new_version"], "train", *train)
