@@ -134,16 +134,22 @@ class RssPeaks:
     """Peak RSS (bytes) of the client, of each descendant process and of the whole tree (sampling thread)."""
 
     interval: float = 0.1
+    pid: int | None = None
+    """Root of the sampled tree, whose peak is ``client``: this process by default (sampling stops when it exits)."""
     client: int = 0
     per_pid: dict[int, int] = field(default_factory=dict)
     total: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def _sample(self) -> None:
-        me = psutil.Process()
+        me = psutil.Process(self.pid)
         while not self._stop.is_set():
-            total = own = me.memory_info().rss
-            for child in me.children(recursive=True):
+            try:
+                total = own = me.memory_info().rss
+                children = me.children(recursive=True)
+            except psutil.Error:  # the root exited
+                return
+            for child in children:
                 try:
                     rss = child.memory_info().rss
                 except psutil.Error:  # exited between listing and reading
