@@ -3,6 +3,7 @@ synthetic season, then ``cloud_prob`` and ``p_cloudy`` of every reprocessed fram
 
     python benchmarks/bench_unseen.py FOLDER [--camera ortho --tilt 4 120 --mirror --north-deg 37]
                                              [--nights 10] [--per-night 60] [--cadence-min 3] [--epochs 15]
+                                             [--seed 0] [--shape H W]
 
 With ``--camera`` the steps run first in FOLDER (synth, ingest, prepare --evaluate, train --task both
 --config jobs/train.toml --truth, reprocess; logs in FOLDER/*.log); without it FOLDER must hold a demo-like run
@@ -43,7 +44,7 @@ def run_steps(folder: Path, args: argparse.Namespace) -> None:
               *(["--north-deg", str(args.north_deg)] if args.north_deg is not None else [])]  # fmt: skip
     steps = {
         "synth": ["synth", archive, "--nights", args.nights, "--per-night", args.per_night, "--cadence-min",
-                  args.cadence_min, "--seed", args.seed, *camera],
+                  args.cadence_min, "--seed", args.seed, *(["--shape", *args.shape] if args.shape else []), *camera],
         "ingest": ["ingest", archive, store, "--config", "jobs/default.toml"],
         "prepare": ["prepare", store, "--config", "jobs/default.toml", "--evaluate", truth,
                     "--panel", folder / "prepare-panel.png"],
@@ -55,14 +56,16 @@ def run_steps(folder: Path, args: argparse.Namespace) -> None:
     for name, cmd in steps.items():
         t0 = time.perf_counter()
         with open(folder / f"{name}.log", "w") as log:
-            rc = subprocess.call([*cirrus, *map(str, cmd), "--no-progress"], stdout=log, stderr=subprocess.STDOUT)
-        print(f"{name}: {time.perf_counter() - t0:.0f} s" + (f" FAILED (rc {rc}, see {folder / name}.log)" if rc else ""))
+            rc = subprocess.call([*cirrus, *map(str, cmd), "--no-progress"], stdout=log,
+                                 stderr=subprocess.STDOUT)
+        failed = f" FAILED (rc {rc}, see {folder / name}.log)" if rc else ""
+        print(f"{name}: {time.perf_counter() - t0:.0f} s{failed}", flush=True)
         if rc:
             raise SystemExit(rc)
 
 
 def score(store_url: str, truth_url: str) -> dict:
-    """Counts of ``cloud_prob`` > 0.5 and of prepare's ``mask`` against the truth, ``p_cloudy`` labels, per frame."""
+    """Counts of ``cloud_prob`` > 0.5 and of prepare's ``mask`` against the truth; ``p_cloudy``, true labels."""
     store = Store.open(store_url, mode="r")
     group, n = store.group, store.committed
     truth = zarr.open_group(truth_url, mode="r", zarr_format=3)
@@ -152,6 +155,8 @@ def main() -> int:
     ap.add_argument("--per-night", type=int, default=60)
     ap.add_argument("--cadence-min", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shape", type=int, nargs=2, metavar=("H", "W"),
+                    help="image size (default: synth's, as in the demo)")
     ap.add_argument("--epochs", type=int, default=15)
     args = ap.parse_args()
     if args.camera:
