@@ -62,9 +62,9 @@ class MaskConfig:
     """``a`` of LogStretch."""
     threshold: str | float = "otsu"
     """``"otsu"`` (on the stretched sky pixels, guarded) or a float in stretched units (0..1)."""
-    min_sigma: float = 5.0
+    min_sigma: float = 4.5
     """Guard: a pixel is never cloud below this residual, in units of the clear-sky noise."""
-    max_sigma: float = 6.0
+    max_sigma: float = 5.5
     """An Otsu threshold above this many sigmas is lowered to it (keeps faint cirrus beside thick clouds)."""
     min_span_sigma: float = 40.0
     """The stretch interval spans at least [vmin, vmin + this] sigmas, so pure noise stays at the bottom."""
