@@ -145,4 +145,4 @@ def test_info_is_a_status_table_and_json(season, tmp_path, capsys):
     assert cli.main(["info", season, "--config", str(config)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"reprocessed +32 \(100%\)", out) and re.search(r"nights +4\n", out)
-    assert re.search(r"stale arrays +sky, .*mask", out) and "prepare.mask.min_sigma: 5.0 -> 5.5" in out
+    assert re.search(r"stale arrays +sky, .*mask", out) and "prepare.mask.min_sigma: 4.5 -> 5.5" in out

@@ -30,7 +30,7 @@ def test_changed_mask_settings_name_the_stale_arrays_until_refit(tmp_path, store
     before = Store.open(url, mode="r").group["mask"][:]
     with pytest.raises(ConfigError, match=r"the store's sky, pixel_class, norm, residual, brightness, mask, "
                                           r"cloud_fraction, quality, .*mask_confidence, mask_flags were made with other "
-                                          r"\[prepare\] settings \(prepare.mask.min_sigma: 5.0 -> 6.0\).*--refit"):  # fmt: skip
+                                          r"\[prepare\] settings \(prepare.mask.min_sigma: 4.5 -> 5.5\).*--refit"):  # fmt: skip
         prepare(url, client, changed, progress=False)
     group = Store.open(url, mode="r").group
     assert (group["mask"][:] == before).all() and group["cloudy"].attrs["threshold"] == FIT.cloudy_fraction
@@ -40,5 +40,5 @@ def test_changed_mask_settings_name_the_stale_arrays_until_refit(tmp_path, store
     rebuilt = prepare(url, client, changed, refit=True, progress=False)
     assert rebuilt.fitted and rebuilt.prepared_now == rebuilt.images
     group = Store.open(url, mode="r").group
-    assert all(json_attr(group[name].attrs, "settings")["mask"]["min_sigma"] == 6.0 for name in FITTED_VARS)
+    assert all(json_attr(group[name].attrs, "settings")["mask"]["min_sigma"] == 5.5 for name in FITTED_VARS)
     assert prepare(url, client, changed, progress=False).prepared_now == 0  # now current
