@@ -472,7 +472,6 @@ class Frame:
         self.flat = flat.on(self.sky_idx) if flat is not None else None
         sigma = np.asarray(flat.sigma if flat is not None else model.sigma)
         self.sigma_px = np.interp(self.zen, th, sigma).astype(np.float32)
-        self.inv_sigma_px = (1.0 / self.sigma_px).astype(np.float32)
         self.inv_sig_b = 1.0 / sigma
         self.transmission = np.asarray(model.transmission)
         self.theta = th

@@ -349,11 +349,13 @@ def sky_flat(sums_of: Callable[[SkyFlat | None], FlatSums], frames: int, geom: S
     return flat
 
 
-def flat_frames(model: ClearSkyModel, ccfg: ClearSkyConfig) -> np.ndarray:
-    """Which of the clear-sky model's clear frames (indices into ``clear_frames``, ``clear_eps``, ``clear_p``)
-    measure the sky flat: up to ``flat_images``, spread over them; none when there is no flat (``flat_images``
-    0, fewer than ``min_clear`` clear frames, or clear skies spanning less than ``flat_min_span`` of ε0)."""
+def flat_frames(model: ClearSkyModel, ccfg: ClearSkyConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The clear frames that measure the sky flat, as (positions in the model's profile sample, their ε0, their p):
+    up to ``flat_images`` of the model's clear frames, spread over them; none when there is no flat
+    (``flat_images`` 0, fewer than ``min_clear`` clear frames, or clear skies spanning less than ``flat_min_span``
+    of ε0)."""
     n = len(model.clear_frames)
     if ccfg.flat_images == 0 or model.prior_only or n < ccfg.min_clear or np.ptp(model.clear_eps) < ccfg.flat_min_span:
-        return np.zeros(0, np.int64)
-    return np.unique(np.linspace(0, n - 1, min(n, ccfg.flat_images)).round().astype(np.int64))
+        return np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
+    pick = np.unique(np.linspace(0, n - 1, min(n, ccfg.flat_images)).round().astype(np.int64))
+    return np.asarray(model.clear_frames)[pick], np.asarray(model.clear_eps)[pick], np.asarray(model.clear_p)[pick]

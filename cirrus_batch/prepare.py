@@ -194,19 +194,18 @@ def fit_models(store_url: str, n: int, client: Client, cfg: PrepareConfig, shard
                          cfg=cfg.clear, pure=False)  # fmt: skip
     prof = clearsky.concat_profiles(client.gather(futures))
     model = clearsky.fit_clear_sky(prof, cfg.clear)
-    pick = masks.flat_frames(model, cfg.clear)
+    pos, eps, p = masks.flat_frames(model, cfg.clear)
     flat = None
-    if pick.size:
-        at = index[np.asarray(model.clear_frames)[pick]]
-        eps, p = np.asarray(model.clear_eps)[pick], np.asarray(model.clear_p)[pick]
-        tasks = np.array_split(np.arange(pick.size), min(pick.size, 2 * len(client.nthreads()) or 1))
+    if pos.size:
+        at = index[pos]
+        tasks = np.array_split(np.arange(pos.size), min(pos.size, 2 * len(client.nthreads()) or 1))
 
         def sums_of(prior: SkyFlat | None) -> FlatSums:
             futures = [client.submit(flat_sums_block, store_url, at[t], eps[t], p[t], geom, model, cfg.ambient_key,
                                      cfg.clear, prior, pure=False) for t in tasks if t.size]  # fmt: skip
             return sum(client.gather(futures), FlatSums.zeros(int(geom.sky.sum())))
 
-        flat = masks.sky_flat(sums_of, pick.size, geom, model, cfg.clear)
+        flat = masks.sky_flat(sums_of, pos.size, geom, model, cfg.clear)
     return Models(geom, norm, model, cfg.mask, cfg.clear, cfg.ambient_key, flat)
 
 
@@ -416,13 +415,12 @@ def prepare_arrays(raw: np.ndarray, ambtemp: np.ndarray, times: np.ndarray,
     geom = geometry.estimate_sky(raw[index], ambtemp[index], cfg.sky)
     search = spread_index(len(raw), cfg.clear.search_images)
     model = clearsky.fit_clear_sky(clearsky.profiles(raw[search], ambtemp[search], geom, cfg.clear), cfg.clear)
-    pick = masks.flat_frames(model, cfg.clear)
+    pos, eps, p = masks.flat_frames(model, cfg.clear)
     flat = None
-    if pick.size:
-        at = search[np.asarray(model.clear_frames)[pick]]
-        eps, p = np.asarray(model.clear_eps)[pick], np.asarray(model.clear_p)[pick]
+    if pos.size:
+        at = search[pos]
         flat = masks.sky_flat(lambda prior: masks.flat_block(raw[at], ambtemp[at], eps, p, geom, model, cfg.clear,
-                                                             prior), pick.size, geom, model, cfg.clear)  # fmt: skip
+                                                             prior), pos.size, geom, model, cfg.clear)  # fmt: skip
     eps, p, source = clearsky.choose_eps(times, *masks.fit_block(raw, ambtemp, geom, model, cfg.clear, flat), model,
                                          cfg.clear)  # fmt: skip
     out = masks.make_masks(raw, ambtemp, eps, p, source, geom, model, cfg.mask, cfg.clear, flat)

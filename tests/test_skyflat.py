@@ -111,13 +111,13 @@ def test_skies_unlike_the_flat_frames_get_the_gain_uncertainty() -> None:
 
 def test_no_flat_without_clear_frames_of_several_kinds_or_when_turned_off() -> None:
     geom, model, _, _ = camera()
-    assert M.flat_frames(model, C.ClearSkyConfig()).size == 0  # the model names no clear frame
+    assert M.flat_frames(model, C.ClearSkyConfig())[0].size == 0  # the model names no clear frame
     model.clear_frames, model.clear_p = list(range(500)), [0.6] * 500
     model.clear_eps = list(np.linspace(0.1, 0.4, 500))
-    assert M.flat_frames(model, C.ClearSkyConfig()).size == 200
-    assert M.flat_frames(model, C.ClearSkyConfig(flat_images=0)).size == 0
+    assert M.flat_frames(model, C.ClearSkyConfig())[0].size == 200
+    assert M.flat_frames(model, C.ClearSkyConfig(flat_images=0))[0].size == 0
     model.clear_eps = [0.2] * 500  # one kind of clear sky: the gain cannot be measured
-    assert M.flat_frames(model, C.ClearSkyConfig()).size == 0
+    assert M.flat_frames(model, C.ClearSkyConfig())[0].size == 0
     with pytest.raises(ValueError, match="flat_images"):
         C.ClearSkyConfig(flat_images=-1)
 
