@@ -18,6 +18,7 @@ import argparse
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -36,16 +37,26 @@ from cirrus_batch.sightline import sightline, track_plot  # noqa: E402
 from cirrus_batch.store import open_dataset  # noqa: E402
 
 
-def _accuracy(res, masks: np.ndarray, cam, frames) -> tuple[float, int]:
+def _accuracy(res, masks: np.ndarray, cam, frames) -> tuple[float, int, Counter]:
+    """Share of right verdicts among the unambiguous pointings, their number, and the wrong ones by
+    (true state, verdict, altitude band)."""
     ok = {"clear": {"clear"}, "cloudy": {"cloudy"}, "hidden": {"below horizon", "behind obstacle"}}
     right = total = 0
+    wrong: Counter = Counter()
     for k, i in enumerate(frames):
         f = res.frames[res.frames["pointing"] == k].iloc[0]
         state = true_state(cam, masks[i], f["alt_deg"], f["az_deg"], res.config.radius_deg)
         if state != "ambiguous":
             total += 1
-            right += res.table["verdict"].iloc[k] in ok[state]
-    return right / max(total, 1), total
+            verdict = res.table["verdict"].iloc[k]
+            right += verdict in ok[state]
+            if verdict not in ok[state]:
+                wrong[(state, verdict, "alt < 20" if f["alt_deg"] < 20 else "alt >= 20")] += 1
+    return right / max(total, 1), total, wrong
+
+
+def _wrong(wrong: Counter) -> str:
+    return "; ".join(f"true {s} -> {v} ({a}): {n}" for (s, v, a), n in wrong.most_common()) or "none"
 
 
 def main() -> int:
@@ -105,13 +116,14 @@ def main() -> int:
     print(f"forced wrong mirror: {wrong.warning or 'NO WARNING'}")
     targets, frames = _random_pointings(truth, args.pointings, seed=7)
     res = sightline(truth, targets, SightlineConfig())
-    acc, n = _accuracy(res, truth["mask"].values, cam, frames)
-    print(f"sightline, true masks + true camera: {acc:.2%} right of {n} unambiguous pointings ({len(targets)} drawn)")
+    acc, n, wrong = _accuracy(res, truth["mask"].values, cam, frames)
+    print(f"sightline, true masks + true camera: {acc:.2%} right of {n} unambiguous pointings ({len(targets)} drawn)"
+          f"; wrong: {_wrong(wrong)}")  # fmt: skip
     t0 = time.time()
     res = sightline(ds, targets, SightlineConfig())
-    acc, n = _accuracy(res, truth["mask"].values, cam, frames)
+    acc, n, wrong = _accuracy(res, truth["mask"].values, cam, frames)
     print(f"sightline, prepare's masks + fitted orientation: {acc:.2%} right of {n} unambiguous pointings "
-          f"({time.time() - t0:.1f} s for {len(targets)})")  # fmt: skip
+          f"({time.time() - t0:.1f} s for {len(targets)}); wrong: {_wrong(wrong)}")  # fmt: skip
     track_plot(ds, res, args.out / "track.png")
     return 0
 

@@ -24,10 +24,11 @@ from cirrus_batch.radiometry import NODATA, band_radiance
 PROJECTIONS = ("equidistant", "equisolid", "stereographic", "orthographic")
 """Radial lens models r(θ) ∝ θ, 2 sin(θ/2), 2 tan(θ/2), sin θ."""
 
-OTHER, SKY, AMBIENT, DARK = 0, 1, 2, 3
-"""Pixel classes: ignored (hot, edge, ground below the horizon), sky, ambient reference (housing, obstacles:
-about ambient temperature), dark reference (signal-free outside the image circle: sensor offset)."""
-CLASS_NAMES = {OTHER: "other", SKY: "sky", AMBIENT: "ambient", DARK: "dark"}
+OTHER, SKY, AMBIENT, DARK, DEFECT = 0, 1, 2, 3, 4
+"""Pixel classes: ignored (edge, ground below the horizon, hot pixels off the sky), sky, ambient reference
+(housing, obstacles: about ambient temperature), dark reference (signal-free outside the image circle: sensor
+offset), defect (a hot or dead pixel among the sky: sky behind it, no measurement of it)."""
+CLASS_NAMES = {OTHER: "other", SKY: "sky", AMBIENT: "ambient", DARK: "dark", DEFECT: "defect"}
 
 
 @dataclass
@@ -132,7 +133,7 @@ class SkyGeometry:
     projection: str
     fov_deg: float
     classes: np.ndarray
-    """(y, x) uint8 pixel class: OTHER, SKY, AMBIENT, DARK."""
+    """(y, x) uint8 pixel class: OTHER, SKY, AMBIENT, DARK, DEFECT."""
     north_deg: float = 0.0
     outside: str = "dark"
     """What lies outside the image circle: ``dark`` (signal-free), ``warm`` (housing), ``none`` (no pixel)."""
@@ -356,6 +357,7 @@ def estimate_sky(sample: np.ndarray, ambtemp: np.ndarray | None = None, cfg: Sky
         sky &= _horizon_above(cfg, shape, center, zen)
     elif varied is not None:
         sky &= varied & ~_obstacles(np.percentile(good, 10, axis=0), sky, zen, center)
+        sky &= ~_steady_ground(spread, sky & ~hot, zen, center)
     sky = _drop_small(sky, cfg.min_region_px)
     sky = (_largest(sky) if sky.any() else sky) & ~hot  # hot pixels (a dead column) leave after the connectivity
     # the one-pixel rim against obstacles and the housing mixes both (optics): not sky
@@ -364,6 +366,7 @@ def estimate_sky(sample: np.ndarray, ambtemp: np.ndarray | None = None, cfg: Sky
         raise ValueError(f"no sky pixel found inside the image circle: check {GEOMETRY_KEYS}")
     classes = np.zeros(shape, np.uint8)
     classes[sky] = SKY
+    classes[hot & ndimage.binary_dilation(sky, iterations=2)] = DEFECT
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
     r = np.hypot(yy - center[0], xx - center[1])
     outside_px = (r > radius + 3) & ~hot
@@ -390,32 +393,66 @@ def estimate_sky(sample: np.ndarray, ambtemp: np.ndarray | None = None, cfg: Sky
                        ambient_source=ambient_source)  # fmt: skip
 
 
+def _cells(values: np.ndarray, sky: np.ndarray, zen: np.ndarray, center: tuple[float, float]
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Mean of ``values`` over the ``sky`` pixels per (azimuth 1°, zenith angle 1°) cell, (360, 90) with NaN where
+    empty, and the flat indices, zenith and azimuth cells of those pixels."""
+    idx = np.flatnonzero(sky)
+    tb = np.minimum(zen.ravel()[idx].astype(int), 89)
+    ab = azimuth_map(values.shape, center).ravel()[idx].astype(int) % 360
+    cell = ab * 90 + tb
+    n = np.bincount(cell, minlength=360 * 90)
+    mean = (np.bincount(cell, values.ravel()[idx].astype(np.float64), minlength=360 * 90) / np.maximum(n, 1))
+    mean = mean.reshape(360, 90)
+    mean[n.reshape(360, 90) == 0] = np.nan
+    return mean, idx, tb, ab
+
+
+def _from_first(flag: np.ndarray, mean: np.ndarray, idx: np.ndarray, tb: np.ndarray, ab: np.ndarray,
+                shape: tuple[int, int]) -> np.ndarray:  # fmt: skip
+    """Along each azimuth, the first flagged cell seen from the zenith (two rings in a row, empty rings
+    bridged) and everything beyond it, as a (y, x) bool map: ridges, buildings and masts stand on the ground."""
+    flag = flag & (np.roll(flag, -1, axis=1) | ~np.isfinite(np.roll(mean, -1, axis=1)))
+    first = np.where(flag.any(axis=1), np.argmax(flag, axis=1), 99)
+    out = np.zeros(shape, bool)
+    out.ravel()[idx] = tb >= first[ab]
+    return out
+
+
 def _obstacles(low: np.ndarray, sky: np.ndarray, zen: np.ndarray, center: tuple[float, float]) -> np.ndarray:
     """(y, x) bool obstacles among the ``sky`` candidates. On its clearest frames (``low``: a low percentile over
     the sample) an obstacle is far warmer than the sky at its zenith angle (near ambient temperature even on the
     coldest nights): by 8 sigmas of the ring's cold side and 15 % of the step from the ring to the warmest horizon.
     Along each azimuth (1°) the first such step seen from the zenith (two 1° rings in a row) and everything
-    beyond it is obstacle: ridges, buildings and masts stand on the ground."""
-    idx = np.flatnonzero(sky)
-    tb = np.minimum(zen.ravel()[idx].astype(int), 89)
-    ab = azimuth_map(low.shape, center).ravel()[idx].astype(int) % 360
-    v = low.ravel()[idx].astype(np.float64)
-    cell = ab * 90 + tb
-    n = np.bincount(cell, minlength=360 * 90)
-    mean = (np.bincount(cell, v, minlength=360 * 90) / np.maximum(n, 1)).reshape(360, 90)
-    mean[n.reshape(360, 90) == 0] = np.nan
+    beyond it is obstacle."""
+    mean, idx, tb, ab = _cells(low, sky, zen, center)
     with np.errstate(all="ignore"):
         ref, p5, top = np.nanpercentile(mean, [25, 5, 95], axis=0)
         scale = (ref - p5) / 0.97
         horizon = np.nanmax(top[80:]) if np.isfinite(top[80:]).any() else np.nanmax(top)
         thr = np.maximum(8 * scale, 0.15 * (horizon - ref))
         warm = (mean - ref[None, :]) > thr[None, :]
-    warm &= np.roll(warm, -1, axis=1) | ~np.isfinite(np.roll(mean, -1, axis=1))  # two rings in a row
     warm[:, :15] = False
-    first = np.where(warm.any(axis=1), np.argmax(warm, axis=1), 99)
-    out = np.zeros(low.shape, bool)
-    out.ravel()[idx] = tb >= first[ab]
-    return out
+    return _from_first(warm, mean, idx, tb, ab, low.shape)
+
+
+STEADY_FRACTION = 0.4
+"""A cell whose weather variability is below this fraction of its ring's sky is ground (:func:`_steady_ground`)."""
+
+
+def _steady_ground(spread: np.ndarray, sky: np.ndarray, zen: np.ndarray, center: tuple[float, float]) -> np.ndarray:
+    """(y, x) bool ground among the ``sky`` candidates that no brightness step gives away: a distant ridge seen
+    through the air is about as warm as the sky near the horizon and changes a little with the air in front of
+    it, but far less than the sky at the same zenith angle (the sky's own variability falls towards the horizon
+    as the slant path saturates, so the comparison is per 1° ring). The ring's sky level is the 90th percentile of
+    its cells' variability (the sky needs only a tenth of the ring); cells below ``STEADY_FRACTION`` of it, from
+    60° zenith angle on, two rings in a row, and everything beyond them along the azimuth, are ground."""
+    mean, idx, tb, ab = _cells(spread, sky, zen, center)
+    with np.errstate(all="ignore"):
+        ref = np.nanpercentile(mean, 90, axis=0)
+        steady = mean < STEADY_FRACTION * ref[None, :]
+    steady[:, :60] = False
+    return _from_first(steady, mean, idx, tb, ab, spread.shape)
 
 
 def _weather_region(spread: np.ndarray, hot: np.ndarray, shape: tuple[int, int], min_obstacle_px: int) -> np.ndarray:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cirrus_batch.geometry import AMBIENT, DARK, SKY, SkyGeometry
+from cirrus_batch.geometry import AMBIENT, DARK, DEFECT, SKY, SkyGeometry
 from cirrus_batch.radiometry import NODATA
 
 
@@ -72,12 +72,12 @@ def geometry_panel(median: np.ndarray, geom: SkyGeometry, out_png: str | Path, t
     ax[0].plot(geom.center[1], geom.center[0], "+", color="lime", ms=10)
     ax[0].set_title(f"median image, image circle and zenith angle ({geom.projection}, FOV {geom.fov_deg:g}°)",
                     fontsize=9)  # fmt: skip
-    cmap = ListedColormap(["#222222", "#6fa8dc", "#e69138", "#444488"])
-    ax[1].imshow(geom.classes, cmap=cmap, vmin=-0.5, vmax=3.5, interpolation="nearest")
+    cmap = ListedColormap(["#222222", "#6fa8dc", "#e69138", "#444488", "#cc0000"])
+    ax[1].imshow(geom.classes, cmap=cmap, vmin=-0.5, vmax=4.5, interpolation="nearest")
     counts = {name: int((geom.classes == code).sum()) for name, code in (("sky", SKY), ("ambient", AMBIENT),
-                                                                         ("dark", DARK))}  # fmt: skip
+                                                                         ("dark", DARK), ("defect", DEFECT))}  # fmt: skip
     ax[1].set_title(f"pixel classes: sky (blue) {counts['sky']}, ambient reference (orange) {counts['ambient']}, "
-                    f"dark (navy) {counts['dark']}", fontsize=9)  # fmt: skip
+                    f"dark (navy) {counts['dark']}, defect (red) {counts['defect']}", fontsize=9)  # fmt: skip
     for a in ax:
         a.set_axis_off()
     if title:

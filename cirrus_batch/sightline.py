@@ -23,7 +23,7 @@ import xarray as xr
 
 from cirrus_batch.config import SightlineConfig, SiteConfig
 from cirrus_batch.errors import CirrusError
-from cirrus_batch.geometry import SKY
+from cirrus_batch.geometry import DEFECT, SKY
 from cirrus_batch.orientation import (
     Lens,
     Orientation,
@@ -197,6 +197,7 @@ def sightline(ds: xr.Dataset, targets: pd.DataFrame, cfg: SightlineConfig | None
     if "pixel_class" not in ds:
         raise CirrusError("the store has no pixel classes: run cirrus prepare first")
     sky = ds["pixel_class"].values == SKY
+    seen = sky | (ds["pixel_class"].values == DEFECT)  # a dead pixel hides no sky: judged from the sky around it
     shape = sky.shape
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
     p_alt, p_az = pixel_to_altaz(yy[sky], xx[sky], lens, ori)
@@ -246,7 +247,7 @@ def sightline(ds: xr.Dataset, targets: pd.DataFrame, cfg: SightlineConfig | None
             inside = 0 <= iy < shape[0] and 0 <= ix < shape[1]
             if alt[j] < cfg.min_altitude_deg:
                 v = "below horizon"
-            elif not (inside and sky[iy, ix]):
+            elif not (inside and seen[iy, ix]):
                 v = "behind obstacle"
             else:
                 cmap, source = maps(int(i))

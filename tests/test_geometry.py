@@ -115,3 +115,26 @@ def test_clear_errors_name_the_keys_and_a_given_circle_needs_no_weather() -> Non
         G.SkyConfig(projection="fisheye")
     with pytest.raises(ValueError, match="fov_deg"):
         G.SkyConfig(fov_deg=20)
+
+
+def test_a_distant_ridge_is_ground_and_a_dead_column_a_defect() -> None:
+    """A ridge near the horizon as warm as the clear sky there (no brightness step) that follows the weather only
+    a fifth as much as the sky: ground, not sky; a dead column across the sky: ``defect``, with sky beside it."""
+    shape, center, radius = (90, 112), (44.0, 57.0), 40.0
+    raw, temps, inside = camera_sample("warm", shape=shape, radius=radius, center=center, obstacle=False, n=60)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    r = np.hypot(yy - center[0], xx - center[1])
+    az = np.degrees(np.arctan2(xx - center[1], -(yy - center[0]))) % 360
+    ridge = inside & (r > 0.9 * radius) & (az > 200) & (az < 320)
+    gain, off = 8000.0, 1500.0
+    steady = off + gain * band_radiance(temps)[:, None] * (0.3 + 0.1 * 0.95**2)  # the clear sky at the rim
+    raw = raw.astype(np.float32)
+    raw[:, ridge] = 0.2 * raw[:, ridge] + 0.8 * steady
+    raw = raw.astype(np.uint16)
+    raw[:, :, 70] = 0  # a dead column
+    g = G.estimate_sky(raw, temps)
+    assert g.sky[ridge].mean() < 0.2, g.sky[ridge].mean()
+    away = inside & ~ridge & (np.abs(xx - 70) > 2) & (r < 0.85 * radius)
+    assert g.sky[away].mean() > 0.97
+    column = inside[:, 70] & (r[:, 70] < 0.85 * radius)
+    assert (g.classes[column, 70] == G.DEFECT).all() and g.sky[column, 69].all() and g.sky[column, 71].all()

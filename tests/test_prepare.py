@@ -75,7 +75,7 @@ def test_prepare_writes_the_schema(season):
     # every image has a confidence, flags and the clear sky its mask was made with
     assert np.isfinite(ds["mask_confidence"].values).all() and (ds["mask_confidence"].values <= 1).all()
     assert np.isfinite(ds["clear_eps"].values).all() and np.isfinite(ds["clear_p"].values).all()
-    assert set(np.unique(ds["pixel_class"].values)) <= {0, 1, 2, 3} and (ds["pixel_class"].values == 2).any()
+    assert set(np.unique(ds["pixel_class"].values)) <= {0, 1, 2, 3, 4} and (ds["pixel_class"].values == 2).any()
     # the stored masks are what make_masks gives for the stored clear sky
     m = Models.from_store(zarr.open_group(str(store), mode="r"))
     again = masks.make_masks(ds["raw"].values[:3], ds["ambtemp"].values[:3], ds["clear_eps"].values[:3],

@@ -221,3 +221,26 @@ def test_night_summary_above_airmass_two(season):
         assert row.clear_sky_fraction == pytest.approx(clear[on].mean(), abs=0.01)
         assert row.clear_sightline_hours == pytest.approx(hours[on & (clear >= 0.99)].sum(), abs=0.34)
     assert table["clear_sightline_hours"].max() > 3 and table["clear_sightline_hours"].min() == 0
+
+
+def test_a_dead_pixel_hides_no_sky(season):
+    """A target on a ``defect`` pixel (hot or dead, sky behind it) is judged from the sky around it; on an
+    ``other`` pixel (an obstacle) it is behind the obstacle."""
+    from cirrus_batch.geometry import DEFECT, OTHER
+    from cirrus_batch.orientation import camera_model, pixel_to_altaz
+
+    _, truth, _ = season
+    ds = truth.copy()
+    classes = ds["pixel_class"].values.copy()
+    yy, xx = np.nonzero(classes == 1)
+    k = int(np.argmin(np.hypot(yy - yy.mean(), xx - xx.mean() - 15)))  # a sky pixel near the zenith
+    alt, az = pixel_to_altaz(yy[k : k + 1], xx[k : k + 1], *camera_model(ds.attrs))
+    t = str(ds["time"].values[3])[:19]
+    row = pd.DataFrame({"name": ["p"], "start": [t], "exposure_s": [1.0], "alt_deg": [float(alt[0])],
+                        "az_deg": [float(az[0])]})  # fmt: skip
+    verdicts = {}
+    for code in (DEFECT, OTHER):
+        classes[yy[k], xx[k]] = code
+        ds["pixel_class"] = (("y", "x"), classes.copy())
+        verdicts[code] = sightline(ds, row, SightlineConfig(gap_min=30)).table["verdict"].iloc[0]
+    assert verdicts[DEFECT] in ("clear", "cloudy", "uncertain") and verdicts[OTHER] == "behind obstacle", verdicts
