@@ -389,7 +389,8 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
                 model.temperature.fill_(fit_temperature(model, loaders["val"], device))
             temperature = float(model.temperature)
             _log_metrics({"temperature": temperature})
-            test, (prob, target, weight) = evaluate(model, loaders["test"], device, cfg.pos_weight, keep=True)
+            test, (prob, target, weight) = evaluate(model, loaders.pop("test"), device, cfg.pos_weight, keep=True)
+            loaders.clear()  # their worker processes (and the samples they cache) exit before scoring and logging
             if truth:
                 test.update(truth_scores(store_url, truth, sets["test"], prob, target))
             _log_metrics({f"test_{k}": v for k, v in test.items()})

@@ -405,3 +405,24 @@ def test_artifacts_live_beside_the_tracking_database_wherever_the_command_runs(t
     finally:
         mlflow.set_tracking_uri(None)
     assert list(project.glob("mlartifacts/*/artifacts/note.txt")) and not (elsewhere / "mlruns").exists()
+
+
+def test_loader_workers_exit_before_the_model_is_logged(store, tmp_path, monkeypatch):
+    """The DataLoader worker processes (each holding its cached samples) are gone once training and testing are
+    done: scoring, figures and MLflow logging run without them."""
+    import multiprocessing
+
+    import cirrus_batch.train as T
+
+    seen = {}
+    log_model = T._log_model
+    before = {p.pid for p in multiprocessing.active_children()}  # e.g. the Dask workers of other tests
+
+    def spy(*args, **kwargs):
+        seen["children"] = [p.name for p in multiprocessing.active_children() if p.pid not in before]
+        return log_model(*args, **kwargs)
+
+    monkeypatch.setattr(T, "_log_model", spy)
+    result = train(store, "classify", tiny(tmp_path, **{"train.num_workers": 1, "train.register": False}),
+                   progress=False)  # fmt: skip
+    assert result.epochs_run == 2 and seen["children"] == [], seen
