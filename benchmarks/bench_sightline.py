@@ -31,7 +31,7 @@ from test_sightline import _random_pointings  # noqa: E402
 from cirrus_batch import synth  # noqa: E402
 from cirrus_batch.config import IngestConfig, OrientConfig, PrepareConfig, SightlineConfig  # noqa: E402
 from cirrus_batch.ingest import ingest  # noqa: E402
-from cirrus_batch.orientation import fit_orientation, pixel_to_altaz, search, separation_deg  # noqa: E402
+from cirrus_batch.orientation import fit_orientation, search, separation_deg  # noqa: E402
 from cirrus_batch.orientation import orient_store, sky_coords  # noqa: E402
 from cirrus_batch.sightline import sightline, track_plot  # noqa: E402
 from cirrus_batch.store import open_dataset  # noqa: E402

@@ -15,6 +15,7 @@ from cirrus_batch.config import check_images
 from cirrus_batch.errors import StoreError
 from cirrus_batch.geometry import zenith_map
 from cirrus_batch.humanmasks import CLOUD, UNLABELLED, human_positions
+from cirrus_batch.normalization import Normalization, normalize
 from cirrus_batch.store import Store, json_attr
 
 NEEDS = {"classify": ("cloudy", "cloud_fraction", "quality", "sky"), "segment": ("mask", "cloudy", "quality", "sky")}
@@ -120,7 +121,10 @@ class InputSpec:
 def check_store(store_url: str, spec: InputSpec) -> Store:
     """The store, with a clear error when it lacks what a network of ``spec`` trains on."""
     store = Store.open(store_url, mode="r")
-    missing = [name for name in (*spec.images, *NEEDS[spec.task]) if name not in store.group]
+    stored = ("raw" if name == "norm" else name for name in spec.images)  # norm is computed from raw
+    missing = [name for name in dict.fromkeys((*stored, *NEEDS[spec.task])) if name not in store.group]
+    if "norm" in spec.images and "normalization" not in json_attr(store.group.attrs, "prepare", {}):
+        missing.append("normalization (prepare attribute)")
     if missing:
         raise StoreError(
             f"{store_url} has no {', '.join(missing)}: run `cirrus prepare {store_url}` before training"
@@ -152,6 +156,8 @@ class StoreSamples(Dataset):
         self.cloudy = soft_labels(group["cloud_fraction"][:], group["cloudy"][:],
                                   float(group["cloudy"].attrs.get("threshold", 0.05)), label_width)  # fmt: skip
         self.zenith = spec.zenith_input(store_zenith(group)) if spec.zenith else None
+        self.normalization = (Normalization.from_attrs(json_attr(group.attrs, "prepare")["normalization"])
+                              if "norm" in spec.images else None)  # fmt: skip
         sky = bin_image(group["sky"][:].astype(np.float32), spec.bin) > 0.5
         self.sky = torch.from_numpy(sky.astype(np.float32))
         segment_human = human and spec.task == "segment"
@@ -173,18 +179,24 @@ class StoreSamples(Dataset):
         return len(self.positions)
 
     def _array(self, name: str) -> zarr.Array:
-        """``norm``, ``residual``, ``mask`` or ``human_mask``, opened once per process (opening reads its metadata:
-        ~0.7 ms per image)."""
+        """``raw``, ``residual``, ``brightness``, ``mask`` or ``human_mask``, opened once per process (opening reads
+        its metadata: ~0.7 ms per image)."""
         if name not in self._arrays:
             self._arrays[name] = zarr.open_group(self.store_url, mode="r", zarr_format=3)[name]
         return self._arrays[name]
+
+    def _image(self, name: str, p: int) -> np.ndarray:
+        """Prepared image ``name`` of store image ``p``; ``norm`` is ``raw`` normalized as prepare fitted it."""
+        if name == "norm":
+            return normalize(self._array("raw")[p], self.normalization)  # type: ignore[arg-type]
+        return self._array(name)[p]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_arrays": {}, "_cache": {}, "_cached_bytes": 0}
 
     def _read(self, p: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(network input, binned target or None, binned weight or None for the sky) of store image ``p``."""
-        x = self.spec.inputs(np.stack([self._array(name)[p] for name in self.spec.images])[None],
+        x = self.spec.inputs(np.stack([self._image(name, p) for name in self.spec.images])[None],
                              zenith_input=self.zenith)[0]
         if self.task == "classify":
             return x, None, None

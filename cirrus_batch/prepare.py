@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from cirrus_batch import clearsky, geometry, humanmasks, masks, panels, provenance, scoring
 from cirrus_batch.config import PrepareConfig, to_dict
 from cirrus_batch.errors import CirrusError, StoreError
-from cirrus_batch.normalization import Normalization, fit_normalization, normalize
+from cirrus_batch.normalization import Normalization, fit_normalization
 from cirrus_batch.skyflat import FlatSums, SkyFlat
 from cirrus_batch.store import Store, header_var, json_attr, set_json_attr, write_images
 
@@ -40,8 +40,10 @@ UNPREPARED = 255
 """``quality`` fill value: the image has not been prepared yet."""
 QUALITY_BITS = {"constant": masks.QUALITY_CONSTANT, "saturated": masks.QUALITY_SATURATED,
                 "nodata": masks.QUALITY_NODATA}
-IMAGE_VARS = {"norm": ("float32", 0.0), "residual": ("float16", 0.0), "brightness": ("float16", 0.0),
-              "mask": ("uint8", 0)}
+IMAGE_VARS = {"residual": ("float16", 0.0), "brightness": ("float16", 0.0), "mask": ("uint8", 0)}
+"""Images prepare writes; ``norm`` (the normalized raw) is not stored but computed from ``raw`` where it is read
+(``normalization.normalize`` with the ``prepare`` attribute's ``normalization``): as float32 it was half the
+store."""
 VECTOR_VARS = {"cloud_fraction": ("float32", np.nan), "cloudy": ("bool", False), "quality": ("uint8", UNPREPARED),
                "eps_fit": ("float32", np.nan), "p_fit": ("float32", np.nan), "sky_excess": ("float32", np.nan),
                "sky_clear": ("float32", np.nan), "clear_eps": ("float32", np.nan), "clear_p": ("float32", np.nan),
@@ -212,8 +214,6 @@ def fit_models(store_url: str, n: int, client: Client, cfg: PrepareConfig, shard
 def _create_arrays(store: Store, n: int, models: Models) -> None:
     store.add_time_arrays(n, IMAGE_VARS, VECTOR_VARS)
     group = store.group
-    group["norm"].attrs.update({"long_name": "normalized raw", "units": "1"})
-    set_json_attr(group["norm"].attrs, "normalization", models.normalization.to_attrs())
     group["residual"].attrs.update({"long_name": "clear-sky residual", "units": "1",
                                     "description": f"asinh(z / {masks.RESIDUAL_SOFTENING:g}) / 2 of the residual z "
                                                    "from the clear sky in noise sigmas (sky pixels; 0 elsewhere)"})
@@ -269,7 +269,6 @@ def prepare_block(store_url: str, start: int, stop: int) -> int:
     out = masks.make_masks(raw, ambient, group["clear_eps"][region], group["clear_p"][region],
                            group["clear_eps_source"][region], models.geometry, models.clear_sky, models.mask_config,
                            models.clear_config, models.flat)  # fmt: skip
-    write_images(group["norm"], region, normalize(raw, models.normalization))
     write_images(group["residual"], region, out.residual.astype(np.float16))
     write_images(group["brightness"], region, out.brightness.astype(np.float16))
     write_images(group["mask"], region, out.mask)
@@ -327,6 +326,9 @@ def prepare(
     labels = read_labels(cfg.labels) if cfg.labels else {}  # fail early on a bad label file
     if cfg.human.source:  # hand-drawn masks: imported first, so they are kept when the astropy fit fails
         report.human_masks = humanmasks.import_masks(store, cfg.human).masks
+    if "norm" in group:  # written by older versions: computed from raw where it is read
+        log.info("removing %s/norm: no longer stored (normalized from raw where it is read)", store_url)
+        del group["norm"]
     current = CURRENT_KEYS <= json_attr(group.attrs, "prepare", {}).keys() and "pixel_class" in group
     if "prepare" in group.attrs and not current:
         log.warning("%s was prepared by an older version of cirrus: fitting the models again", store_url)
@@ -349,7 +351,7 @@ def prepare(
             arr[:] = getattr(flat, key)
             arr.attrs.update({"long_name": f"sky flat: {FLAT_NAMES[key]}", "units": "1"})
         group["sky"].attrs["long_name"] = "valid sky pixels"
-        group["pixel_class"].attrs["long_name"] = "sky geometry: sky, ambient reference, dark reference, other"
+        group["pixel_class"].attrs["long_name"] = "sky geometry: sky, ambient reference, dark reference, defect, other"
         _create_arrays(store, n, models)
         group["quality"][:] = np.full(n, UNPREPARED, np.uint8)
         set_json_attr(group.attrs, "prepare", models.to_attrs())

@@ -64,7 +64,7 @@ def test_slurm_job_script_from_config():
 
 
 def test_slurm_without_sbatch_is_a_clear_error(monkeypatch):
-    from cirrus_batch.config import ClusterConfig, IngestConfig
+    from cirrus_batch.config import ClusterConfig
 
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(CirrusError, match="needs SLURM's sbatch"):

@@ -20,6 +20,7 @@ from cirrus_batch.config import IngestConfig, PrepareConfig
 from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.ingest import ingest
 from cirrus_batch.prepare import UNPREPARED, Models, evaluate_store, prepare, read_labels
+from cirrus_batch.data import InputSpec, StoreSamples
 from cirrus_batch.normalization import Normalization, normalize
 from cirrus_batch.store import json_attr, open_dataset, set_json_attr
 from cirrus_batch.synth import write_archive
@@ -50,7 +51,7 @@ def test_prepare_writes_the_schema(season):
     assert report.fitted and report.prepared_now == report.images == 30
     ds = open_dataset(str(store))
     assert ds["sky"].dims == ("y", "x") and ds["sky"].dtype == np.uint8
-    assert ds["norm"].dims == ("time", "y", "x") and ds["norm"].dtype == np.float32
+    assert "norm" not in ds  # computed from raw where a network reads it
     assert ds["mask"].dtype == np.uint8 and set(np.unique(ds["mask"].values)) <= {0, 1}
     assert ds["cloud_fraction"].dtype == np.float32 and ds["cloudy"].dtype == bool
     assert (ds["quality"].values == 0).all()
@@ -59,10 +60,11 @@ def test_prepare_writes_the_schema(season):
     sky = ds["sky"].values.astype(bool)
     assert (sky & true_sky).sum() / (sky | true_sky).sum() > 0.95
     assert (ds["mask"].values[:, ~sky] == 0).all()
-    # norm is the documented deterministic transform of raw
+    # a network reading norm gets the documented deterministic transform of raw
     models = json_attr(ds.attrs, "prepare")
-    expect = normalize(ds["raw"].values[:3], Normalization.from_attrs(models["normalization"]))
-    np.testing.assert_array_equal(ds["norm"].values[:3], expect)
+    expect = normalize(ds["raw"].values[2], Normalization.from_attrs(models["normalization"]))
+    x, _, _ = StoreSamples(str(store), np.arange(3), InputSpec("classify", bin=1, zenith=False, image="norm"))[2]
+    np.testing.assert_array_equal(x[0].numpy(), expect)
     # the residual: float16, 0 off the sky, about 0 on clear sky and high under the mask
     residual, mask = ds["residual"].values.astype(np.float32), ds["mask"].values.astype(bool)
     assert ds["residual"].dtype == np.float16 and (residual[:, ~sky] == 0).all()

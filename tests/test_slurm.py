@@ -389,7 +389,7 @@ def test_prepare_survives_a_worker_job_killed_mid_run(local_slurm, worker_logs, 
     got, want = zarr.open_group(store, mode="r"), zarr.open_group(reference, mode="r")
     assert (got["quality"][:] != UNPREPARED).all()
     assert got.attrs["prepare"] == want.attrs["prepare"]
-    for name in ("sky", "mask", "norm", "cloud_fraction", "quality", "cloudy"):
+    for name in ("sky", "mask", "residual", "cloud_fraction", "quality", "cloudy"):
         np.testing.assert_array_equal(got[name][:], want[name][:], err_msg=name)
     survivors = {finished_on[key] for key in rescheduled}
     print(f"scancel {killed['job']} after {killed['done']}/{n} images; rescheduled {len(rescheduled)} blocks "

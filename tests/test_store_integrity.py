@@ -8,14 +8,12 @@ import shutil
 import time
 
 import numpy as np
-import pytest
 
 from cirrus_batch import cli
-from cirrus_batch.normalization import Normalization, normalize
 from cirrus_batch.config import IngestConfig, PrepareConfig
 from cirrus_batch.ingest import ingest
 from cirrus_batch.prepare import UNPREPARED, prepare
-from cirrus_batch.store import json_attr, open_dataset
+from cirrus_batch.store import open_dataset
 from cirrus_batch.synth import write_archive
 
 
@@ -34,8 +32,7 @@ def test_a_late_night_is_prepared_alone_and_stays_aligned(tmp_path, client):
     assert (np.diff(ds["time"].values) > np.timedelta64(0)).all()
     assert all(s.startswith(f"2026/{first.name}/") for s in ds["source"].values[:8])
     assert (ds["quality"].values != UNPREPARED).all()
-    norm = Normalization.from_attrs(json_attr(ds["norm"].attrs, "normalization"))
-    np.testing.assert_array_equal(ds["norm"].values, normalize(ds["raw"].values, norm))  # row by row
+    assert "norm" not in ds  # written by older versions only: computed from raw where it is read
     sky = ds["sky"].values.astype(bool)
     np.testing.assert_allclose(ds["cloud_fraction"].values, ds["mask"].values[:, sky].mean(axis=1), atol=1e-6)
 
