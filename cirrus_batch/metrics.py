@@ -1,8 +1,13 @@
 """Binary classification / segmentation metrics: numpy in, plain ``float`` out.
 
-Every function takes probabilities ``prob`` in [0, 1] (any shape), a 0/1 ``target`` of the same shape and an
+Every function takes probabilities ``prob`` in [0, 1] (any shape), a ``target`` of the same shape and an
 optional 0/1 ``weight`` mask of the items to count (sky pixels, pixels still valid after augmentation, ...).
 Items whose ``prob`` is not finite are ignored as well. A prediction is positive when ``prob > threshold``.
+A target is 0/1, or the fraction of the item that is positive (a binned pixel's cloud fraction): the counts
+(accuracy ... IoU) and the ROC AUC take its majority (> 0.5), while calibration (ECE, reliability bins) and the
+Brier score compare the probability with the fraction itself. For a probability map at a coarser resolution
+than its mask that is its calibration against every pixel of the mask: scored against the majority, a map
+that says 0.3 where 30 % of the pixels are cloud would look miscalibrated.
 
 Undefined quantities (precision with no positive prediction, ROC AUC with one class, anything on zero items)
 are ``nan``, never exceptions. :class:`MetricAccumulator` computes the same numbers over many batches in
@@ -50,7 +55,7 @@ NAN = float("nan")
 def _prepare(
     prob: np.ndarray, target: np.ndarray, weight: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Flattened float64 ``prob`` and bool ``target`` of the counted items."""
+    """Flattened float64 ``prob`` and float64 ``target`` (clipped to [0, 1]) of the counted items."""
     p = np.asarray(prob, dtype=np.float64)
     t = np.asarray(target)
     if p.shape != t.shape:
@@ -61,7 +66,7 @@ def _prepare(
         if w.shape != p.shape:
             raise ValueError(f"weight shape {w.shape} != prob shape {p.shape}")
         keep &= w > 0
-    return p[keep].ravel(), (t[keep] > 0.5).ravel()
+    return p[keep].ravel(), np.clip(t[keep].astype(np.float64), 0.0, 1.0).ravel()
 
 
 def _div(num: float, den: float) -> float:
@@ -99,7 +104,7 @@ def confusion_matrix(
 ) -> np.ndarray:
     """2x2 int64 counts ``[[tn, fp], [fn, tp]]`` (rows: true class, columns: predicted class)."""
     p, t = _prepare(prob, target, weight)
-    pred = p > threshold
+    pred, t = p > threshold, t > 0.5
     tp = int(np.count_nonzero(pred & t))
     fp = int(np.count_nonzero(pred & ~t))
     fn = int(np.count_nonzero(~pred & t))
@@ -115,7 +120,7 @@ def calibration_bins(
     idx = _bin_index(p, bins)
     count = np.bincount(idx, minlength=bins).astype(np.float64)
     sum_prob = np.bincount(idx, weights=p, minlength=bins)
-    sum_target = np.bincount(idx, weights=t.astype(np.float64), minlength=bins)
+    sum_target = np.bincount(idx, weights=t, minlength=bins)
     return count, sum_prob, sum_target
 
 
@@ -137,7 +142,7 @@ def adaptive_calibration_error(
     order = np.argsort(p, kind="stable")
     edges = np.linspace(0, p.size, min(bins, p.size) + 1).round().astype(np.int64)
     sum_prob = np.add.reduceat(p[order], edges[:-1])
-    sum_target = np.add.reduceat(t[order].astype(np.float64), edges[:-1])
+    sum_target = np.add.reduceat(t[order], edges[:-1])
     return float(np.abs(sum_prob - sum_target).sum() / p.size)
 
 
@@ -164,11 +169,11 @@ def binary_metrics(
     p, t = _prepare(prob, target, weight)
     (tn, fp), (fn, tp) = confusion_matrix(p, t, threshold)
     out = _count_metrics(int(tn), int(fp), int(fn), int(tp))
-    n_pos = int(t.sum())
-    if 0 < n_pos < t.size:
+    pos = t > 0.5
+    if 0 < int(pos.sum()) < t.size:
         from sklearn.metrics import roc_auc_score  # lazy: sklearn is slow to import
 
-        out["roc_auc"] = float(roc_auc_score(t, p))
+        out["roc_auc"] = float(roc_auc_score(pos, p))
     else:
         out["roc_auc"] = NAN
     out["brier"] = float(np.mean((p - t) ** 2)) if t.size else NAN
@@ -221,7 +226,7 @@ class MetricAccumulator:
         if p.size == 0:
             return
         self.confusion += confusion_matrix(p, t, self.threshold)
-        tf = t.astype(np.float64)
+        tf, t = t, t > 0.5
         idx = _bin_index(p, self.bins)
         self.cal_count += np.bincount(idx, minlength=self.bins)
         self.cal_sum_prob += np.bincount(idx, weights=p, minlength=self.bins)

@@ -289,8 +289,9 @@ def reliability_diagram(
     weight: np.ndarray | None = None,
     title: str = "",
 ) -> Path:
-    """Calibration curve (fraction positive vs mean probability per equal-width bin, with the count of each bin
-    written beside its point) over a count histogram; the title gives n, the ECE and the equal-mass ECE."""
+    """Calibration curve (fraction positive, i.e. the mean target, vs mean probability per equal-width bin, with
+    the count of each bin written beside its point) over a count histogram; the title gives n, the ECE and the
+    equal-mass ECE."""
     count, sum_prob, sum_target = calibration_bins(prob, target, bins, weight)
     n = count.sum()
     ok = count > 0

@@ -606,8 +606,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def truth_scores(store_url: str, truth_url: str, dataset: StoreSamples, prob: np.ndarray,
                  labels: np.ndarray) -> dict[str, float]:  # fmt: skip
-    """Predictions and training labels of ``dataset`` scored against a true-mask store (binned alike), or against
-    the human masks of a store (this one too) on the test images that have one, on their labelled pixels."""
+    """Predictions and training labels of ``dataset`` scored against a true-mask store (binned alike: each binned
+    pixel's cloud fraction, see :mod:`cirrus_batch.metrics`), or against the human masks of a store (this one
+    too) on the test images that have one, on their labelled pixels."""
     group = zarr.open_group(store_url, mode="r", zarr_format=3)
     truth = zarr.open_group(truth_url, mode="r", zarr_format=3)
     sources = np.asarray(group["source"][:], dtype=object)[dataset.positions]
@@ -630,13 +631,13 @@ def truth_scores(store_url: str, truth_url: str, dataset: StoreSamples, prob: np
             h = read_images(truth["human_mask"], index)
             labelled = bin_image((h != UNLABELLED).astype(np.float32), dataset.bin)
             cloud = bin_image((h == CLOUD).astype(np.float32), dataset.bin)
-            true, weight = (cloud > 0.5 * labelled)[:, None], (labelled > 0.5)[:, None]
+            true, weight = (cloud / np.maximum(labelled, 1e-6))[:, None], (labelled > 0.5)[:, None]
     elif dataset.task == "classify":
         threshold = float(group["cloudy"].attrs.get("threshold", 0.05))
         true = (np.asarray(truth["cloud_fraction"][:])[index] > threshold).astype(np.float32)
         weight = None
     else:
-        true = (bin_image(read_images(truth["mask"], index).astype(np.float32), dataset.bin) > 0.5)[:, None]
+        true = bin_image(read_images(truth["mask"], index).astype(np.float32), dataset.bin)[:, None]  # fractions
         weight = np.broadcast_to(bin_image(truth["sky"][:].astype(np.float32), dataset.bin) > 0.5, true.shape)
     ours = binary_metrics(prob, true, weight=weight)
     theirs = binary_metrics(labels, true, weight=weight)

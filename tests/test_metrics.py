@@ -170,3 +170,22 @@ def test_adaptive_ece_hand_computed_and_streamed() -> None:
     for k in range(0, 20000, 3000):
         acc.update(p[k : k + 3000], t[k : k + 3000])
     assert acc.compute()["ece_adaptive"] == pytest.approx(binary_metrics(p, t)["ece_adaptive"], abs=2e-3)
+
+
+def test_fraction_targets_count_their_majority_and_calibrate_against_the_fraction() -> None:
+    """A binned probability map that says 0.3 where 30 % of the mask's pixels are cloud is calibrated: its ECE
+    against the fractions is 0 (against their majority it would be 0.3); accuracy counts the majority."""
+    frac = np.array([0.3, 0.3, 0.9, 0.9, 0.0, 1.0])
+    prob = frac.copy()
+    m = binary_metrics(prob, frac)
+    assert m["ece"] == pytest.approx(0.0, abs=1e-12) and m["ece_adaptive"] == pytest.approx(0.0, abs=1e-12)
+    assert m["accuracy"] == 1.0 and m["positive_rate"] == pytest.approx(0.5)
+    assert m["brier"] == pytest.approx(0.0, abs=1e-12)
+    hard = binary_metrics(prob, frac > 0.5)
+    assert hard["ece"] == pytest.approx((0.3 + 0.3 + 0.1 + 0.1) / 6)
+    acc = MetricAccumulator()
+    acc.update(prob[:3], frac[:3])
+    acc.update(prob[3:], frac[3:])
+    streamed = acc.compute()
+    for key in ("ece", "ece_adaptive", "brier", "accuracy", "iou"):
+        assert streamed[key] == pytest.approx(m[key], abs=1e-9), key
