@@ -3,7 +3,7 @@
 1. Throughput: the per-block map of ``cirrus_batch.prepare.prepare`` (models already fitted, every block reset
    to unprepared) on a local Dask cluster of single-threaded worker processes, one per core (started before
    timing), against a serial in-process loop of ``prepare_block`` over the same shard blocks: identical work
-   (read ``raw``, quality flags, ``norm``, cloud masks, cloud fraction, writes) from a warm page cache.
+   (read ``raw``, quality flags, residual, brightness, cloud masks, cloud fraction, writes) from a warm page cache.
    Target: RATIO >= 1.7 on 2 cores.
 2. Memory: the full ``prepare`` (fit + map) on a fresh cluster for each store size; peak RSS of the client
    process, of each worker process (psutil, sampled every 0.1 s, cross-checked by the workers' own

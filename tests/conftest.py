@@ -105,3 +105,12 @@ def store(tmp_path_factory, client) -> str:
     ingest(str(tmp / "archive"), str(tmp / "s.zarr"), client, IngestConfig(shard_size=8), progress=False)
     prepare(str(tmp / "s.zarr"), client, PrepareConfig(fit_images=40), progress=False)
     return str(tmp / "s.zarr")
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, client):
+    """A prepared tiny store and both models trained on it (``test_reprocess.Trained``), built once per session
+    for the reprocess, export and report tests."""
+    from test_reprocess import build_trained
+
+    return build_trained(tmp_path_factory, client)

@@ -16,7 +16,6 @@ import pytest
 import xarray as xr
 import zarr
 from matplotlib import pyplot as plt
-from test_reprocess import Trained, build_trained
 
 from cirrus_batch import cli
 from cirrus_batch.errors import CirrusError
@@ -24,11 +23,6 @@ from cirrus_batch.export import export, select, to_netcdf
 from cirrus_batch.reprocess import NOT_COMPUTED, reprocess
 from cirrus_batch.sampling import block_keys
 from cirrus_batch.store import json_attr, open_dataset
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, client) -> Trained:
-    return build_trained(tmp_path_factory, client)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import zarr
 from mlflow.tracking import MlflowClient
-from test_reprocess import Trained, build_trained
 
 from cirrus_batch.errors import StoreError
 from cirrus_batch.masks import QUALITY_CONSTANT
@@ -24,11 +23,6 @@ from cirrus_batch.store import Rejection, Store
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FILES = {"report.md", "clear_hours.csv", "cloud_fraction.png", "examples.png", "rejected.csv", "flagged.csv"}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, client) -> Trained:
-    return build_trained(tmp_path_factory, client)
 
 
 @pytest.fixture(scope="module")

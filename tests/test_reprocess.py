@@ -77,7 +77,7 @@ class Trained:
 
 
 def build_trained(tmp_path_factory, client) -> Trained:
-    """The store and models, built once per test session (shared with test_report.py)."""
+    """The store and models (the session fixture ``trained`` of conftest.py builds them once)."""
     root = tmp_path_factory.getbasetemp() / "reprocess-trained"
     if not (root / "threshold").exists():
         root.mkdir(exist_ok=True)
@@ -94,11 +94,6 @@ def build_trained(tmp_path_factory, client) -> Trained:
         i = len(p) // 4 + int(np.argmax(np.diff(p[len(p) // 4 : 3 * len(p) // 4])))
         (root / "threshold").write_text(repr(float(p[i] + p[i + 1]) / 2))
     return Trained(root, float((root / "threshold").read_text()))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, client) -> Trained:
-    return build_trained(tmp_path_factory, client)
 
 
 def direct(store: str, tracking: str, uris: tuple[str, str] = (CLASSIFIER, UNET)) -> tuple[np.ndarray, np.ndarray]:
