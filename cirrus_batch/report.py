@@ -29,9 +29,8 @@ from cirrus_batch import plots
 from cirrus_batch.normalization import normalize
 from cirrus_batch.errors import StoreError
 from cirrus_batch.prepare import QUALITY_BITS, UNPREPARED, Models, read_images
-from cirrus_batch.reprocess import NOT_COMPUTED, PROB_SCALE, UNPROCESSED
 from cirrus_batch.sampling import block_keys
-from cirrus_batch.store import Store, json_attr
+from cirrus_batch.store import NOT_COMPUTED, PROB_SCALE, UNPROCESSED, Store, json_attr
 from cirrus_batch.tracking import require_tracking_store, resolve_tracking_uri, use_experiment
 
 PANEL_COLUMNS = 4

@@ -41,18 +41,12 @@ from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.models import MEMORY_FORMAT, autocast_dtype, pick_device
 from cirrus_batch.prepare import UNPREPARED, Models
 from cirrus_batch.registry import CHAMPION
-from cirrus_batch.store import Store, json_attr, set_json_attr, write_images
+from cirrus_batch.store import NOT_COMPUTED, PROB_SCALE, UNPROCESSED, Store, json_attr, set_json_attr, write_images
 from cirrus_batch.tracking import require_tracking_store, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
 TASKS = {"classify": "classifier", "segment": "U-Net"}
-PROB_SCALE = 250
-"""``cloud_prob`` = round(probability × PROB_SCALE)."""
-NOT_COMPUTED = 255
-"""``cloud_prob`` value of pixels without a probability: not sky, image classified clear, or not processed."""
-UNPROCESSED = -1
-"""``pred_model`` fill value: the image has not been reprocessed."""
 IMAGE_VARS = {"cloud_prob": ("uint8", NOT_COMPUTED)}
 VECTOR_VARS = {"p_cloudy": ("float32", np.nan), "cloudy_pred": ("bool", False),
                "cloud_fraction_pred": ("float32", np.nan), "pred_model": ("int16", UNPROCESSED)}  # fmt: skip

@@ -10,9 +10,8 @@ import numpy as np
 from cirrus_batch import provenance
 from cirrus_batch.config import PrepareConfig
 from cirrus_batch.prepare import FITTED_VARS, QUALITY_BITS, UNPREPARED, fit_settings
-from cirrus_batch.reprocess import UNPROCESSED
 from cirrus_batch.sampling import block_keys
-from cirrus_batch.store import REJECTIONS, Store, json_attr, time_order
+from cirrus_batch.store import REJECTIONS, UNPROCESSED, Store, json_attr, time_order
 
 
 def _model_label(model: dict[str, Any]) -> str:

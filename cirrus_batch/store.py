@@ -39,6 +39,13 @@ HEADER_ATTRS = {"EXPTIME": {"units": "s", "long_name": "exposure time"},
                 "AMBTEMP": {"units": "degC", "standard_name": "air_temperature", "long_name": "ambient temperature"},
                 "DET-TEMP": {"units": "degC", "long_name": "detector temperature"}}  # fmt: skip
 """CF attributes of the header keywords whose units are known (other keys: ``long_name`` only)."""
+UNPROCESSED = -1
+"""``pred_model`` fill value: the image has not been reprocessed."""
+PROB_SCALE = 250
+"""``cloud_prob`` = round(probability × PROB_SCALE)."""
+NOT_COMPUTED = 255
+"""``cloud_prob`` value of pixels without a probability: not sky, image classified clear, or not processed.
+(The encodings of reprocess's outputs live here so that reading a store needs neither torch nor MLflow.)"""
 REJECTIONS = "rejections"
 REMOVING = "removing"
 """Group holding the kept tail of an image removal until it is applied (see :meth:`Store.remove`)."""
