@@ -16,6 +16,7 @@ from cirrus_batch.errors import StoreError
 from cirrus_batch.geometry import zenith_map
 from cirrus_batch.humanmasks import CLOUD, UNLABELLED, human_positions
 from cirrus_batch.normalization import Normalization, normalize
+from cirrus_batch.softmasks import CloudGivenResidual, residual_sigmas
 from cirrus_batch.store import Store, json_attr
 
 NEEDS = {"classify": ("cloudy", "cloud_fraction", "quality", "sky"), "segment": ("mask", "cloudy", "quality", "sky")}
@@ -140,17 +141,20 @@ class StoreSamples(Dataset):
     Classify: target = ``cloudy`` (with ``label_width`` > 0: :func:`soft_labels` of the image's cloud fraction)
     and weight 1, scalars. With ``human``, a segment image that has a human mask (``prepare --masks``) takes its
     target from it instead, and its weight is its labelled pixels (binned: more than half labelled), so
-    unlabelled pixels count nowhere.
+    unlabelled pixels count nowhere. With ``cloud_given_residual`` an astropy mask's clear pixels take the
+    probability that their ``residual`` is cloud (:mod:`cirrus_batch.softmasks`) before binning.
     The arrays open lazily in each DataLoader worker. Each process (DataLoader worker) keeps the samples it
     has built, up to ``cache_mb`` MiB (binned, ~0.25 MiB per 128x160 segment sample): later epochs then cost
     no store read, decoding or binning, which would take CPU from the training step.
     """
 
     def __init__(self, store_url: str, positions: np.ndarray, spec: InputSpec, soft: bool = False,
-                 cache_mb: float = 0.0, label_width: float = 0.0, human: bool = False):  # fmt: skip
+                 cache_mb: float = 0.0, label_width: float = 0.0, human: bool = False,
+                 cloud_given_residual: CloudGivenResidual | None = None):  # fmt: skip
         if spec.task not in NEEDS:
             raise ValueError(f"task must be one of {sorted(NEEDS)}, got {spec.task!r}")
         self.store_url, self.spec, self.soft = store_url, spec, soft
+        self.cloud_given_residual = cloud_given_residual
         self.positions = np.asarray(positions, dtype=np.int64)
         group = check_store(store_url, spec).group
         self.cloudy = soft_labels(group["cloud_fraction"][:], group["cloudy"][:],
@@ -206,7 +210,11 @@ class StoreSamples(Dataset):
             mask = bin_image((h == CLOUD).astype(np.float32), self.bin) / np.maximum(labelled, 1e-6)
             weight = (labelled > 0.5).astype(np.float32)[None]
         else:
-            mask, weight = bin_image(self._array("mask")[p], self.bin).astype(np.float32, copy=False), None
+            mask = self._array("mask")[p]
+            if self.cloud_given_residual is not None:  # where the mask says clear, the residual's evidence
+                evidence = self.cloud_given_residual(residual_sigmas(self._array("residual")[p]))
+                mask = np.maximum(mask.astype(np.float32), evidence)
+            mask, weight = bin_image(mask, self.bin).astype(np.float32, copy=False), None
         return x, (mask if self.soft else (mask > 0.5).astype(np.float32))[None], weight
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -50,6 +50,7 @@ from cirrus_batch.models import MEMORY_FORMAT, autocast_dtype, build_model, pick
 from cirrus_batch.prepare import read_images, truth_index
 from cirrus_batch.registry import champion_uri, code_version, describe_version, promote
 from cirrus_batch.sampling import Split, make_split
+from cirrus_batch.softmasks import CloudGivenResidual, fit_cloud_given_residual, residual_sigmas
 from cirrus_batch.store import json_attr
 from cirrus_batch.tracking import resolve_tracking_uri, use_experiment
 
@@ -143,6 +144,26 @@ def choose_split(store_url: str, task: str, cfg: TrainConfig) -> Split:
                           only=only, test=human if cfg.human_test else None)  # fmt: skip
     except ValueError as exc:
         raise CirrusError(f"cannot split {store_url} for {task}: {exc}") from None
+
+
+def cloud_given_residual(store_url: str, positions: np.ndarray, cfg: TrainConfig,
+                         max_images: int = 100) -> CloudGivenResidual | None:  # fmt: skip
+    """``P(cloud | residual)`` (:mod:`cirrus_batch.softmasks`) fitted on the sky pixels of up to ``max_images``
+    of the training images, when ``[train] residual_targets`` and ``soft_targets`` ask for it; else None."""
+    if not (cfg.residual_targets and cfg.soft_targets) or cfg.masks == "human-only":
+        return None
+    group = zarr.open_group(store_url, mode="r", zarr_format=3)
+    if "residual" not in group:
+        raise CirrusError(f"{store_url} has no residual: run `cirrus prepare {store_url}` (or set [train] "
+                          "residual_targets = false)")  # fmt: skip
+    pick = np.asarray(positions)[np.linspace(0, len(positions) - 1, min(max_images, len(positions))).astype(int)]
+    sky = group["sky"][:].astype(bool)
+    z = residual_sigmas(read_images(group["residual"], np.unique(pick))[:, sky])
+    try:
+        return fit_cloud_given_residual(z)
+    except ValueError as exc:
+        log.warning("training on the masks alone: %s", exc)
+        return None
 
 
 def _loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, pos_weight: float) -> torch.Tensor:
@@ -291,10 +312,12 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
 
     split = Split.from_json(state["split"]) if state else choose_split(store_url, task, cfg)
     spec = input_spec(task, cfg)
+    evidence = cloud_given_residual(store_url, split.train, cfg) if task == "segment" else None
     sets = {name: StoreSamples(store_url, getattr(split, name), spec, cfg.soft_targets,
                                cfg.cache_mb if name != "test" else 0.0,  # the test set is read once
                                label_width=cfg.label_width if cfg.soft_targets else 0.0,
-                               human=cfg.masks != "astropy")
+                               human=cfg.masks != "astropy",
+                               cloud_given_residual=evidence if name != "test" else None)  # test: prepare's masks
             for name in ("train", "val", "test")}
     sizes = {name: len(ds) for name, ds in sets.items()}
     if cfg.num_workers and multiprocessing.current_process().daemon:
@@ -342,6 +365,8 @@ def train(store_url: str, task: str, cfg: TrainConfig | None = None, resume: boo
                               ) as run:  # fmt: skip
             if not state:
                 _log_setup(store_url, task, cfg, split, sizes, device)
+                if evidence is not None:
+                    mlflow.log_dict(evidence.to_dict(), "cloud_given_residual.json")
             log.info("MLflow run %s in %s", run.info.run_id, cfg.tracking_uri)
             augment_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
             if state:

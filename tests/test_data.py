@@ -106,3 +106,20 @@ def test_store_samples_cache_built_samples_within_their_budget(store, monkeypatc
     uncached = StoreSamples(store, cloudy, spec, soft=True)
     uncached[0]
     assert uncached._cache == {}
+
+
+def test_residual_evidence_raises_the_targets_the_mask_left_clear(store):
+    """With ``cloud_given_residual`` a pixel the mask calls cloud stays 1 and a clear one takes P(cloud | z)."""
+    from cirrus_batch.softmasks import CloudGivenResidual, residual_sigmas
+
+    group = zarr.open_group(store, mode="r")
+    cloudy = np.flatnonzero(group["cloudy"][:])
+    spec = InputSpec("segment", bin=1, zenith=False, image="residual")
+    table = CloudGivenResidual(np.array([0.0, 2.0, 4.0]), np.array([0.0, 0.5, 0.9], np.float32))
+    _, target, _ = StoreSamples(store, cloudy, spec, soft=True, cloud_given_residual=table)[0]
+    mask = group["mask"][int(cloudy[0])].astype(bool)
+    z = residual_sigmas(group["residual"][int(cloudy[0])])
+    t = target[0].numpy()
+    assert (t[mask] == 1).all()
+    faint = ~mask & (z >= 2) & (z < 4)
+    assert faint.any() and np.allclose(t[faint], 0.5) and (t[~mask & (z < 2)] == 0).all()
