@@ -28,7 +28,7 @@ def test_changed_mask_settings_name_the_stale_arrays_until_refit(tmp_path, store
     shutil.copytree(store, url)
     changed = dataclasses.replace(FIT, mask=dataclasses.replace(FIT.mask, min_sigma=FIT.mask.min_sigma + 1))
     before = Store.open(url, mode="r").group["mask"][:]
-    with pytest.raises(ConfigError, match=r"the store's sky, pixel_class, norm, residual, brightness, mask, "
+    with pytest.raises(ConfigError, match=r"the store's sky, pixel_class, residual, brightness, mask, "
                                           r"cloud_fraction, quality, .*mask_confidence, mask_flags were made with other "
                                           r"\[prepare\] settings \(prepare.mask.min_sigma: 4.5 -> 5.5\).*--refit"):  # fmt: skip
         prepare(url, client, changed, progress=False)
