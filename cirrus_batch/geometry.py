@@ -353,11 +353,13 @@ def estimate_sky(sample: np.ndarray, ambtemp: np.ndarray | None = None, cfg: Sky
     zen = zenith_map(shape, center, radius, cfg.projection, cfg.fov_deg)
     inside = zen < cfg.fov_deg / 2
     sky = inside & (zen < min(cfg.max_zenith_deg, 90.0))
+    ground = np.zeros(shape, bool)  # ground the weather barely moves: a distant ridge
     if cfg.horizon_file is not None:
         sky &= _horizon_above(cfg, shape, center, zen)
     elif varied is not None:
         sky &= varied & ~_obstacles(np.percentile(good, 10, axis=0), sky, zen, center)
-        sky &= ~_steady_ground(spread, sky & ~hot, zen, center)
+        ground = _steady_ground(spread, sky & ~hot, zen, center)
+        sky &= ~ground
     sky = _drop_small(sky, cfg.min_region_px)
     sky = (_largest(sky) if sky.any() else sky) & ~hot  # hot pixels (a dead column) leave after the connectivity
     # the one-pixel rim against obstacles and the housing mixes both (optics): not sky
@@ -380,7 +382,7 @@ def estimate_sky(sample: np.ndarray, ambtemp: np.ndarray | None = None, cfg: Sky
     lit = (r < radius - 2) | ((r > radius + 3) if outside == "warm" else False)
     steady = lit & ~sky & ~hot
     if varied is not None:
-        steady &= ~varied
+        steady &= ~varied | ground  # a ridge follows the ambient temperature too
     ambient = steady & (med >= sky_lo + 0.5 * (sky_hi - sky_lo))
     ambient_source = "obstacles"
     if ambient.sum() < 20:  # no obstacle, no housing: the horizon ring (nearly a black body) is the reference
@@ -446,12 +448,14 @@ def _steady_ground(spread: np.ndarray, sky: np.ndarray, zen: np.ndarray, center:
     it, but far less than the sky at the same zenith angle (the sky's own variability falls towards the horizon
     as the slant path saturates, so the comparison is per 1° ring). The ring's sky level is the 90th percentile of
     its cells' variability (the sky needs only a tenth of the ring); cells below ``STEADY_FRACTION`` of it, from
-    60° zenith angle on, two rings in a row, and everything beyond them along the azimuth, are ground."""
+    80° zenith angle on, two rings in a row, and everything beyond them along the azimuth, are ground. (From 60°
+    on, a 4-night season of clear skies and cirrus lost its horizon band, whose sky barely changes without low
+    cloud, and the clear-sky model then took its humid clear night for a deck.)"""
     mean, idx, tb, ab = _cells(spread, sky, zen, center)
     with np.errstate(all="ignore"):
         ref = np.nanpercentile(mean, 90, axis=0)
         steady = mean < STEADY_FRACTION * ref[None, :]
-    steady[:, :60] = False
+    steady[:, :80] = False
     return _from_first(steady, mean, idx, tb, ab, spread.shape)
 
 
