@@ -16,7 +16,8 @@ from cirrus_batch.errors import StoreError
 from cirrus_batch.geometry import zenith_map
 from cirrus_batch.humanmasks import CLOUD, UNLABELLED, human_positions
 from cirrus_batch.normalization import Normalization, normalize
-from cirrus_batch.softmasks import CloudGivenResidual, residual_sigmas
+from cirrus_batch.masks import residual_sigmas
+from cirrus_batch.softmasks import CloudGivenResidual
 from cirrus_batch.store import Store, json_attr
 
 NEEDS = {"classify": ("cloudy", "cloud_fraction", "quality", "sky"), "segment": ("mask", "cloudy", "quality", "sky")}

@@ -46,6 +46,11 @@ RESIDUAL_SOFTENING = 4.0
 """``residual = asinh(z / RESIDUAL_SOFTENING) / 2`` of the clear-sky residual ``z`` in noise sigmas."""
 
 
+def residual_sigmas(residual: np.ndarray) -> np.ndarray:
+    """``z`` (noise sigmas) of the stored ``residual`` = asinh(z / RESIDUAL_SOFTENING) / 2."""
+    return np.float32(RESIDUAL_SOFTENING) * np.sinh(np.float32(2) * np.asarray(residual, np.float32))
+
+
 @dataclass
 class MaskConfig:
     """Astropy interval/stretch and threshold of the clear-sky residual (``[prepare.mask]``)."""

@@ -15,17 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cirrus_batch.masks import RESIDUAL_SOFTENING
-
 BIN_SIGMA = 0.5
 """Width of the residual bins (noise sigmas)."""
 MIN_COUNT = 200
 """A bin with fewer pixels on its positive side takes the probability of the bin below it."""
-
-
-def residual_sigmas(residual: np.ndarray) -> np.ndarray:
-    """``z`` (noise sigmas) of the stored ``residual`` = asinh(z / RESIDUAL_SOFTENING) / 2."""
-    return np.float32(RESIDUAL_SOFTENING) * np.sinh(np.float32(2) * np.asarray(residual, np.float32))
 
 
 @dataclass(frozen=True)

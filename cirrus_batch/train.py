@@ -50,7 +50,8 @@ from cirrus_batch.models import MEMORY_FORMAT, autocast_dtype, build_model, pick
 from cirrus_batch.prepare import read_images, truth_index
 from cirrus_batch.registry import champion_uri, code_version, describe_version, promote
 from cirrus_batch.sampling import Split, make_split
-from cirrus_batch.softmasks import CloudGivenResidual, fit_cloud_given_residual, residual_sigmas
+from cirrus_batch.masks import residual_sigmas
+from cirrus_batch.softmasks import CloudGivenResidual, fit_cloud_given_residual
 from cirrus_batch.store import json_attr
 from cirrus_batch.tracking import resolve_tracking_uri, use_experiment
 

@@ -110,7 +110,8 @@ def test_store_samples_cache_built_samples_within_their_budget(store, monkeypatc
 
 def test_residual_evidence_raises_the_targets_the_mask_left_clear(store):
     """With ``cloud_given_residual`` a pixel the mask calls cloud stays 1 and a clear one takes P(cloud | z)."""
-    from cirrus_batch.softmasks import CloudGivenResidual, residual_sigmas
+    from cirrus_batch.masks import residual_sigmas
+    from cirrus_batch.softmasks import CloudGivenResidual
 
     group = zarr.open_group(store, mode="r")
     cloudy = np.flatnonzero(group["cloudy"][:])

@@ -7,7 +7,8 @@ import pytest
 from scipy.stats import norm
 
 from cirrus_batch.masks import RESIDUAL_SOFTENING
-from cirrus_batch.softmasks import fit_cloud_given_residual, residual_sigmas
+from cirrus_batch.masks import residual_sigmas
+from cirrus_batch.softmasks import fit_cloud_given_residual
 
 
 def test_cloud_probability_follows_the_true_posterior_of_a_mixture() -> None:
