@@ -265,7 +265,7 @@ def _envelope_circle(points: np.ndarray, shape: tuple[int, int]) -> tuple[float,
     for _ in range(4):
         dy, dx = points[:, 0] - cy, points[:, 1] - cx
         d = np.hypot(dy, dx)
-        b = ((np.degrees(np.arctan2(dx, -dy)) % 360) // 10).astype(int)
+        b = ((np.degrees(np.arctan2(dx, -dy)) // 10) % 36).astype(int)  # (-1e-15 % 360) // 10 would be 36
         far = np.full(36, -1)
         best = np.full(36, -1.0)
         for i in range(points.shape[0]):  # small: boundary points only
@@ -357,7 +357,7 @@ def estimate_sky(sample: np.ndarray, ambtemp: np.ndarray | None = None, cfg: Sky
     if cfg.horizon_file is not None:
         sky &= _horizon_above(cfg, shape, center, zen)
     elif varied is not None:
-        sky &= varied & ~_obstacles(np.percentile(good, 10, axis=0), sky, zen, center)
+        sky &= varied & ~_obstacles(np.percentile(good, 10, axis=0), sky & ~hot, zen, center)
         ground = _steady_ground(spread, sky & ~hot, zen, center)
         sky &= ~ground
     sky = _drop_small(sky, cfg.min_region_px)

@@ -138,3 +138,19 @@ def test_a_distant_ridge_is_ground_and_a_dead_column_a_defect() -> None:
     assert g.sky[away].mean() > 0.97
     column = inside[:, 70] & (r[:, 70] < 0.85 * radius)
     assert (g.classes[column, 70] == G.DEFECT).all() and g.sky[column, 69].all() and g.sky[column, 71].all()
+
+
+def test_a_hot_pixel_in_the_sky_casts_no_obstacle_beyond_it() -> None:
+    """A hot pixel at 25° zenith angle is far warmer than the clear sky there, like an obstacle's first cell; but
+    it is a defect of the sensor, not something standing on the ground: the sky beyond it along its azimuth stays
+    sky (it cut a 1°-wide line of 'ground' out to the rim)."""
+    shape, center, radius = (90, 112), (44.0, 57.0), 40.0
+    raw, temps, inside = camera_sample("warm", shape=shape, radius=radius, center=center, obstacle=False, n=60)
+    raw[:, 36, 49] = 16383  # 11 px from the centre, up and left
+    g = G.estimate_sky(raw, temps)
+    assert not g.sky[36, 49] and g.classes[36, 49] == G.DEFECT
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    r = np.hypot(yy - center[0], xx - center[1])
+    az = np.degrees(np.arctan2(xx - center[1], -(yy - center[0]))) % 360
+    beyond = inside & (np.abs(az - az[36, 49]) < 3) & (r > 14) & (r < 0.9 * radius)
+    assert g.sky[beyond].mean() > 0.97, g.sky[beyond].mean()
