@@ -245,7 +245,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"IoU {t['truth_iou']:.3f} F1 {t['truth_f1']:.3f} accuracy {t['truth_accuracy']:.3f} "
                   f"ECE (equal-mass bins) {t['truth_ece_adaptive']:.3f}; its training labels IoU "
                   f"{t['labels_truth_iou']:.3f} "
-                  f"accuracy {t['labels_truth_accuracy']:.3f}")  # fmt: skip
+                  f"accuracy {t['labels_truth_accuracy']:.3f}"
+                  + (f"; on the {t['truth_sky_coverage']:.1%} of the true sky where cloud_prob is given"
+                     if "truth_sky_coverage" in t else ""))  # fmt: skip
     print(table(rows, ["task", "epochs", "train", "val", "test", "accuracy", "F1", "IoU", "AUC", "ECE (eq. mass)",
                        "time", "version"]))  # fmt: skip
     print(f"compare runs: mlflow ui --backend-store-uri {config.train.tracking_uri} --host 127.0.0.1")

@@ -634,12 +634,16 @@ def truth_scores(store_url: str, truth_url: str, dataset: StoreSamples, prob: np
                  labels: np.ndarray) -> dict[str, float]:  # fmt: skip
     """Predictions and training labels of ``dataset`` scored against a true-mask store (binned alike: each binned
     pixel's cloud fraction, see :mod:`cirrus_batch.metrics`), or against the human masks of a store (this one
-    too) on the test images that have one, on their labelled pixels."""
+    too) on the test images that have one, on their labelled pixels. A U-Net is scored where ``cloud_prob`` is
+    given: on the pixels that both the truth and this store's geometry call sky (not the one-pixel rim, dead
+    columns or hot pixels, which ``cloud_prob`` leaves NaN); ``truth_sky_coverage`` is the fraction of the true
+    sky that is."""
     group = zarr.open_group(store_url, mode="r", zarr_format=3)
     truth = zarr.open_group(truth_url, mode="r", zarr_format=3)
     sources = np.asarray(group["source"][:], dtype=object)[dataset.positions]
     index = truth_index(list(sources), truth_url)
     human = has_masks(truth_url)
+    sky = dataset.sky.numpy() > 0.5  # binned, where cloud_prob is given
     if human:  # only the test images with a human mask count
         has = human_positions(truth)
         keep = np.flatnonzero((index >= 0) & has[np.maximum(index, 0)])
@@ -665,10 +669,14 @@ def truth_scores(store_url: str, truth_url: str, dataset: StoreSamples, prob: np
     else:
         true = bin_image(read_images(truth["mask"], index).astype(np.float32), dataset.bin)[:, None]  # fractions
         weight = np.broadcast_to(bin_image(truth["sky"][:].astype(np.float32), dataset.bin) > 0.5, true.shape)
+    scores: dict[str, float] = {}
+    if dataset.task == "segment":  # scored where cloud_prob is given
+        scores["truth_sky_coverage"] = float((weight & sky).sum() / max(weight.sum(), 1))
+        weight = weight & sky
     ours = binary_metrics(prob, true, weight=weight)
     theirs = binary_metrics(labels, true, weight=weight)
     keys = ("accuracy", "precision", "recall", "f1", "iou", "roc_auc", "ece", "ece_adaptive", "brier")
-    return {**{f"truth_{k}": ours[k] for k in keys}, **{f"labels_truth_{k}": theirs[k] for k in keys[:5]}}
+    return {**scores, **{f"truth_{k}": ours[k] for k in keys}, **{f"labels_truth_{k}": theirs[k] for k in keys[:5]}}
 
 
 def _log_artifacts(prob: np.ndarray, target: np.ndarray, weight: np.ndarray, dataset: StoreSamples,

@@ -28,7 +28,7 @@ from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.ingest import ingest
 from cirrus_batch.synth import write_archive
 from cirrus_batch.registry import promote
-from cirrus_batch.train import fit_temperature, input_spec, train, train_on_cluster
+from cirrus_batch.train import fit_temperature, input_spec, train, train_on_cluster, truth_scores
 
 SHAPE = (96, 120)
 TINY = {
@@ -101,6 +101,29 @@ def test_both_tasks_log_register_and_reload(store, tmp_path):
             prob = torch.sigmoid(model(x)).numpy()
         accuracy = float((((prob > 0.5) == (y.numpy() > 0.5)) * w.numpy()).sum() / w.numpy().sum())
         assert accuracy == pytest.approx(result.test["accuracy"], abs=1e-6)
+
+
+def test_a_unet_is_scored_against_the_truth_where_cloud_prob_is_given(store):
+    """``cloud_prob`` is NaN where the store's geometry sees no sky (the rim against the housing, dead columns):
+    a network right on every sky pixel scores ECE 0 whatever it outputs elsewhere, and the coverage of the true
+    sky says how much of it was scored."""
+    import zarr
+
+    from cirrus_batch.data import bin_image
+    from cirrus_batch.prepare import read_images, truth_index
+
+    dataset = StoreSamples(store, np.arange(8, 24), input_spec("segment", TrainConfig()))
+    group, truth = zarr.open_group(store, mode="r"), zarr.open_group(truth_of(store), mode="r")
+    index = truth_index([str(s) for s in group["source"][:][dataset.positions]], truth_of(store))
+    true = bin_image(read_images(truth["mask"], index).astype(np.float32), dataset.bin)[:, None]
+    sky = dataset.sky.numpy() > 0.5
+    true_sky = bin_image(truth["sky"][:].astype(np.float32), dataset.bin) > 0.5
+    assert (true_sky & ~sky).sum() > 0 and true[:, 0][:, true_sky & ~sky].mean() > 0.3  # cloud outside ours
+    prob = np.where(sky, true, 0.0).astype(np.float32)  # right where it is asked, 0 beyond
+    scores = truth_scores(store, truth_of(store), dataset, prob, (true > 0.5).astype(np.float32))
+    assert scores["truth_ece_adaptive"] < 1e-6 and scores["truth_iou"] == pytest.approx(1.0)
+    assert scores["truth_sky_coverage"] == pytest.approx((true_sky & sky).sum() / true_sky.sum())
+    assert 0.8 < scores["truth_sky_coverage"] < 1.0
 
 
 def test_fit_temperature_undoes_overconfidence():
