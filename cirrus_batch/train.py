@@ -587,6 +587,9 @@ def describe_run(task: str, store_url: str, sizes: dict[str, int], test: dict[st
             lines.append(f"| true {'labels' if task == 'classify' else 'masks'} (`test_truth/`) | {row('truth_')} |")
             lines.append(f"\n`test_labels_truth/`: prepare's {'labels' if task == 'classify' else 'masks'} "
                          "themselves scored against the truth (the ceiling of learning from them).")  # fmt: skip
+            if "truth_sky_coverage" in test:
+                lines.append(f"Scored where `cloud_prob` is given: {test['truth_sky_coverage']:.1%} of the true sky "
+                             "(`test_truth/sky_coverage`; not the rim, dead columns, hot pixels).")  # fmt: skip
         lines.append(f"\nTemperature {temperature:.3f} (fitted on validation, never < 1 on a separated set). "
                      "ECE: 15 equal-width bins; `ece_adaptive`: 15 equal-mass bins.")  # fmt: skip
     if version:

@@ -75,6 +75,7 @@ def test_both_tasks_log_register_and_reload(store, tmp_path):
         assert tags["code_version"].startswith("0.") and float(tags["camera.radius"]) > 0
         assert tags["store.start"].startswith("2026-01-05T") and tags["store.end"].startswith("2026-01-09T")
         assert "test against" in tags["mlflow.note.content"] and "test_truth/" in tags["mlflow.note.content"]
+        assert ("of the true sky" in tags["mlflow.note.content"]) == (task == "segment")
         (dataset,) = run.inputs.dataset_inputs
         assert dataset.dataset.name == "s.zarr" and store in dataset.dataset.source and dataset.dataset.digest
         assert {t.key: t.value for t in dataset.tags}["images"] == str(sum(result.split_sizes.values()))
