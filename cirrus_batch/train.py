@@ -543,13 +543,15 @@ def _log_setup(store_url: str, task: str, cfg: TrainConfig, split: Split, sizes:
     with tempfile.TemporaryDirectory() as tmp:
         table.to_csv(Path(tmp) / "split.csv", index=False)
         mlflow.log_artifact(str(Path(tmp) / "split.csv"))
-    with warnings.catch_warnings():  # "the source can be interpreted in multiple ways": a local path
+    input_tags = {"images": str(len(table)), "time span": f"{table.time.min()} .. {table.time.max()}",
+                  "store images": tags["store.images"], **{k: str(v) for k, v in sizes.items()}}
+    # "the source can be interpreted in multiple ways" (a local path) and the schema's hint on integer columns
+    # (store positions: no missing values), which is about model signatures, not a logged table
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(table, source=store_url, name=Path(store_url.rstrip("/")).name,
                                           targets="cloudy" if task == "classify" else None)  # fmt: skip
-    input_tags = {"images": str(len(table)), "time span": f"{table.time.min()} .. {table.time.max()}",
-                  "store images": tags["store.images"], **{k: str(v) for k, v in sizes.items()}}
-    log_input(dataset, input_tags)
+        log_input(dataset, input_tags)
     mlflow.set_tag("mlflow.note.content", describe_run(task, store_url, sizes))
 
 
