@@ -45,12 +45,12 @@ from cirrus_batch.config import NetConfig, TrainConfig, to_dict
 from cirrus_batch.data import InputSpec, StoreSamples, bin_image, check_store
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.humanmasks import CLOUD, UNLABELLED, has_masks, human_positions
+from cirrus_batch.masks import residual_sigmas
 from cirrus_batch.metrics import MetricAccumulator, binary_metrics, confusion_matrix
 from cirrus_batch.models import MEMORY_FORMAT, autocast_dtype, build_model, pick_device
 from cirrus_batch.prepare import read_images, truth_index
 from cirrus_batch.registry import champion_uri, code_version, describe_version, promote
 from cirrus_batch.sampling import Split, make_split
-from cirrus_batch.masks import residual_sigmas
 from cirrus_batch.softmasks import CloudGivenResidual, fit_cloud_given_residual
 from cirrus_batch.store import json_attr
 from cirrus_batch.tracking import resolve_tracking_uri, use_experiment
@@ -648,7 +648,6 @@ def truth_scores(store_url: str, truth_url: str, dataset: StoreSamples, prob: np
     sources = np.asarray(group["source"][:], dtype=object)[dataset.positions]
     index = truth_index(list(sources), truth_url)
     human = has_masks(truth_url)
-    sky = dataset.sky.numpy() > 0.5  # binned, where cloud_prob is given
     if human:  # only the test images with a human mask count
         has = human_positions(truth)
         keep = np.flatnonzero((index >= 0) & has[np.maximum(index, 0)])
@@ -675,9 +674,10 @@ def truth_scores(store_url: str, truth_url: str, dataset: StoreSamples, prob: np
         true = bin_image(read_images(truth["mask"], index).astype(np.float32), dataset.bin)[:, None]  # fractions
         weight = np.broadcast_to(bin_image(truth["sky"][:].astype(np.float32), dataset.bin) > 0.5, true.shape)
     scores: dict[str, float] = {}
-    if dataset.task == "segment":  # scored where cloud_prob is given
-        scores["truth_sky_coverage"] = float((weight & sky).sum() / max(weight.sum(), 1))
-        weight = weight & sky
+    if dataset.task == "segment":  # scored where cloud_prob is given: the store's (binned) sky
+        scored = weight & (dataset.sky.numpy() > 0.5)
+        scores["truth_sky_coverage"] = float(scored.sum() / max(weight.sum(), 1))
+        weight = scored
     ours = binary_metrics(prob, true, weight=weight)
     theirs = binary_metrics(labels, true, weight=weight)
     keys = ("accuracy", "precision", "recall", "f1", "iou", "roc_auc", "ece", "ece_adaptive", "brier")

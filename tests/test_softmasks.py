@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from cirrus_batch.masks import RESIDUAL_SOFTENING
-from cirrus_batch.masks import residual_sigmas
+from cirrus_batch.masks import RESIDUAL_SOFTENING, residual_sigmas
 from cirrus_batch.softmasks import fit_cloud_given_residual
 
 
