@@ -31,7 +31,7 @@ from distributed import Client, LocalCluster
 from cirrus_batch.cluster import local_cluster
 from cirrus_batch.config import ClusterConfig, IngestConfig, PrepareConfig
 from cirrus_batch.ingest import ingest
-from cirrus_batch.prepare import UNPREPARED, Models, fit_block, prepare, prepare_block, todo_blocks
+from cirrus_batch.prepare import UNPREPARED, Models, ambient_temps, fit_block, prepare, prepare_block, todo_blocks
 from cirrus_batch.clearsky import choose_eps
 from cirrus_batch.errors import StoreError
 from cirrus_batch.store import Store
@@ -107,7 +107,8 @@ def serial_rate(url: str) -> tuple[float, float]:
         fit_block(url, a, b)
     models = Models.from_store(zarr.open_group(url, mode="r", zarr_format=3))
     g = zarr.open_group(url, mode="r+", zarr_format=3)
-    eps, p, source = choose_eps(g["time"][:n].astype("datetime64[us]"), g["eps_fit"][:n], g["p_fit"][:n],
+    eps, p, source = choose_eps(g["time"][:n].astype("datetime64[us]"), ambient_temps(g, models.ambient_key, slice(0, n)),
+                                g["eps_fit"][:n], g["p_fit"][:n],
                                 g["sky_excess"][:n], g["sky_clear"][:n], models.clear_sky, models.clear_config)
     g["clear_eps"][:n], g["clear_p"][:n], g["clear_eps_source"][:n] = eps, p, source
     done = sum(prepare_block(url, a, b) for a, b in blocks)

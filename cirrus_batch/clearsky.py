@@ -19,7 +19,8 @@ frames, and ``ε0`` (zenith emissivity: humidity) the one parameter per image. `
 relative to the zenith: where the lens vignettes or the housing enters the field, a pixel sees the sky through
 ``T`` and the camera's own parts, of brightness ``h`` (1 at ambient temperature, 0 a pure loss of signal), through
 ``1 - T``; with ``h = 1`` no clear sky, however humid, comes out brighter than the ambient black body.
-It is fitted one-sided (clouds only add radiance) with the slant-path exponent, never above ``eps_cap``, and is
+It is fitted one-sided (clouds only add radiance) with the slant-path exponent, never above the most humid clear
+sky that air of the ambient temperature can hold (:func:`eps_bound`), and is
 trusted only where a good part of the sky matches the clear shape; it may not exceed the night's clear-sky trend:
 a flat warm deck is cloud, never a humid clear sky. The season's clear frames are searched among up to ``search_images`` frames, so a season where
 they are rare still has them; with none at all the physical shape alone is used, and said so.
@@ -35,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 from cirrus_batch.geometry import SkyGeometry
-from cirrus_batch.radiometry import NODATA, air_mass, band_radiance
+from cirrus_batch.radiometry import NODATA, air_mass, band_radiance, saturated_window_emissivity
 from cirrus_batch.skyflat import SkyFlat
 
 EPS_SOURCES = {"fit": 0, "night": 1, "season": 2}
@@ -57,7 +58,15 @@ class ClearSkyConfig:
     eps_floor: float = 0.03
     """The driest clear zenith (ambient units) that the season's scale must allow; below it, an offset."""
     eps_cap: float = 0.65
-    """Physical upper bound of the clear-sky zenith emissivity in 8-14 µm (very humid air ~0.6)."""
+    """Upper bound of the clear-sky zenith emissivity in 8-14 µm where the ambient temperature is not known (very
+    humid air ~0.6)."""
+    saturation_margin: float = 1.25
+    """Where it is known (and the scale is not assumed), the bound is this times the window emissivity of air
+    saturated at the ambient temperature (:func:`cirrus_batch.radiometry.saturated_window_emissivity`; 0.37 at
+    -2 °C, 0.52 at 10 °C, 0.85 at 20 °C), at most ``eps_max``: a fog near ambient temperature on a cold night is
+    brighter than any clear sky that air can hold. 0: ``eps_cap`` everywhere."""
+    eps_max: float = 0.8
+    """The bound at any temperature (tropical air at saturation)."""
     p_margin: float = 0.3
     """Each image's slant-path exponent may leave the range of the season's clear frames by this much."""
     sigma_floor: float = 0.005
@@ -92,6 +101,9 @@ class ClearSkyConfig:
     """Added in quadrature to the noise left on the flattened clear frames (ambient units)."""
     flat_clip: float = 5.0
     """The flat's second pass leaves out pixels this many sigmas above the first (clouds in clear frames)."""
+    flat_frame_spread: float = 2.5
+    """... and frames whose residuals scatter more than this many times its noise (robust width; a clear frame
+    keeps about 1): thin cloud's texture."""
     fit_iter: int = 6
     """Iterations of the one-sided robust fit."""
     clip_sigma: float = 3.0
@@ -103,14 +115,17 @@ class ClearSkyConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.flat_images < 0:
             raise ValueError(f"flat_images must be >= 0, got {self.flat_images}")
-        if not 0.0 < self.eps_cap < 1.0:
-            raise ValueError(f"eps_cap must be in (0, 1), got {self.eps_cap}")
+        for key in ("eps_cap", "eps_max"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ValueError(f"{key} must be in (0, 1), got {getattr(self, key)}")
+        if self.saturation_margin < 0:
+            raise ValueError(f"saturation_margin must be >= 0, got {self.saturation_margin}")
         if not 0.1 <= self.bin_deg <= 10:
             raise ValueError(f"bin_deg must be in [0.1, 10], got {self.bin_deg}")
         for key in ("eps_floor", "flat_min_span", "p_margin", "clear_max_cloud", "min_consistent", "pinned_consistent", "trend_tol"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
-        for key in ("sigma_floor", "flat_sigma_floor", "flat_clip", "clear_sigma", "trend_hours", "night_gap_hours",
+        for key in ("sigma_floor", "flat_sigma_floor", "flat_clip", "flat_frame_spread", "clear_sigma", "trend_hours", "night_gap_hours",
                     "clip_sigma"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
@@ -140,6 +155,27 @@ class Scale:
             t = np.asarray(temps, np.float64)
             return self.gain * band_radiance(np.where(np.isfinite(t), t, self.t_ref))
         return np.full(ambient.shape, self.gain)
+
+
+def _bounded(source: str, cfg: ClearSkyConfig) -> bool:
+    return cfg.use_temperature and cfg.saturation_margin > 0 and source != "assumed"
+
+
+def eps_bound(temps: np.ndarray, source: str, cfg: ClearSkyConfig) -> np.ndarray:
+    """(n,) the brightest clear zenith (ε0) physics allows per image of ambient temperatures ``temps`` (deg C, NaN
+    unknown) under a scale from ``source``: ``saturation_margin`` times the window emissivity of air saturated
+    at that temperature, at most ``eps_max``; ``eps_cap`` where the temperature is unknown or the scale assumed."""
+    t = np.asarray(temps, np.float64)
+    if not _bounded(source, cfg):
+        return np.full(t.shape, cfg.eps_cap)
+    with np.errstate(invalid="ignore"):
+        bound = np.minimum(cfg.eps_max, cfg.saturation_margin * saturated_window_emissivity(t))
+    return np.where(np.isfinite(t), bound, cfg.eps_cap)
+
+
+def eps_ceiling(source: str, cfg: ClearSkyConfig) -> float:
+    """The largest :func:`eps_bound` of a season under a scale from ``source`` (the top of every ε0 grid)."""
+    return max(cfg.eps_cap, cfg.eps_max) if _bounded(source, cfg) else cfg.eps_cap
 
 
 def _span_from_shape(deficit: np.ndarray, theta: np.ndarray) -> np.ndarray:
@@ -347,8 +383,9 @@ def concat_profiles(parts: list[Profiles]) -> Profiles:
 
 def _fit_eps(prof: np.ndarray, transmission: np.ndarray, housing: float, theta: np.ndarray, inv_sig: np.ndarray,
              lo: float, hi: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """Least-squares (ε0, p) of profiles (n, nb) (NaN bins ignored) on a grid -> (ε0, p, rms in sigmas)."""
-    ge, gp = _grid(lo, hi)
+    """Least-squares (ε0, p) of profiles (n, nb) (NaN bins ignored) on a grid of ε0 steps of 0.005 -> (ε0, p, rms
+    in sigmas)."""
+    ge, gp = _grid(lo, hi, int(np.ceil((hi - lo) / 0.005)) + 1)
     model = _seen(transmission, _shape(theta, ge, gp), housing)  # (g, nb)
     w = np.where(np.isfinite(prof), 1.0, 0.0) * inv_sig[None, :] ** 2
     y = np.nan_to_num(prof)
@@ -361,23 +398,26 @@ def _fit_eps(prof: np.ndarray, transmission: np.ndarray, housing: float, theta: 
 
 HOUSING_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 """Brightness of the camera's vignetted view tried when fitting the optics (see ``ClearSkyModel.housing``)."""
+ALIKE_COST = 0.25
+"""Optics whose fit to the clear frames is worse by less than this (mean squared residual, sigmas²) fit them as
+well: a frame clear under any of them is a clear frame."""
 
 
 def _fit_optics(y: np.ndarray, housing: float, theta: np.ndarray, inv_sig: np.ndarray, sky_bins: np.ndarray,
-                zen_bins: np.ndarray, eps_cap: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:  # fmt: skip
+                zen_bins: np.ndarray, eps_hi: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:  # fmt: skip
     """T(θ) and each clear profile's (ε0, p) by alternating least squares for one ``housing`` brightness ->
     (T, ε0, p, mean squared residual in sigmas)."""
     trans = np.ones(theta.size)
     for it in range(4):  # the sky first where the optics hardly matter (T ~ 1 within 60° of the zenith)
         eps_c, p_c, _ = _fit_eps(np.where(theta < 60, y, np.nan) if it == 0 else y, trans, housing, theta, inv_sig,
-                                 0.01, eps_cap)  # fmt: skip
+                                 0.01, eps_hi)  # fmt: skip
         x = _shape(theta, eps_c, p_c) - housing  # y - h = T (shape - h)
         trans = np.nansum((y - housing) * x, axis=0) / np.maximum(np.nansum(np.where(np.isfinite(y), x**2, 0),
                                                                             axis=0), 1e-9)  # fmt: skip
         trans = np.where(sky_bins, trans, 1.0)
         trans = ndimage.gaussian_filter1d(trans, 2.0, mode="nearest")
         trans /= np.mean(trans[zen_bins])
-    eps_c, p_c, rms = _fit_eps(y, trans, housing, theta, inv_sig, 0.01, eps_cap)
+    eps_c, p_c, rms = _fit_eps(y, trans, housing, theta, inv_sig, 0.01, eps_hi)
     return trans, eps_c, p_c, float(np.mean(rms**2))
 
 
@@ -392,9 +432,11 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
     span = scale.span(prof.ambient, prof.dark, prof.temps)
     q10, q50, q75 = prof.brightness(span)
     use = np.isfinite(span) & np.isfinite(q50[:, zen_bins]).all(axis=1)
-    # a clear zenith is never brighter than eps_cap (decks and fog are); T(θ) takes any vignetting
+    # a clear zenith is never brighter than the most humid sky the air can hold (decks and fog can be); T(θ)
+    # takes any vignetting
+    eps_hi = eps_ceiling(scale.source, cfg)
     zenith = np.nanmedian(q50[:, zen_bins], axis=1)
-    cand = use & (zenith <= cfg.eps_cap)
+    cand = use & (zenith <= eps_bound(prof.temps, scale.source, cfg))
     # a scale a little too small (a strongly vignetted lens distorts the shapes it comes from) puts the driest
     # frames below zero, which no sky can be: an offset lifts them to eps_floor
     offset = float(min(0.0, np.percentile(zenith[cand], 1) - cfg.eps_floor)) if cand.any() else 0.0
@@ -412,7 +454,7 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
             break
         fitted = clear
         y = np.where(sky_bins[None, :], q50[clear], np.nan)
-        fits = {h: _fit_optics(y, h, theta, inv_sig, sky_bins, zen_bins, cfg.eps_cap) for h in HOUSING_GRID}
+        fits = {h: _fit_optics(y, h, theta, inv_sig, sky_bins, zen_bins, eps_hi) for h in HOUSING_GRID}
         housing = min(fits, key=lambda h: fits[h][3])
         trans, eps_c, p_c, _ = fits[housing]
         p = float(np.median(p_c))
@@ -422,13 +464,18 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
         sig = np.where(np.isfinite(sig), sig, np.nanmax(sig[np.isfinite(sig)]) if np.isfinite(sig).any() else 0.02)
         sig = ndimage.gaussian_filter1d(np.hypot(sig, cfg.sigma_floor), 2.0, mode="nearest")
         inv_sig = 1.0 / sig
-        # which frames are clear under this model (any physical ε0, not only the range seen so far: a humid
-        # clear night is clear): the upper quartile of every bin within clear_sigma of it
-        e_all, p_all, _ = _fit_eps(np.where(sky_bins[None, :], q10, np.nan), trans, housing, theta, inv_sig,
-                                   0.01, cfg.eps_cap)  # fmt: skip
-        model = _seen(trans, _shape(theta, e_all, p_all), housing)
-        excess = ((q75 - model) * inv_sig[None, :])[:, sky_bins & (theta < 80)]
-        new = cand & (np.nanmax(excess, axis=1) < cfg.clear_sigma)
+        # which frames are clear under this model or any that fits the clear frames as well (clear frames of
+        # one kind of night leave the optics and p undetermined), for any physical ε0, not only the range seen so
+        # far (a humid clear night is clear): the upper quartile of every bin within clear_sigma of it
+        new = np.zeros_like(clear)
+        for h, (trans_h, *_, cost) in fits.items():
+            if cost > fits[housing][3] + ALIKE_COST:
+                continue
+            e_all, p_all, _ = _fit_eps(np.where(sky_bins[None, :], q10, np.nan), trans_h, h, theta, inv_sig,
+                                       0.01, eps_hi)  # fmt: skip
+            model = _seen(trans_h, _shape(theta, e_all, p_all), h)
+            excess = ((q75 - model) * inv_sig[None, :])[:, sky_bins & (theta < 80)]
+            new |= cand & (np.nanmax(excess, axis=1) < cfg.clear_sigma)
         if new.sum() < cfg.min_clear or np.array_equal(new, clear):
             break
         clear = new
@@ -441,13 +488,13 @@ def fit_clear_sky(prof: Profiles, cfg: ClearSkyConfig | None = None) -> ClearSky
                              sigma=ndimage.gaussian_filter1d(np.hypot(sig, cfg.sigma_floor), 2.0,
                                                              mode="nearest").tolist(),
                              exponent=0.6, p_lo=P_RANGE[0], p_hi=P_RANGE[1], eps_lo=0.01,
-                             eps_hi=float(cfg.eps_cap), eps_typical=0.3,
+                             eps_hi=eps_hi, eps_typical=0.3,
                              scale=asdict(scale), n_clear=int(eps_c.size), offset=offset,
                              prior_only=True)  # fmt: skip
     return ClearSkyModel(
         theta=theta.tolist(), transmission=np.asarray(trans).tolist(), housing=housing, sigma=(1.0 / inv_sig).tolist(), exponent=float(p),
         p_lo=float(max(P_RANGE[0], np.min(p_c) - cfg.p_margin)), p_hi=float(min(P_RANGE[1], np.max(p_c) + cfg.p_margin)),
-        eps_lo=0.01, eps_hi=float(cfg.eps_cap), eps_typical=float(np.median(eps_c)), scale=asdict(scale),
+        eps_lo=0.01, eps_hi=eps_hi, eps_typical=float(np.median(eps_c)), scale=asdict(scale),
         n_clear=int(eps_c.size), offset=offset,
         clear_eps=np.asarray(eps_c).tolist(), clear_p=np.asarray(p_c).tolist(),
         clear_frames=np.flatnonzero(fitted).tolist(),
@@ -498,15 +545,15 @@ class Frame:
         """Clear-sky brightness on the sky pixels (float32) for (ε0, p)."""
         return np.interp(self.zen, self.theta, self.model.profile(float(eps), float(p))).astype(np.float32)
 
-    def fit(self, e: np.ndarray, valid: np.ndarray) -> tuple[float, float, float, float]:
-        """One-sided robust (ε0, p) of one image (clouds only add radiance) -> (ε0, p, fraction of the sky more
-        than ``clear_sigma`` above the clear sky, fraction of the sky within 60° of the zenith within
+    def fit(self, e: np.ndarray, valid: np.ndarray, eps_hi: float) -> tuple[float, float, float, float]:
+        """One-sided robust (ε0 <= ``eps_hi``, p) of one image (clouds only add radiance) -> (ε0, p, fraction of
+        the sky more than ``clear_sigma`` above the clear sky, fraction of the sky within 60° of the zenith within
         ``clear_sigma`` of it)."""
         cfg, m = self.cfg, self.model
         y = e[self.sub].astype(np.float64)
         b = self.bins[self.sub]
         ok = valid[self.sub]
-        ge, gp = _grid(m.eps_lo, m.eps_hi, 241, 9, (m.p_lo, m.p_hi))
+        ge, gp = _grid(m.eps_lo, min(m.eps_hi, eps_hi), 241, 9, (m.p_lo, m.p_hi))
         table = m.offset + _seen(self.transmission, _shape(self.theta, ge, gp), m.housing)  # (g, nb)
         w_b = self.inv_sig_b**2
         t2 = w_b[None, :] * table**2
@@ -560,13 +607,14 @@ def _trend(t: np.ndarray, tr: np.ndarray, er: np.ndarray, hours: float) -> np.nd
     return out
 
 
-def choose_eps(times: np.ndarray, eps_fit: np.ndarray, p_fit: np.ndarray, excess: np.ndarray,
+def choose_eps(times: np.ndarray, temps: np.ndarray, eps_fit: np.ndarray, p_fit: np.ndarray, excess: np.ndarray,
                consistent: np.ndarray, model: ClearSkyModel,
                cfg: ClearSkyConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-    """(ε0, p, source code of :data:`EPS_SOURCES`) to use per image, from the per-image fits.
+    """(ε0, p, source code of :data:`EPS_SOURCES`) to use per image, from the per-image fits and ambient
+    temperatures (deg C, NaN unknown).
 
     A fit is anchored when at least ``min_consistent`` of the sky lies within ``clear_sigma`` of its clear sky
-    (clear gaps between clouds) and ε0 is not at its upper bound; a frame is clear when also at most
+    (clear gaps between clouds) and ε0 is below its upper bound (:func:`eps_bound`); a frame is clear when also at most
     ``clear_max_cloud`` of its sky lies above. Each night's trend of (ε0, p) (a line through the values within
     ``trend_hours``, interpolated between frames) comes from its clear frames, else from its anchored ones. Anchored frames keep
     their fit while ε0 is at most ``trend_tol`` above the trend; the others (a deck, fog) take the trend. A night
@@ -577,9 +625,10 @@ def choose_eps(times: np.ndarray, eps_fit: np.ndarray, p_fit: np.ndarray, excess
     eps_fit, p_fit = np.asarray(eps_fit, np.float64), np.asarray(p_fit, np.float64)
     excess, consistent = np.asarray(excess, np.float64), np.asarray(consistent, np.float64)
     # a fit pinned to the slant-path exponent's range (flatter or steeper than the clear skies seen) must match
-    # most of the sky to be trusted: a flat fog or deck pinned there matches only in part; at eps_cap, never
+    # most of the sky to be trusted: a flat fog or deck pinned there matches only in part; at the bound, never
     pinned = (p_fit <= model.p_lo + 1e-3) | (p_fit >= model.p_hi - 1e-3)
-    free = np.isfinite(eps_fit) & (eps_fit < model.eps_hi - 1e-3)
+    cap = np.minimum(eps_bound(temps, model.scale["source"], cfg), model.eps_hi)
+    free = np.isfinite(eps_fit) & (eps_fit < cap - 1e-3)
     anchored = free & (consistent >= np.where(pinned, cfg.pinned_consistent, cfg.min_consistent))
     clear = anchored & (excess <= cfg.clear_max_cloud)
     # no anchored frame in a night: nothing there looks like a clear sky, so the driest clear sky of the season

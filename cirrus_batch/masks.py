@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from cirrus_batch.clearsky import EPS_SOURCES, ClearSkyConfig, ClearSkyModel, Frame, levels
+from cirrus_batch.clearsky import EPS_SOURCES, ClearSkyConfig, ClearSkyModel, Frame, eps_bound, levels
 from cirrus_batch.geometry import SkyGeometry
 from cirrus_batch.radiometry import ADU_MAX, NODATA
 from cirrus_batch.skyflat import FlatSums, SkyFlat, accumulate, fit_flat
@@ -218,7 +218,8 @@ class Masks:
 def flat_block(raw: np.ndarray, temps: np.ndarray, eps: np.ndarray, p: np.ndarray, geom: SkyGeometry,
                model: ClearSkyModel, ccfg: ClearSkyConfig, prior: SkyFlat | None = None) -> FlatSums:  # fmt: skip
     """Sky-flat sums (:mod:`cirrus_batch.skyflat`) of clear raw images (n, y, x) with their clear skies (ε0, p);
-    with a ``prior`` flat, pixels more than ``flat_clip`` sigmas above it (cloud) are left out."""
+    with a ``prior`` flat, pixels more than ``flat_clip`` sigmas above it (cloud) are left out, and frames whose
+    residuals scatter more than ``flat_frame_spread`` times its noise (robust width: thin cloud's texture)."""
     raw3 = np.asarray(raw).reshape(-1, *geom.shape)
     fr = Frame(geom, model, ccfg)
     check = Frame(geom, model, ccfg, prior) if prior is not None else None
@@ -232,7 +233,11 @@ def flat_block(raw: np.ndarray, temps: np.ndarray, eps: np.ndarray, p: np.ndarra
         m = fr.clear(float(eps[i]), float(p[i]))
         if check is not None:
             ef, _ = check.brightness(im, a[i], span[i])
-            valid &= (ef - m) * check.inv_sigma(m) <= ccfg.flat_clip  # clouds only add radiance
+            z = (ef - m) * check.inv_sigma(m)
+            zv = z[valid]
+            if zv.size and 1.4826 * np.median(np.abs(zv - np.median(zv))) > ccfg.flat_frame_spread:
+                continue
+            valid &= z <= ccfg.flat_clip  # clouds only add radiance
         accumulate(e, m, valid, sums)
     return sums
 
@@ -245,6 +250,7 @@ def fit_block(raw: np.ndarray, temps: np.ndarray, geom: SkyGeometry, model: Clea
     fr = Frame(geom, model, ccfg, flat)
     a, d = levels(raw3, geom)
     span = model.scaler.span(a, d, temps)
+    cap = eps_bound(temps, model.scale["source"], ccfg)
     out = np.full((4, raw3.shape[0]), np.nan)
     for i, im in enumerate(raw3):
         if not np.isfinite(a[i]) or im.min() == im.max():
@@ -252,7 +258,7 @@ def fit_block(raw: np.ndarray, temps: np.ndarray, geom: SkyGeometry, model: Clea
         e, valid = fr.brightness(im, a[i], span[i])
         if valid.mean() < 0.5:
             continue
-        out[:, i] = fr.fit(e, valid)
+        out[:, i] = fr.fit(e, valid, cap[i])
     return out[0], out[1], out[2], out[3]
 
 
@@ -343,14 +349,14 @@ def describe_flags(flags: np.ndarray) -> dict[str, int]:
     return {name: int(((flags & bit) > 0).sum()) for name, bit in MASK_FLAGS.items()}
 
 
-def sky_flat(sums_of: Callable[[SkyFlat | None], FlatSums], frames: int, geom: SkyGeometry, model: ClearSkyModel,
+def sky_flat(sums_of: Callable[[SkyFlat | None], FlatSums], geom: SkyGeometry, model: ClearSkyModel,
              ccfg: ClearSkyConfig) -> SkyFlat:  # fmt: skip
-    """The sky flat in two passes of ``sums_of(prior)`` (the sums of :func:`flat_block` over the ``frames``
-    clear frames, in one process or as a map)."""
+    """The sky flat in two passes of ``sums_of(prior)`` (the sums of :func:`flat_block` over the clear frames, in
+    one process or as a map)."""
     fr = Frame(geom, model, ccfg)
     flat = None
     for _ in range(2):
-        flat = fit_flat(sums_of(flat), geom, fr.bins, fr.nb, ccfg.flat_sigma_floor, frames)
+        flat = fit_flat(sums_of(flat), geom, fr.bins, fr.nb, ccfg.flat_sigma_floor)
     return flat
 
 

@@ -125,7 +125,8 @@ class PrepareReport:
     seconds: float = 0.0
 
 
-def _ambient(group: zarr.Group, key: str, index: slice | np.ndarray) -> np.ndarray:
+def ambient_temps(group: zarr.Group, key: str, index: slice | np.ndarray) -> np.ndarray:
+    """Ambient temperatures (deg C) of a store's images ``index`` from header ``key``; NaN where none."""
     name = header_var(key)
     if name not in group:
         n = len(range(*index.indices(group["raw"].shape[0]))) if isinstance(index, slice) else len(index)
@@ -149,7 +150,7 @@ def fit_geometry(store_url: str, n: int, cfg: PrepareConfig) -> tuple[geometry.S
     index = spread_index(n, cfg.fit_images)
     sample = read_images(group["raw"], index)
     try:
-        geom = geometry.estimate_sky(sample, _ambient(group, cfg.ambient_key, index), cfg.sky)
+        geom = geometry.estimate_sky(sample, ambient_temps(group, cfg.ambient_key, index), cfg.sky)
         return geom, fit_normalization(sample, geom)
     except ValueError as exc:
         raise CirrusError(f"{store_url}: {exc}") from None
@@ -170,7 +171,7 @@ def profile_block(store_url: str, index: np.ndarray, geom: geometry.SkyGeometry,
                   cfg: clearsky.ClearSkyConfig) -> clearsky.Profiles:  # fmt: skip
     """Task: clear-sky :class:`~cirrus_batch.clearsky.Profiles` of the images at ``index``."""
     group = zarr.open_group(store_url, mode="r", zarr_format=3)
-    return clearsky.profiles(read_images(group["raw"], index), _ambient(group, ambient_key, index), geom, cfg)
+    return clearsky.profiles(read_images(group["raw"], index), ambient_temps(group, ambient_key, index), geom, cfg)
 
 
 FLAT_NAMES = {"offset": "offset a of e = a + (1 + b) e_clear", "gain": "gain b of e = a + (1 + b) e_clear",
@@ -182,7 +183,7 @@ def flat_sums_block(store_url: str, index: np.ndarray, eps: np.ndarray, p: np.nd
                     prior: SkyFlat | None) -> FlatSums:  # fmt: skip
     """Task: sky-flat sums of the clear images at ``index`` (see :func:`cirrus_batch.masks.flat_block`)."""
     group = zarr.open_group(store_url, mode="r", zarr_format=3)
-    return masks.flat_block(read_images(group["raw"], index), _ambient(group, ambient_key, index), eps, p, geom,
+    return masks.flat_block(read_images(group["raw"], index), ambient_temps(group, ambient_key, index), eps, p, geom,
                             model, cfg, prior)  # fmt: skip
 
 
@@ -207,7 +208,7 @@ def fit_models(store_url: str, n: int, client: Client, cfg: PrepareConfig, shard
                                      cfg.clear, prior, pure=False) for t in tasks if t.size]  # fmt: skip
             return sum(client.gather(futures), FlatSums.zeros(int(geom.sky.sum())))
 
-        flat = masks.sky_flat(sums_of, pos.size, geom, model, cfg.clear)
+        flat = masks.sky_flat(sums_of, geom, model, cfg.clear)
     return Models(geom, norm, model, cfg.mask, cfg.clear, cfg.ambient_key, flat)
 
 
@@ -252,7 +253,7 @@ def fit_block(store_url: str, start: int, stop: int) -> tuple[np.ndarray, ...]:
     group = zarr.open_group(store_url, mode="r+", zarr_format=3)
     models = Models.from_store(group)
     region = slice(start, stop)
-    fits = masks.fit_block(group["raw"][region], _ambient(group, models.ambient_key, region), models.geometry,
+    fits = masks.fit_block(group["raw"][region], ambient_temps(group, models.ambient_key, region), models.geometry,
                            models.clear_sky, models.clear_config, models.flat)  # fmt: skip
     for name, values in zip(("eps_fit", "p_fit", "sky_excess", "sky_clear"), fits):
         group[name][region] = values.astype(np.float32)
@@ -265,7 +266,7 @@ def prepare_block(store_url: str, start: int, stop: int) -> int:
     models = Models.from_store(group)
     region = slice(start, stop)
     raw = group["raw"][region]
-    ambient = _ambient(group, models.ambient_key, region)
+    ambient = ambient_temps(group, models.ambient_key, region)
     out = masks.make_masks(raw, ambient, group["clear_eps"][region], group["clear_p"][region],
                            group["clear_eps_source"][region], models.geometry, models.clear_sky, models.mask_config,
                            models.clear_config, models.flat)  # fmt: skip
@@ -369,7 +370,8 @@ def prepare(
         for fut in as_completed([client.submit(fit_block, store_url, a, b, pure=False) for a, b in blocks]):
             bar.update(len(fut.result()[0]))
         eps, p, source = clearsky.choose_eps(
-            group["time"][:n].astype("datetime64[us]"), group["eps_fit"][:n], group["p_fit"][:n],
+            group["time"][:n].astype("datetime64[us]"), ambient_temps(group, models.ambient_key, slice(0, n)),
+            group["eps_fit"][:n], group["p_fit"][:n],
             group["sky_excess"][:n], group["sky_clear"][:n], models.clear_sky, models.clear_config)
         for a, b in blocks:  # only the images about to be prepared: the others keep the clear sky of their masks
             group["clear_eps"][a:b] = eps[a:b].astype(np.float32)
@@ -422,8 +424,8 @@ def prepare_arrays(raw: np.ndarray, ambtemp: np.ndarray, times: np.ndarray,
     if pos.size:
         at = search[pos]
         flat = masks.sky_flat(lambda prior: masks.flat_block(raw[at], ambtemp[at], eps, p, geom, model, cfg.clear,
-                                                             prior), pos.size, geom, model, cfg.clear)  # fmt: skip
-    eps, p, source = clearsky.choose_eps(times, *masks.fit_block(raw, ambtemp, geom, model, cfg.clear, flat), model,
+                                                             prior), geom, model, cfg.clear)  # fmt: skip
+    eps, p, source = clearsky.choose_eps(times, ambtemp, *masks.fit_block(raw, ambtemp, geom, model, cfg.clear, flat), model,
                                          cfg.clear)  # fmt: skip
     out = masks.make_masks(raw, ambtemp, eps, p, source, geom, model, cfg.mask, cfg.clear, flat)
     models = Models(geom, fit_normalization(raw[index], geom), model, cfg.mask, cfg.clear, cfg.ambient_key, flat)
@@ -510,7 +512,7 @@ def _panel(group: zarr.Group, truth_url: str, index: np.ndarray, out_png: str | 
         titles.append(f"{kind} {str(np.datetime64(int(group['time'][i]), 'us'))[:16]}")
     models = Models.from_store(group)
     raw = read_images(group["raw"], picks)
-    ambient = _ambient(group, models.ambient_key, np.array(picks))
+    ambient = ambient_temps(group, models.ambient_key, np.array(picks))
     eps, p, source = (group[k].get_orthogonal_selection(np.array(picks)) for k in ("clear_eps", "clear_p",
                                                                                      "clear_eps_source"))
     out = masks.make_masks(raw, ambient, eps, p, source, models.geometry, models.clear_sky, models.mask_config,

@@ -1,4 +1,5 @@
-"""Radiometry of the 8-14 µm band: the sensor's value conventions, black-body band radiance, air mass."""
+"""Radiometry of the 8-14 µm band: the sensor's value conventions, black-body band radiance, air mass, the most
+humid clear sky air of a given temperature can hold."""
 
 from __future__ import annotations
 
@@ -36,3 +37,19 @@ def air_mass(theta_deg: np.ndarray | float) -> np.ndarray:
     """Relative air mass (Kasten & Young 1989), finite at the horizon (~38 at 90°)."""
     th = np.minimum(np.asarray(theta_deg, np.float64), 90.0)
     return 1.0 / (np.cos(np.radians(th)) + 0.50572 * (96.07995 - th) ** -1.6364)
+
+
+def saturation_vapour_pressure(t_c: float | np.ndarray) -> np.ndarray:
+    """Saturation vapour pressure over water (hPa) at ``t_c`` (deg C), Magnus form (Alduchov & Eskridge 1996)."""
+    t = np.asarray(t_c, np.float64)
+    return 6.1094 * np.exp(17.625 * t / (t + 243.04))
+
+
+def saturated_window_emissivity(t_c: float | np.ndarray) -> np.ndarray:
+    """Clear-sky emissivity of the atmospheric window under air saturated with water vapour at ``t_c`` (deg C):
+    Idso (1981, Water Resour. Res. 17, 295), 0.24 + 2.98e-8 e^2 exp(3000 / T) with e (hPa) the saturation vapour
+    pressure. Air at that temperature holds no more water, so no clear sky is more humid: 0.29 at -2 °C, 0.43 at
+    10 °C, 0.68 at 20 °C."""
+    t = np.asarray(t_c, np.float64)
+    e = saturation_vapour_pressure(t)
+    return 0.24 + 2.98e-8 * e**2 * np.exp(3000.0 / (t + T0))

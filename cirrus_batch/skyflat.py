@@ -8,7 +8,9 @@ pixel's brightness is regressed on the model's clear sky ``m_j``:
     e_j = a + (1 + b) m_j + noise
 
 with the gain ``b`` shrunk towards 0 where the clear frames span little of ``m`` (``ridge``), in two passes (the
-second leaves out what lies more than ``flat_clip`` sigmas above the first: a cloud in a clear frame). Every image is
+second leaves out what lies more than ``flat_clip`` sigmas above the first, a cloud in a clear frame, and whole
+frames whose residuals scatter far more than the first pass's noise: thin cirrus the clear-frame search let
+through, whose texture would raise the noise that every mask's threshold rests on). Every image is
 then flattened, ``e' = (e - a) / (1 + b)``, and the noise per zenith-angle bin is what the flattened clear frames
 keep: much less than the azimuthal scatter of an unflattened frame, so faint cirrus stands out. Astronomers divide
 by a sky flat for the same reason; Wang et al. (2021, Remote Sens. 13, 1852) subtract a per-pixel clear-sky image.
@@ -32,7 +34,8 @@ MAX_GAIN = 0.5
 
 @dataclass
 class FlatSums:
-    """Per-sky-pixel sums over clear frames of ``m`` (model), ``r = e - m`` (residual) and their products."""
+    """Per-sky-pixel sums over clear frames of ``m`` (model), ``r = e - m`` (residual) and their products; the
+    number of frames summed (shape (1,))."""
 
     n: np.ndarray
     m: np.ndarray
@@ -40,13 +43,14 @@ class FlatSums:
     mm: np.ndarray
     mr: np.ndarray
     rr: np.ndarray
+    frames: np.ndarray
 
     def __add__(self, other: FlatSums) -> FlatSums:
         return FlatSums(*(getattr(self, k) + getattr(other, k) for k in self.__dataclass_fields__))
 
     @classmethod
     def zeros(cls, size: int) -> FlatSums:
-        return cls(*(np.zeros(size) for _ in cls.__dataclass_fields__))
+        return cls(*(np.zeros(size) for _ in range(6)), np.zeros(1))
 
 
 @dataclass
@@ -81,6 +85,7 @@ def accumulate(e: np.ndarray, m: np.ndarray, valid: np.ndarray, sums: FlatSums) 
     sums.mm += m * m
     sums.mr += m * r
     sums.rr += r * r
+    sums.frames += 1
 
 
 def _bin_median(values: np.ndarray, bins: np.ndarray, seen: np.ndarray, n_bins: int) -> np.ndarray:
@@ -91,8 +96,7 @@ def _bin_median(values: np.ndarray, bins: np.ndarray, seen: np.ndarray, n_bins: 
     return np.where(ok, out, np.max(out[ok]) if ok.any() else 0.02**2)
 
 
-def fit_flat(sums: FlatSums, geom: SkyGeometry, bins: np.ndarray, n_bins: int, floor: float,
-             frames: int) -> SkyFlat:  # fmt: skip
+def fit_flat(sums: FlatSums, geom: SkyGeometry, bins: np.ndarray, n_bins: int, floor: float) -> SkyFlat:
     """The :class:`SkyFlat` of ``sums`` over the sky pixels of ``geom``; ``bins`` their zenith-angle bin,
     ``floor`` added to the noise in quadrature. The gain has the prior N(0, GAIN_PRIOR²)."""
     n = np.maximum(sums.n, 1.0)
@@ -115,4 +119,4 @@ def fit_flat(sums: FlatSums, geom: SkyGeometry, bins: np.ndarray, n_bins: int, f
     maps = {k: np.zeros(geom.shape, np.float32) for k in SkyFlat.ARRAYS}
     for k, v in (("offset", a), ("gain", b), ("mean_clear", mean_m), ("gain_var", var_b)):
         maps[k].ravel()[sky_idx] = np.where(seen, v, 0.0)
-    return SkyFlat(**maps, sigma=sig.tolist(), frames=frames)
+    return SkyFlat(**maps, sigma=sig.tolist(), frames=int(sums.frames[0]))

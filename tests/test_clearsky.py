@@ -22,9 +22,10 @@ def test_band_radiance_and_air_mass() -> None:
 
 def synthetic_profiles(eps: np.ndarray, p: float, span: float = 8000.0, ambient: float = 10000.0,
                        deck: np.ndarray | None = None, housing: float = 0.0,
-                       loss: float = 0.1) -> C.Profiles:  # fmt: skip
+                       loss: float = 0.1, temp: float = 15.0) -> C.Profiles:  # fmt: skip
     """Profiles of frames whose clear sky has zenith emissivity ``eps`` (deck: a flat brightness instead), seen
-    through optics that lose ``loss`` of the view at the horizon to parts of brightness ``housing``."""
+    through optics that lose ``loss`` of the view at the horizon to parts of brightness ``housing``, at ambient
+    temperature ``temp`` (15 °C: air that can hold a clear sky of ε0 0.66)."""
     theta = np.arange(0.5, 90, 1.0)
     shape = 1 - (1 - eps[:, None]) ** (air_mass(theta)[None, :] ** p)
     w = 1 - loss * (theta / 90) ** 2
@@ -34,7 +35,7 @@ def synthetic_profiles(eps: np.ndarray, p: float, span: float = 8000.0, ambient:
     q = np.stack([e - 0.004, e, e + 0.003])  # brightness quantiles 10, 50, 75 %
     deficit = (1 - q[[0, 1, 2]]) * span  # deficit quantiles 90, 50, 25 %
     n = eps.size
-    return C.Profiles(np.full(n, ambient), np.full(n, ambient - span), np.full(n, 5.0), deficit, theta)
+    return C.Profiles(np.full(n, ambient), np.full(n, ambient - span), np.full(n, temp), deficit, theta)
 
 
 def test_season_fit_recovers_the_physics_and_ignores_decks() -> None:
@@ -70,7 +71,30 @@ def test_the_optics_seen_on_dry_nights_predict_a_humid_clear_sky(housing: float)
 def test_no_clear_frame_gives_the_physical_prior() -> None:
     deck = np.full(10, 0.95)
     model = C.fit_clear_sky(synthetic_profiles(np.full(10, 0.3), 0.6, deck=deck))
-    assert model.prior_only and model.n_clear == 0 and model.eps_hi <= C.ClearSkyConfig().eps_cap
+    assert model.prior_only and model.n_clear == 0 and model.eps_hi <= C.ClearSkyConfig().eps_max
+
+
+def test_no_clear_sky_is_more_humid_than_the_air_can_hold() -> None:
+    """A fog with a clear sky's shape at ε0 0.72 is no clear sky on a night at -2 °C (air that cold holds too
+    little water); at 20 °C the same sky is a humid clear one. Unknown temperatures keep ``eps_cap``."""
+    cfg = C.ClearSkyConfig()
+    bound = C.eps_bound(np.array([-2.0, 10.0, 20.0, 35.0, np.nan]), "dark", cfg)
+    assert 0.3 < bound[0] < 0.45 and 0.45 < bound[1] < 0.6 and bound[2] == bound[3] == cfg.eps_max
+    assert bound[4] == cfg.eps_cap and np.all(C.eps_bound(np.array([-2.0]), "assumed", cfg) == cfg.eps_cap)
+    eps = np.concatenate([np.linspace(0.12, 0.2, 10), np.full(6, 0.72)])
+    assert C.fit_clear_sky(synthetic_profiles(eps, 0.6, temp=-2.0)).n_clear == 10
+    assert C.fit_clear_sky(synthetic_profiles(eps, 0.6, temp=20.0)).n_clear == 16
+    model = C.ClearSkyModel(theta=[0.5], transmission=[1.0], sigma=[0.01], exponent=0.6, p_lo=0.4, p_hi=0.8, eps_lo=0.01,
+                            eps_hi=0.8, eps_typical=0.2, scale={"source": "dark"}, n_clear=10)  # fmt: skip
+    t0 = np.datetime64("2026-01-05T19:00")
+    times = np.concatenate([t0 + np.arange(10) * np.timedelta64(10, "m"),
+                            t0 + np.timedelta64(1, "D") + np.arange(10) * np.timedelta64(10, "m")])  # fmt: skip
+    eps_fit = np.concatenate([np.full(10, 0.15), np.full(10, 0.72)])
+    for night2, source in ((-2.0, "season"), (20.0, "fit")):
+        temps = np.concatenate([np.full(10, 10.0), np.full(10, night2)])  # every fit matches its frame
+        use, _, src = C.choose_eps(times, temps, eps_fit, np.full(20, 0.6), np.zeros(20), np.ones(20), model, cfg)
+        assert (src[10:] == C.EPS_SOURCES[source]).all()
+        assert np.allclose(use[10:], 0.15 if source == "season" else 0.72)
 
 
 def test_scale_sources() -> None:
@@ -104,7 +128,7 @@ def test_night_trend_holds_cloudy_frames_to_the_clear_ones() -> None:
     excess = np.concatenate([np.zeros(10), np.full(10, 0.9), np.full(10, 0.9)])
     consistent = np.concatenate([np.ones(10), np.zeros(10), np.full(10, 0.1)])  # decks: no clear gap
     assert list(C.night_index(times, 3.0)) == [0] * 20 + [1] * 10
-    use, p, source = C.choose_eps(times, eps_fit, p_fit, excess, consistent, model, cfg)
+    use, p, source = C.choose_eps(times, np.full(30, np.nan), eps_fit, p_fit, excess, consistent, model, cfg)
     assert np.allclose(use[:10], eps_fit[:10]) and (source[:10] == C.EPS_SOURCES["fit"]).all()
     assert (use[10:20] <= 0.34 + 1e-9).all() and (source[10:20] == C.EPS_SOURCES["night"]).all()
     # night 2 has nothing that looks clear: the driest clear sky of the season

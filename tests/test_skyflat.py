@@ -47,7 +47,7 @@ def measure(geom, model, raws: list[np.ndarray], eps: list[float]):
     raw = np.stack(raws)
     n = len(raws)
     return M.sky_flat(lambda prior: M.flat_block(raw, np.full(n, 5.0), np.array(eps), np.full(n, 0.6), geom, model,
-                                                 cfg, prior), n, geom, model, cfg)  # fmt: skip
+                                                 cfg, prior), geom, model, cfg)  # fmt: skip
 
 
 def residual(geom, model, flat, raw: np.ndarray, eps: float) -> np.ndarray:
@@ -75,6 +75,21 @@ def test_the_flat_takes_the_camera_out_and_leaves_the_noise() -> None:
     # the noise left is the white noise (plus the floor), not the camera's pattern
     assert np.median(flat.sigma) == pytest.approx(np.hypot(NOISE, 0.002), rel=0.25)
     assert flat.frames == 12 and (flat.gain_var[geom.sky] < (0.3 * GAIN_PRIOR) ** 2).all()
+
+
+def test_a_frame_of_thin_cirrus_among_the_clear_ones_does_not_raise_the_noise() -> None:
+    """A frame of thin cirrus taken for clear (a texture of 6x the white noise) is left out of the flat as a whole
+    frame: every mask's threshold rests on the noise the flat keeps."""
+    from scipy import ndimage
+
+    geom, model, offset, gain = camera()
+    eps = list(np.linspace(0.1, 0.5, 12)) + [0.3]
+    raws = [render(geom, model, offset, gain, e, seed=i) for i, e in enumerate(eps[:12])]
+    texture = ndimage.gaussian_filter(np.random.default_rng(5).normal(0, 1, SHAPE), 1.5)
+    raws.append(render(geom, model, offset, gain, 0.3, cloud=6 * NOISE * texture / texture.std(), seed=12))
+    flat = measure(geom, model, raws, eps)
+    assert flat.frames == 12
+    assert np.median(flat.sigma) == pytest.approx(np.hypot(NOISE, 0.002), rel=0.25)
 
 
 def test_faint_cirrus_is_found_with_the_flat_and_missed_without() -> None:
@@ -142,7 +157,8 @@ def test_prepare_measures_the_flat_over_the_store_as_in_memory(tmp_path, client)
     stored = Models.from_store(zarr.open_group(str(store), mode="r"))
     ds = xr.open_zarr(summary.truth, consolidated=False)
     raw = np.stack([synth.read_fits(summary.archive / str(s))[0] for s in ds["source"].values]).astype(np.uint16)
-    models, out = prepare_arrays(raw, ds["ambtemp"].values, ds["time"].values, cfg)
+    temps = zarr.open_group(str(store), mode="r")["ambtemp"][:]  # as the headers give them (float32)
+    models, out = prepare_arrays(raw, temps, ds["time"].values, cfg)
     assert stored.flat is not None and report.clear_sky["sky flat frames"] == stored.flat.frames >= 3
     for key in stored.flat.ARRAYS:
         np.testing.assert_allclose(getattr(stored.flat, key), getattr(models.flat, key), atol=5e-4)  # float32 headers
