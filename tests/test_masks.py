@@ -140,3 +140,19 @@ def test_every_camera_of_the_independent_renderer(camera: str, tmp_path: Path) -
     assert r["per_kind"]["clear-dry"]["label_accuracy"] == 1.0 and r["cloudy_label_accuracy"] >= 0.9, r
     humid = M.cloud_fraction(out.mask[night == "clear-humid"], models.geometry.sky)
     assert humid.mean() < 0.1  # a humid clear night is not a deck (on this tiny season a few % of false cloud)
+
+
+def test_clear_frames_of_dry_nights_that_leave_the_optics_open_still_find_the_humid_clear_night(
+        tmp_path: Path) -> None:  # fmt: skip
+    """Dry clear frames alone fit the housing's optics and the slant-path exponent equally well over a wide range
+    (0.35-1.2); a pick among them rejected the humid clear night (ε0 0.63) as not clear. Every frame clear under an
+    optics that fits as well is a clear frame: both dry nights and the humid one, no cirrus frame."""
+    summary = synth.write_archive(tmp_path / "a", nights=4, per_night=8, cadence_min=10, shape=(96, 120), seed=4,
+                                  kinds=["clear-dry", "clear-humid", "clear-dry", "cirrus"], camera_kind="housing",
+                                  progress=False)  # fmt: skip
+    ds = xr.open_zarr(summary.truth, consolidated=False)
+    raw = np.stack([synth.read_fits(summary.archive / str(s))[0] for s in ds["source"].values]).astype(np.uint16)
+    models, out = prepare_arrays(raw, ds["ambtemp"].values, ds["time"].values, PrepareConfig(fit_images=32))
+    assert models.clear_sky.clear_frames == list(range(24))
+    assert max(models.clear_sky.clear_eps) > 0.55 and models.flat is not None and models.flat.frames == 24
+    assert M.cloud_fraction(out.mask[8:16], models.geometry.sky).max() < 0.02
