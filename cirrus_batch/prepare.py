@@ -31,6 +31,7 @@ from cirrus_batch import clearsky, geometry, humanmasks, masks, panels, provenan
 from cirrus_batch.config import PrepareConfig, to_dict
 from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.normalization import Normalization, fit_normalization
+from cirrus_batch.shards import read_region
 from cirrus_batch.skyflat import FlatSums, SkyFlat
 from cirrus_batch.store import Store, header_var, json_attr, set_json_attr, write_images
 
@@ -253,7 +254,7 @@ def fit_block(store_url: str, start: int, stop: int) -> tuple[np.ndarray, ...]:
     group = zarr.open_group(store_url, mode="r+", zarr_format=3)
     models = Models.from_store(group)
     region = slice(start, stop)
-    fits = masks.fit_block(group["raw"][region], ambient_temps(group, models.ambient_key, region), models.geometry,
+    fits = masks.fit_block(read_region(group["raw"], region), ambient_temps(group, models.ambient_key, region), models.geometry,
                            models.clear_sky, models.clear_config, models.flat)  # fmt: skip
     for name, values in zip(("eps_fit", "p_fit", "sky_excess", "sky_clear"), fits):
         group[name][region] = values.astype(np.float32)
@@ -265,7 +266,7 @@ def prepare_block(store_url: str, start: int, stop: int) -> int:
     group = zarr.open_group(store_url, mode="r+", zarr_format=3)
     models = Models.from_store(group)
     region = slice(start, stop)
-    raw = group["raw"][region]
+    raw = read_region(group["raw"], region)
     ambient = ambient_temps(group, models.ambient_key, region)
     out = masks.make_masks(raw, ambient, group["clear_eps"][region], group["clear_p"][region],
                            group["clear_eps_source"][region], models.geometry, models.clear_sky, models.mask_config,

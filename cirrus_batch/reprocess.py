@@ -41,6 +41,7 @@ from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.models import MEMORY_FORMAT, autocast_dtype, pick_device
 from cirrus_batch.prepare import UNPREPARED, Models
 from cirrus_batch.registry import CHAMPION
+from cirrus_batch.shards import read_region
 from cirrus_batch.store import NOT_COMPUTED, PROB_SCALE, UNPROCESSED, Store, json_attr, set_json_attr, write_images
 from cirrus_batch.tracking import require_tracking_store, resolve_tracking_uri
 
@@ -265,7 +266,8 @@ def _images(group: zarr.Group, spec: InputSpec, positions: np.ndarray, normaliza
     zarr's orthogonal indexing is ~15x slower)."""
     rows = slice(int(positions[0]), int(positions[-1]) + 1)
     pick = positions - positions[0]
-    return np.stack([normalize(group["raw"][rows][pick], normalization) if name == "norm" else group[name][rows][pick]
+    return np.stack([normalize(read_region(group["raw"], rows)[pick], normalization) if name == "norm"
+                     else read_region(group[name], rows)[pick]
                      for name in spec.images], axis=1)  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Whole-shard writes of image arrays, encoded here instead of by zarr's partial-shard write path.
+"""Whole-shard writes and shard reads of image arrays, done here instead of by zarr's sharded paths.
 
 zarr 3.1 sends every sharded write through its partial-shard path (a merge buffer per chunk, the shard
 concatenated in memory, asyncio hops): about 1.5 ms per 512x640 image, three times the cost of compressing
@@ -6,11 +6,17 @@ it. When a write covers whole shards, :func:`write_shards` compresses each image
 Blosc settings and writes each shard as the zarr v3 ``sharding_indexed`` codec lays it out: the encoded
 chunks, then the index of little-endian uint64 ``(offset, nbytes)`` pairs (``2**64 - 1`` for a chunk past
 the end of the array) and its CRC32C. Arrays with other codecs return ``False`` and are left to zarr.
+
+Reads have the same cost in zarr (1.5-2.1 ms per 512x640 float16 image, where decoding it takes 0.55 ms):
+:func:`read_region` reads each shard's index, checks its CRC32C, and reads and decodes the images asked for.
 """
 
 from __future__ import annotations
 
+import sys
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +95,60 @@ class ImageShards:
                 sync(store.set(key, default_buffer_prototype().buffer.from_bytes(b"".join(parts))))
 
 
+    def read(self, region: slice) -> np.ndarray:
+        """``array[region]`` (a contiguous range of images) decoded shard by shard, reading only the index and the
+        bytes of the images asked for; missing shards and chunks give the fill value, as zarr does."""
+        array, per = self.array, self.per_shard
+        out = np.empty((region.stop - region.start, *array.shape[1:]), array.dtype)
+        fill = array.metadata.fill_value
+        for shard in range(region.start // per, (region.stop - 1) // per + 1):
+            first, last = max(region.start, shard * per), min(region.stop, (shard + 1) * per)
+            key = f"{array.path}/{array.metadata.encode_chunk_key((shard, 0, 0))}"
+            with self._open(key) as source:
+                if source is None:
+                    out[first - region.start : last - region.start] = fill
+                    continue
+                tail = source(-(16 * per + 4), None)
+                if google_crc32c.value(tail[:-4]) != int(np.frombuffer(tail[-4:], "<u4")[0]):
+                    raise ValueError(f"{array.path}: shard {shard} has a corrupt index (CRC32C mismatch)")
+                index = np.frombuffer(tail[:-4], "<u8").reshape(per, 2)[first - shard * per : last - shard * per]
+                stored = index[:, 0] != EMPTY
+                if stored.any():
+                    lo, hi = int(index[stored, 0].min()), int((index[stored, 0] + index[stored, 1]).max())
+                    span = source(lo, hi)
+                for i, (offset, size) in enumerate(index):
+                    if offset == EMPTY:
+                        out[first - region.start + i] = fill
+                    else:
+                        o = int(offset) - lo
+                        self.blosc.decode(span[o : o + int(size)], out=out[first - region.start + i])
+        return out
+
+    @contextmanager
+    def _open(self, key: str) -> Iterator[Callable[[int, int | None], bytes] | None]:
+        """A reader of byte ranges ``(start, stop)`` of the shard ``key`` (negative start: from the end; stop None:
+        to the end), or None when the shard does not exist."""
+        store = self.array.store_path.store
+        if isinstance(store, LocalStore):
+            try:
+                fh = (Path(store.root) / key).open("rb")
+            except FileNotFoundError:
+                yield None
+                return
+            with fh:
+                size = fh.seek(0, 2)
+
+                def ranged(start: int, stop: int | None) -> bytes:
+                    start = size + start if start < 0 else start
+                    fh.seek(start)
+                    return fh.read((size if stop is None else stop) - start)
+
+                yield ranged
+            return
+        found = sync(store.get(key, default_buffer_prototype()))
+        yield None if found is None else (lambda start, stop: found.to_bytes()[start:stop])
+
+
 def _write_file(path: Path, parts: list[bytes]) -> None:
     """Write ``parts`` to ``path`` atomically (a temporary file renamed over it, as zarr's LocalStore does)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,3 +171,13 @@ def write_shards(array: zarr.Array, region: slice, values: np.ndarray) -> bool:
         return False
     shards.write(region, values)
     return True
+
+
+def read_region(array: zarr.Array, region: slice) -> np.ndarray:
+    """``array[region]`` for a contiguous range of images: read shard by shard here when the array is laid out as
+    :class:`ImageShards` expects (and this machine is little-endian, as the stored bytes are), else by zarr."""
+    shards = ImageShards.of(array) if sys.byteorder == "little" else None
+    start, stop, _ = region.indices(array.shape[0])
+    if shards is None or stop <= start:
+        return array[region]
+    return shards.read(slice(start, stop))

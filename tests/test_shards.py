@@ -1,4 +1,5 @@
-"""Whole shards written by cirrus are the bytes zarr writes, and everything else is left to zarr."""
+"""Whole shards written by cirrus are the bytes zarr writes, reads give what zarr reads, and everything else is left
+to zarr."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
-from cirrus_batch.shards import ImageShards, write_shards
+from cirrus_batch.shards import ImageShards, read_region, write_shards
 from cirrus_batch.store import write_images
 
 SHAPE = (6, 7)
@@ -85,3 +86,34 @@ def test_shard_index_marks_images_past_the_end(tmp_path):
     data = (tmp_path / "a.zarr" / "x" / "c" / "1" / "0" / "0").read_bytes()
     index = np.frombuffer(data[-(4 * 16 + 4) : -4], "<u8").reshape(4, 2)
     assert (index[2:] == 2**64 - 1).all() and index[0, 0] == 0 and index[1, 0] == index[0, 1]
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "float16", "bool"])
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_reads_give_what_zarr_reads(tmp_path, dtype, where):
+    """Ranges across shards, chunks zarr left out (equal to the fill value), a shard never written, other codecs."""
+    n = 14
+    array = _array(tmp_path / "a.zarr" if where == "local" else MemoryStore(), n, 4, dtype)
+    values = _values(n, dtype)
+    values[5] = 0
+    array[:8] = values[:8]  # zarr's own writes: image 1 and 5 are not stored, shard 2 and 3 never written
+    array[12:] = values[12:]
+    assert ImageShards.of(array) is not None  # read here, not by zarr
+    for region in (slice(0, 14), slice(3, 9), slice(5, 6), slice(8, 12), slice(11, 13), slice(13, 14)):
+        np.testing.assert_array_equal(read_region(array, region), array[region])
+    assert read_region(array, slice(0, 14)).dtype == array.dtype and read_region(array, slice(4, 4)).shape[0] == 0
+    zstd = _array(tmp_path / "z.zarr", n, 4, dtype, compressors=ZstdCodec(level=1))
+    zstd[:] = values
+    np.testing.assert_array_equal(read_region(zstd, slice(2, 9)), values[2:9])
+
+
+def test_a_corrupt_shard_index_is_an_error(tmp_path):
+    array = _array(tmp_path / "a.zarr", 8, 4, "uint16")
+    assert write_shards(array, slice(0, 8), _values(8, "uint16"))
+    path = tmp_path / "a.zarr" / "x" / "c" / "1" / "0" / "0"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    np.testing.assert_array_equal(read_region(array, slice(0, 4)), _values(8, "uint16")[:4])  # shard 0 is intact
+    with pytest.raises(ValueError, match="corrupt index"):
+        read_region(array, slice(2, 6))
