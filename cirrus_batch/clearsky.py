@@ -125,8 +125,8 @@ class ClearSkyConfig:
         for key in ("eps_floor", "flat_min_span", "p_margin", "clear_max_cloud", "min_consistent", "pinned_consistent", "trend_tol"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
-        for key in ("sigma_floor", "flat_sigma_floor", "flat_clip", "flat_frame_spread", "clear_sigma", "trend_hours", "night_gap_hours",
-                    "clip_sigma"):
+        for key in ("sigma_floor", "flat_sigma_floor", "flat_clip", "flat_frame_spread", "clear_sigma", "trend_hours",
+                    "night_gap_hours", "clip_sigma"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
 
