@@ -254,8 +254,8 @@ def fit_block(store_url: str, start: int, stop: int) -> tuple[np.ndarray, ...]:
     group = zarr.open_group(store_url, mode="r+", zarr_format=3)
     models = Models.from_store(group)
     region = slice(start, stop)
-    fits = masks.fit_block(read_region(group["raw"], region), ambient_temps(group, models.ambient_key, region), models.geometry,
-                           models.clear_sky, models.clear_config, models.flat)  # fmt: skip
+    fits = masks.fit_block(read_region(group["raw"], region), ambient_temps(group, models.ambient_key, region),
+                           models.geometry, models.clear_sky, models.clear_config, models.flat)  # fmt: skip
     for name, values in zip(("eps_fit", "p_fit", "sky_excess", "sky_clear"), fits):
         group[name][region] = values.astype(np.float32)
     return fits
@@ -426,8 +426,8 @@ def prepare_arrays(raw: np.ndarray, ambtemp: np.ndarray, times: np.ndarray,
         at = search[pos]
         flat = masks.sky_flat(lambda prior: masks.flat_block(raw[at], ambtemp[at], eps, p, geom, model, cfg.clear,
                                                              prior), geom, model, cfg.clear)  # fmt: skip
-    eps, p, source = clearsky.choose_eps(times, ambtemp, *masks.fit_block(raw, ambtemp, geom, model, cfg.clear, flat), model,
-                                         cfg.clear)  # fmt: skip
+    eps, p, source = clearsky.choose_eps(times, ambtemp, *masks.fit_block(raw, ambtemp, geom, model, cfg.clear, flat),
+                                         model, cfg.clear)  # fmt: skip
     out = masks.make_masks(raw, ambtemp, eps, p, source, geom, model, cfg.mask, cfg.clear, flat)
     models = Models(geom, fit_normalization(raw[index], geom), model, cfg.mask, cfg.clear, cfg.ambient_key, flat)
     return models, out

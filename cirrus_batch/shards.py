@@ -88,7 +88,7 @@ class ImageShards:
         for start in range(region.start, region.stop, self.per_shard):
             images = values[start - region.start : start - region.start + self.per_shard]
             parts = self.encode(images)
-            key = f"{array.path}/{array.metadata.encode_chunk_key((start // self.per_shard, 0, 0))}"
+            key = self._key(start // self.per_shard)
             if isinstance(store, LocalStore):
                 _write_file(Path(store.root) / key, parts)
             else:
@@ -103,8 +103,7 @@ class ImageShards:
         fill = array.metadata.fill_value
         for shard in range(region.start // per, (region.stop - 1) // per + 1):
             first, last = max(region.start, shard * per), min(region.stop, (shard + 1) * per)
-            key = f"{array.path}/{array.metadata.encode_chunk_key((shard, 0, 0))}"
-            with self._open(key) as source:
+            with self._open(self._key(shard)) as source:
                 if source is None:
                     out[first - region.start : last - region.start] = fill
                     continue
@@ -123,6 +122,10 @@ class ImageShards:
                         o = int(offset) - lo
                         self.blosc.decode(span[o : o + int(size)], out=out[first - region.start + i])
         return out
+
+    def _key(self, shard: int) -> str:
+        """The store key of shard number ``shard``."""
+        return f"{self.array.path}/{self.array.metadata.encode_chunk_key((shard, 0, 0))}"
 
     @contextmanager
     def _open(self, key: str) -> Iterator[Callable[[int, int | None], bytes] | None]:
@@ -146,7 +149,8 @@ class ImageShards:
                 yield ranged
             return
         found = sync(store.get(key, default_buffer_prototype()))
-        yield None if found is None else (lambda start, stop: found.to_bytes()[start:stop])
+        data = None if found is None else found.to_bytes()
+        yield None if data is None else (lambda start, stop: data[start:stop])
 
 
 def _write_file(path: Path, parts: list[bytes]) -> None:

@@ -50,7 +50,7 @@ class FlatSums:
 
     @classmethod
     def zeros(cls, size: int) -> FlatSums:
-        return cls(*(np.zeros(size) for _ in range(6)), np.zeros(1))
+        return cls(*(np.zeros(1 if k == "frames" else size) for k in cls.__dataclass_fields__))
 
 
 @dataclass
