@@ -24,13 +24,16 @@ NEEDS = {"classify": ("cloudy", "cloud_fraction", "quality", "sky"), "segment": 
 
 
 def bin_image(x: np.ndarray, factor: int) -> np.ndarray:
-    """Mean over ``factor`` × ``factor`` blocks of the last two axes (the remainder rows/columns are cut)."""
+    """float32 mean over ``factor`` × ``factor`` blocks of the last two axes (the remainder rows/columns are cut).
+    float16 images are averaged in float32 and the means rounded to float16, their own precision: converting
+    them first costs 2.5x more (no vector conversion on this CPU)."""
     if factor == 1:
-        return x
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return np.asarray(x, dtype=np.float32)
+    keep = x.dtype in (np.float16, np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=None if keep else np.float32))
     lead, (h, w) = t.shape[:-2], t.shape[-2:]
     out = F.avg_pool2d(t.reshape(-1, 1, h, w), factor)
-    return out.reshape(*lead, *out.shape[-2:]).numpy()
+    return out.reshape(*lead, *out.shape[-2:]).float().numpy()
 
 
 def soft_labels(cloud_fraction: np.ndarray, cloudy: np.ndarray, threshold: float, width: float) -> np.ndarray:
@@ -107,7 +110,7 @@ class InputSpec:
         """(n, c, h, w) float32 network input of images (n, k, y, x), the k :attr:`images` of each (or (n, y, x)
         for one); ``zenith``: :func:`store_zenith`, or ``zenith_input``: its :meth:`zenith_input`, computed once
         for many calls."""
-        images = np.asarray(images, dtype=np.float32)
+        images = np.asarray(images)
         x = bin_image(images if images.ndim == 4 else images[:, None], self.bin)
         if x.shape[1] != len(self.images):
             raise ValueError(f"this input reads {len(self.images)} images ({self.image}), got {x.shape[1]}")

@@ -252,11 +252,13 @@ def segment(model: torch.nn.Module, x: np.ndarray, sky: torch.Tensor, bin: int,
     p = torch.sigmoid(logits.float())
     if bin > 1:
         p = F.interpolate(p, scale_factor=bin, mode="bilinear", align_corners=False)
-    ny, nx = sky.shape
-    p = F.pad(p, (0, nx - p.shape[-1], 0, ny - p.shape[-2]), mode="replicate")[:, 0]
-    fraction = torch.logical_and(p > 0.5, sky).sum((1, 2), dtype=torch.int32) / sky.sum().clamp_min(1)
+    if p.shape[-2:] != sky.shape:
+        ny, nx = sky.shape
+        p = F.pad(p, (0, nx - p.shape[-1], 0, ny - p.shape[-2]), mode="replicate")
+    p = p[:, 0]
+    fraction = (p > 0.5).logical_and_(sky).sum((1, 2), dtype=torch.int32) / sky.sum().clamp_min(1)
     outside = (~sky).to(torch.uint8) * NOT_COMPUTED  # OR-ing 255 is 4x faster than masked_fill_ here
-    q = (p * PROB_SCALE).round_().to(torch.uint8).bitwise_or_(outside)
+    q = p.mul_(PROB_SCALE).round_().to(torch.uint8).bitwise_or_(outside)  # in place: one pass less each
     return q.cpu().numpy(), fraction.float().cpu().numpy()
 
 
@@ -265,7 +267,7 @@ def _images(group: zarr.Group, spec: InputSpec, positions: np.ndarray, normaliza
     ``brightness`` (float16, from prepare) — of the images at ``positions`` (increasing; read as one range:
     zarr's orthogonal indexing is ~15x slower)."""
     rows = slice(int(positions[0]), int(positions[-1]) + 1)
-    pick = positions - positions[0]
+    pick = slice(None) if len(positions) == rows.stop - rows.start else positions - positions[0]  # no copy
     return np.stack([normalize(read_region(group["raw"], rows)[pick], normalization) if name == "norm"
                      else read_region(group[name], rows)[pick]
                      for name in spec.images], axis=1)  # fmt: skip

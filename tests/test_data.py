@@ -19,7 +19,18 @@ def test_bin_image_is_the_block_mean_and_cuts_the_remainder():
     expect = x[..., :8, :12].reshape(2, 1, 2, 4, 3, 4).mean(axis=(3, 5))
     np.testing.assert_allclose(out, expect, rtol=1e-6)
     mask = (x[0, 0] > 0.5).astype(np.uint8)
-    assert bin_image(mask, 2).shape == (5, 6) and bin_image(mask, 1) is mask
+    assert bin_image(mask, 2).shape == (5, 6) and bin_image(mask, 2).dtype == np.float32
+    np.testing.assert_array_equal(bin_image(mask, 1), mask.astype(np.float32))
+    assert bin_image(mask, 1).dtype == np.float32
+
+
+def test_bin_image_of_float16_is_the_float32_mean_at_float16_precision():
+    x = (np.random.default_rng(0).normal(0, 3, (2, 2, 16, 20))).astype(np.float16)
+    out = bin_image(x, 4)
+    exact = x.astype(np.float32).reshape(2, 2, 4, 4, 5, 4).mean(axis=(3, 5))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, exact.astype(np.float16).astype(np.float32))  # one rounding, not a sum of
+    np.testing.assert_allclose(out, exact, rtol=2**-11, atol=2**-24)  # float16 rounded terms
 
 
 def test_input_spec_adds_the_binned_zenith_channel_and_round_trips():
@@ -67,7 +78,7 @@ def test_store_samples_read_the_spec_images_and_majority_or_soft_targets(store):
         assert image.shape == (3, 24, 30) and target.shape == fraction.shape == weight.shape == (1, 24, 30)
         for c, name in enumerate(("residual", "brightness")):
             values = group[name][int(cloudy[i])].astype(np.float32)
-            np.testing.assert_allclose(image[c].numpy(), bin_image(values, 4), rtol=1e-6)
+            np.testing.assert_allclose(image[c].numpy(), bin_image(values, 4), rtol=2**-11, atol=1e-6)  # float16 means
         np.testing.assert_array_equal(target[0].numpy(), (expect > 0.5).astype(np.float32))
         np.testing.assert_allclose(fraction[0].numpy(), expect, rtol=1e-6)
         edges += int(((expect > 0) & (expect < 1)).sum())
