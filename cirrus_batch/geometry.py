@@ -20,6 +20,7 @@ import numpy as np
 from scipy import ndimage
 
 from cirrus_batch.radiometry import NODATA, band_radiance
+from cirrus_batch.robust import MAD_TO_SIGMA, mad_sigma
 
 PROJECTIONS = ("equidistant", "equisolid", "stereographic", "orthographic")
 """Radial lens models r(θ) ∝ θ, 2 sin(θ/2), 2 tan(θ/2), sin θ."""
@@ -273,7 +274,7 @@ def _envelope_circle(points: np.ndarray, shape: tuple[int, int]) -> tuple[float,
                 best[b[i]], far[b[i]] = d[i], i
         env = far[far >= 0]
         de = d[env]
-        med, mad = np.median(de), 1.4826 * np.median(np.abs(de - np.median(de))) + 0.5
+        med, mad = np.median(de), mad_sigma(de) + 0.5
         keep = de > med - 2.5 * mad
         keep_pts = points[env[keep]]
         if keep_pts.shape[0] < 5:
@@ -324,8 +325,8 @@ def estimate_sky(sample: np.ndarray, ambtemp: np.ndarray | None = None, cfg: Sky
         good = np.where(sample == NODATA, 0, sample)[:1]
     med = np.median(good, axis=0).astype(np.float32)
     resid = np.abs(med - ndimage.median_filter(med, size=3))
-    local = 1.4826 * ndimage.median_filter(resid, size=9)
-    hot = resid > cfg.hot_sigma * np.maximum(local, 1.4826 * float(np.median(resid)) + 1e-3)
+    local = MAD_TO_SIGMA * ndimage.median_filter(resid, size=9)
+    hot = resid > cfg.hot_sigma * np.maximum(local, MAD_TO_SIGMA * float(np.median(resid)) + 1e-3)
     given = cfg.center is not None and cfg.radius is not None
     if good.shape[0] >= 3:
         spread, _ = variability(good, _driver(good, temps, med, hot))

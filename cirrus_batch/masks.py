@@ -20,6 +20,7 @@ import numpy as np
 from cirrus_batch.clearsky import EPS_SOURCES, ClearSkyConfig, ClearSkyModel, Frame, eps_bound, levels
 from cirrus_batch.geometry import SkyGeometry
 from cirrus_batch.radiometry import ADU_MAX, NODATA
+from cirrus_batch.robust import mad_sigma
 from cirrus_batch.skyflat import FlatSums, SkyFlat, accumulate, fit_flat
 
 QUALITY_CONSTANT = 1
@@ -235,7 +236,7 @@ def flat_block(raw: np.ndarray, temps: np.ndarray, eps: np.ndarray, p: np.ndarra
             ef, _ = check.brightness(im, a[i], span[i])
             z = (ef - m) * check.inv_sigma(m)
             zv = z[valid]
-            if zv.size and 1.4826 * np.median(np.abs(zv - np.median(zv))) > ccfg.flat_frame_spread:
+            if zv.size and mad_sigma(zv) > ccfg.flat_frame_spread:
                 continue
             valid &= z <= ccfg.flat_clip  # clouds only add radiance
         accumulate(e, m, valid, sums)

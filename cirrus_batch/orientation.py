@@ -25,6 +25,7 @@ from scipy.spatial.transform import Rotation
 from cirrus_batch.config import OrientConfig, SiteConfig
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.geometry import SKY, radius_of
+from cirrus_batch.robust import MAD_TO_SIGMA, mad_sigma
 
 ORIENTATION_ATTR = "orientation"
 """Root attribute of the store written by ``cirrus orient``."""
@@ -137,7 +138,7 @@ def find_source(image: np.ndarray, sky: np.ndarray, static: np.ndarray, min_snr:
     stands ``min_snr`` robust sigmas above the frame's high-pass or the brightest is extended (a cloud edge)."""
     hp = _highpass(image) - static
     vals = hp[sky]
-    sigma = 1.4826 * float(np.median(np.abs(vals - np.median(vals)))) + 1e-6
+    sigma = mad_sigma(vals) + 1e-6
     flat = np.where(sky, hp, -np.inf)
     py, px = np.unravel_index(int(np.argmax(flat)), hp.shape)
     peak = float(hp[py, px])
@@ -195,7 +196,7 @@ def search(images: np.ndarray, times: np.ndarray, sky: np.ndarray, site: SiteCon
         members = np.flatnonzero(groups == g)
         static = static_pattern(images[members[:: max(1, members.size // 50)]]) if members.size >= 5 else season
         steady = static[inner]
-        spread = 1.4826 * float(np.median(np.abs(steady - np.median(steady)))) + 1e-6
+        spread = mad_sigma(steady) + 1e-6
         fixed = ndimage.binary_dilation(np.abs(static) > 5 * spread)  # hot pixels, a dead column: they drift
         for i in members:
             body = next((b for b in BODIES if pos[b][0][i] >= cfg.min_altitude_deg), None)
@@ -288,7 +289,7 @@ def _fit_mirror(s: Sightings, lens: Lens, mirror: bool, cfg: OrientConfig) -> tu
                             loss="soft_l1", f_scale=1.0, x_scale=np.array([1.0, 0.01, 0.01, 0.01, 1.0, 1.0])[free])
         p[free] = res.x
         d = np.hypot(*_residuals(p, mirror, s, lens).reshape(2, -1))
-        keep = d <= max(3.0 * 1.4826 * float(np.median(d[keep])), 1.5)
+        keep = d <= max(3.0 * MAD_TO_SIGMA * float(np.median(d[keep])), 1.5)
     return p, keep
 
 
