@@ -28,6 +28,7 @@ from distributed import Client, as_completed
 from tqdm.auto import tqdm
 
 from cirrus_batch import clearsky, geometry, humanmasks, masks, panels, provenance, scoring
+from cirrus_batch.cluster import trim_workers
 from cirrus_batch.config import PrepareConfig, to_dict
 from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.normalization import Normalization, fit_normalization
@@ -366,6 +367,7 @@ def prepare(
                     "mask has a low confidence", min(n, cfg.clear.search_images))  # fmt: skip
     blocks = todo_blocks(group["quality"][:n], shard)
     todo = sum(b - a for a, b in blocks)
+    trim_workers(client)  # the fit's images are freed: each pass below starts from its own working set
     with tqdm(total=2 * todo, desc="prepare", unit="img", disable=not progress, dynamic_ncols=True,
               mininterval=0.5) as bar:  # fmt: skip
         for fut in as_completed([client.submit(fit_block, store_url, a, b, pure=False) for a, b in blocks]):
@@ -378,6 +380,7 @@ def prepare(
             group["clear_eps"][a:b] = eps[a:b].astype(np.float32)
             group["clear_p"][a:b] = p[a:b].astype(np.float32)
             group["clear_eps_source"][a:b] = source[a:b]
+        trim_workers(client)
         futures = [client.submit(prepare_block, store_url, a, b, pure=False) for a, b in blocks]
         for fut in as_completed(futures):
             done = fut.result()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ import psutil
 import pytest
 from distributed import Client, LocalCluster
 
-from cirrus_batch.cluster import connect, gpu_resources
+from cirrus_batch.cluster import _malloc_trim, connect, gpu_resources, trim_workers
 from cirrus_batch.config import ClusterConfig, IngestConfig
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.ingest import ingest
@@ -103,3 +104,30 @@ def test_a_local_run_listens_on_loopback_only(tmp_path, client):
     assert run.returncode == 0, run.stdout.read()
     assert len(seen) >= 3, seen  # the scheduler, its dashboard, a worker at least
     assert {ip for ip, _ in seen} <= {"127.0.0.1", "::1"}, seen
+
+
+TRIM_SCRIPT = """
+import psutil
+from cirrus_batch.cluster import _malloc_trim
+p = psutil.Process()
+blocks = [bytearray(2**20) for _ in range(200)]  # 200 MiB on the heap: each is below the mmap threshold
+held = p.memory_info().rss
+del blocks
+freed = p.memory_info().rss
+assert _malloc_trim()
+print(held >> 20, freed >> 20, p.memory_info().rss >> 20)
+"""
+
+
+def test_trim_gives_back_what_the_workers_malloc_settings_keep():
+    env = {"MALLOC_TRIM_THRESHOLD_": str(256 * 2**20), "MALLOC_MMAP_THRESHOLD_": str(64 * 2**20)}  # WORKER_MALLOC
+    out = subprocess.run([sys.executable, "-c", TRIM_SCRIPT], env={**os.environ, **env},
+                         capture_output=True, text=True, check=True).stdout
+    held, freed, trimmed = map(int, out.split())
+    assert freed > held - 50  # freed to the heap, kept by the high trim threshold
+    assert trimmed < freed - 150  # given back by malloc_trim
+
+
+def test_trim_workers_runs_on_every_worker(client):
+    trim_workers(client)
+    assert all(isinstance(v, bool) for v in client.run(_malloc_trim).values())
