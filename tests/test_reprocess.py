@@ -169,16 +169,21 @@ def test_reprocess_writes_the_schema_and_matches_a_direct_model_call(trained, tm
 
 def test_mixed_precision_is_recorded_and_close_to_float32(trained, tmp_path, client, one_torch_thread):
     store = trained.copy(tmp_path)
-    exact = reprocess(store, client, cfg=trained.cfg(amp=False), progress=False, tracking_uri=trained.tracking)
+    every = {"threshold": 1e-6, "batch_size": 3}  # every image segmented in both precisions
+    exact = reprocess(store, client, cfg=ReprocessConfig(amp=False, **every), progress=False,
+                      tracking_uri=trained.tracking)  # fmt: skip
     fp32 = outputs(store)
-    amp = reprocess(store, client, cfg=trained.cfg(), progress=False, tracking_uri=trained.tracking)
+    amp = reprocess(store, client, cfg=ReprocessConfig(**every), progress=False, tracking_uri=trained.tracking)
     assert (exact.model_index, amp.model_index, amp.processed) == (0, 1, 32)  # another precision: redone
     assert [e["amp"] for e in json_attr(zarr.open_group(store, mode="r")["pred_model"].attrs, "models")] == [False, True]
     got = outputs(store)
     np.testing.assert_allclose(got["p_cloudy"], fp32["p_cloudy"], atol=0.01)
-    both = got["cloudy_pred"] & fp32["cloudy_pred"]
-    assert both.sum() >= fp32["cloudy_pred"].sum() - 1
-    steps = np.abs(got["cloud_prob"][both].astype(int) - fp32["cloud_prob"][both])
+    # the tiny classifier's threshold sits in a narrow gap: decisions must agree wherever float32 is clear of it
+    clear_cut = np.abs(fp32["p_cloudy"] - trained.threshold) > 0.01
+    np.testing.assert_array_equal(got["p_cloudy"][clear_cut] >= trained.threshold,
+                                  fp32["p_cloudy"][clear_cut] >= trained.threshold)  # fmt: skip
+    assert got["cloudy_pred"].all() and fp32["cloudy_pred"].all()
+    steps = np.abs(got["cloud_prob"].astype(int) - fp32["cloud_prob"])
     assert np.percentile(steps, 99) <= 2 and steps.max() <= 6  # in 1/250 probability steps
 
 
