@@ -45,11 +45,11 @@ def _malloc_trim() -> bool:
         return False
 
 
-def trim_workers(client: Client) -> None:
-    """``malloc_trim`` on every worker between phases of a long job: with :data:`WORKER_MALLOC`'s high trim
-    threshold, the free memory one phase leaves behind would otherwise stay in the worker's heap and add to the
-    next phase's peak."""
-    client.run(_malloc_trim)
+def trim_workers(client: Client) -> dict[str, bool]:
+    """``malloc_trim`` on every worker between phases of a long job (by worker address: whether memory was given
+    back): with :data:`WORKER_MALLOC`'s high trim threshold, the free memory one phase leaves behind would
+    otherwise stay in the worker's heap and add to the next phase's peak."""
+    return client.run(_malloc_trim)
 
 
 def local_cluster(config: ClusterConfig) -> LocalCluster:

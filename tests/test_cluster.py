@@ -11,7 +11,7 @@ import psutil
 import pytest
 from distributed import Client, LocalCluster
 
-from cirrus_batch.cluster import _malloc_trim, connect, gpu_resources, trim_workers
+from cirrus_batch.cluster import connect, gpu_resources, trim_workers
 from cirrus_batch.config import ClusterConfig, IngestConfig
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.ingest import ingest
@@ -129,5 +129,6 @@ def test_trim_gives_back_what_the_workers_malloc_settings_keep():
 
 
 def test_trim_workers_runs_on_every_worker(client):
-    trim_workers(client)
-    assert all(isinstance(v, bool) for v in client.run(_malloc_trim).values())
+    trimmed = trim_workers(client)
+    assert set(trimmed) == set(client.scheduler_info()["workers"])
+    assert all(isinstance(v, bool) for v in trimmed.values())
