@@ -2,7 +2,8 @@
 
 Compares ``cirrus_batch.ingest.ingest`` on a local Dask cluster (one worker per core, started before
 timing) with a plain serial loop that only reads the same FITS files with astropy
-(``astropy.io.fits.getdata``). Both read from a warm page cache. Target: ratio >= 1.0 on 2 cores.
+(``astropy.io.fits.getdata``). Both read from a warm page cache. Targets on 2 cores (issue 21): ratio >= 1.5
+for plain FITS, >= 1.9 for ``.fits.fz``.
 Runs on plain FITS and on tile-compressed ``.fits.fz`` archives of the same synthetic images.
 
 Then (``--late``, plain FITS) the cost of a night that arrives late: ingesting the season's first night into a
@@ -28,6 +29,9 @@ from cirrus_batch.cluster import local_cluster
 from cirrus_batch.config import ClusterConfig, IngestConfig
 from cirrus_batch.ingest import ingest
 from cirrus_batch.synth import write_archive
+
+
+TARGET = {"plain": 1.5, "fz": 1.9}
 
 
 def du(path: Path) -> int:
@@ -103,7 +107,7 @@ def main() -> None:
             fits_bytes = sum(p.stat().st_size for p in archive.rglob("*") if p.is_file())
             print(f"[{fmt:5s}] serial astropy read-only loop {serial:7.1f} images/s | cirrus ingest {rate:7.1f} "
                   f"images/s | store {du(store) / 2**20:.0f} MiB for {fits_bytes / 2**20:.0f} MiB of FITS "
-                  f"| RATIO {rate / serial:.2f} (target >= 1.0)")
+                  f"| RATIO {rate / serial:.2f} (target >= {TARGET[fmt]})")
         if args.late:
             archive = args.workdir / f"archive-plain-{args.images}-{args.shape[0]}x{args.shape[1]}"
             append, rewrite, late, total = bench_late(archive, args.workdir, client, args.repeat)
