@@ -13,6 +13,7 @@ astropy's Python work per tile (8 ms of a 10 ms 512x640 image in 512 row tiles).
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
@@ -100,21 +101,34 @@ def simple_value(card: str) -> Any:
 class CardValues(dict):
     """The values of a header's cards, each read once and only when asked for: simple cards straight from their
     images (:func:`simple_value`), the others by astropy (which verifies the card and looks its configuration up
-    on every read, ten times the cost).
+    on every read, ten times the cost), whose header is parsed only then. Keywords are case-insensitive, as
+    astropy's.
 
     ``get`` gives the default for a missing card; ``[]`` rejects the file.
     """
 
     def __init__(self, text: str):
         super().__init__()
-        self.header = fits.Header.fromstring(text)
+        self.text = text
         self.images: dict[str, str] = {}
         for i in range(0, len(text), 80):
-            self.images.setdefault(text[i : i + 8].rstrip(), text[i : i + 80])
+            self.images.setdefault(text[i : i + 8].rstrip().upper(), text[i : i + 80])
+
+    @functools.cached_property
+    def header(self) -> fits.Header:
+        """The astropy header, parsed on the first card that is not simple (a third of a scan's time)."""
+        try:
+            return fits.Header.fromstring(self.text)
+        except Exception as exc:  # astropy raises several types for malformed cards
+            raise Rejected(f"unreadable FITS header: {exc}") from None
 
     def get(self, key: str, default: Any = None) -> Any:
         if key not in self:
-            value = simple_value(self.images[key]) if key in self.images else NotImplemented
+            image = self.images.get(key.upper())
+            if image is not None:
+                value = simple_value(image)
+            else:  # no card of that keyword: missing, unless a HIERARCH keyword
+                value = None if len(key) <= 8 and " " not in key else NotImplemented
             dict.__setitem__(self, key, self.header.get(key) if value is NotImplemented else value)
         value = dict.__getitem__(self, key)
         return default if value is None else value
@@ -168,10 +182,7 @@ def find_image(buf: bytes) -> ImageHeader:
             if len(buf) - offset >= 1000 * BLOCK:
                 raise Rejected(f"unreadable FITS header in HDU {index}: no END card")
             raise EOFError
-        try:
-            h = CardValues(buf[offset:end].decode("ascii", errors="replace"))
-        except Exception as exc:  # astropy raises several types for malformed cards
-            raise Rejected(f"unreadable FITS header in HDU {index}: {exc}") from None
+        h = CardValues(buf[offset:end].decode("ascii", errors="replace"))
         size = _data_size(h)
         if h.get("ZIMAGE", False):
             shape = tuple(h[f"ZNAXIS{i}"] for i in range(h["ZNAXIS"], 0, -1))
