@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import time
@@ -30,7 +31,6 @@ from cirrus_batch.config import ClusterConfig, IngestConfig
 from cirrus_batch.ingest import ingest
 from cirrus_batch.synth import write_archive
 
-
 TARGET = {"plain": 1.5, "fz": 1.9}
 
 
@@ -38,22 +38,33 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def bench(archive: Path, store: Path, client: Client, repeat: int) -> tuple[float, float, int]:
-    """Median images/s of the serial astropy read loop and of ingest, and the number of files."""
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def bench(archive: Path, store: Path, client: Client, repeat: int) -> tuple[float, float, int, float, float]:
+    """Median images/s of the serial astropy read loop and of ingest, the number of files, and the median CPU
+    seconds per ingest of this process (client and scheduler) and of all workers together."""
     files = sorted(p for p in archive.rglob("*") if p.is_file())
     for f in files:  # warm the page cache for both contenders
         f.read_bytes()
-    serial, rates = [], []
+    serial, rates, client_cpu, worker_cpu = [], [], [], []
     for _ in range(repeat):
         t0 = time.perf_counter()
         for f in files:
             fits.getdata(f)
         serial.append(len(files) / (time.perf_counter() - t0))
         shutil.rmtree(store, ignore_errors=True)
+        workers, mine = client.run(cpu_seconds), cpu_seconds()
         report = ingest(str(archive), str(store), client, IngestConfig(shard_size=100), progress=False)
+        client_cpu.append(cpu_seconds() - mine)
+        worker_cpu.append(sum(client.run(cpu_seconds).values()) - sum(workers.values()))
         assert report.ingested == len(files) and not report.rejected
         rates.append(report.ingested / report.seconds)
-    return statistics.median(serial), statistics.median(rates), len(files)
+    median = statistics.median
+    return median(serial), median(rates), len(files), median(client_cpu), median(worker_cpu)
 
 
 def bench_late(archive: Path, workdir: Path, client: Client, repeat: int) -> tuple[float, float, int, int]:
@@ -103,11 +114,13 @@ def main() -> None:
                 write_archive(archive, nights=6, per_night=-(-args.images // 6), cadence_min=1.0,
                               shape=tuple(args.shape), seed=1, compress=fmt == "fz", progress=False)
             store = args.workdir / f"bench-{fmt}.zarr"
-            serial, rate, n = bench(archive, store, client, args.repeat)
+            serial, rate, n, client_cpu, worker_cpu = bench(archive, store, client, args.repeat)
             fits_bytes = sum(p.stat().st_size for p in archive.rglob("*") if p.is_file())
             print(f"[{fmt:5s}] serial astropy read-only loop {serial:7.1f} images/s | cirrus ingest {rate:7.1f} "
                   f"images/s | store {du(store) / 2**20:.0f} MiB for {fits_bytes / 2**20:.0f} MiB of FITS "
                   f"| RATIO {rate / serial:.2f} (target >= {TARGET[fmt]})")
+            print(f"        CPU per ingest: workers {worker_cpu:.3f} s, client and scheduler {client_cpu:.3f} s, in "
+                  f"{n / rate:.3f} s on {cores} cores (the serial loop: {n / serial:.3f} s on one)")
         if args.late:
             archive = args.workdir / f"archive-plain-{args.images}-{args.shape[0]}x{args.shape[1]}"
             append, rewrite, late, total = bench_late(archive, args.workdir, client, args.repeat)

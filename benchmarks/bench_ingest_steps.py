@@ -4,6 +4,7 @@ Times (best of 3, warm page cache) each step ingest's tasks run per image — th
 the whole-file read, the CRC32C content digest, the decode to ``raw``, the LZ4 byte-shuffle encoding, the write
 of the encoded bytes — and ``astropy.io.fits.getdata`` of the same files, then the ratio that two cores would reach
 with no overhead at all (what ``bench_ingest.py`` measures is below it by the scan pass and the task round trips).
+Runs under the workers' glibc settings (``cluster.WORKER_MALLOC``), re-executing itself to set them.
 
     python benchmarks/bench_ingest_steps.py [--images 300] [--workdir bench-out/ingest-steps]
 """
@@ -11,6 +12,8 @@ with no overhead at all (what ``bench_ingest.py`` measures is below it by the sc
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,6 +24,7 @@ import numpy as np
 from astropy.io import fits
 from numcodecs import Blosc
 
+from cirrus_batch.cluster import WORKER_MALLOC
 from cirrus_batch.fitsio import find_image, read_raw
 from cirrus_batch.ingest import SCAN_BYTES, content_digest
 from cirrus_batch.synth import write_archive
@@ -37,6 +41,9 @@ def per_image(fn: Callable[[], object], n: int, repeat: int = 3) -> float:
 
 
 def main() -> None:
+    environ = {key.rsplit(".", 1)[1]: str(value) for key, value in WORKER_MALLOC.items()}
+    if any(os.environ.get(k) != v for k, v in environ.items()):  # glibc reads them at start: run again with them
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **environ})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--workdir", type=Path, default=Path("bench-out/ingest-steps"))
