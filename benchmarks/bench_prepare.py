@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 import zarr
-from distributed import Client, LocalCluster
+from dask.utils import key_split
+from distributed import Client, LocalCluster, get_task_stream
 
 from cirrus_batch.cluster import local_cluster
 from cirrus_batch.config import ClusterConfig, IngestConfig, PrepareConfig
@@ -118,16 +119,37 @@ def serial_rate(url: str) -> tuple[float, float]:
     return n / seconds, cpu / seconds
 
 
-def parallel_rate(url: str, client: Client) -> float:
+def parallel_rate(url: str, client: Client) -> tuple[float, dict[str, dict[str, float]]]:
     """Images/s of ``prepare`` with fitted models: its two maps (``fit_block``, ``prepare_block``) over the
-    cluster."""
+    cluster; and, per map, from Dask's task stream: its span (first task start to last task end), its tasks,
+    the workers' summed compute time and the idle core-seconds at its end (a worker done while the other still
+    computes: the barrier between the passes)."""
     n = reset(url)
-    t0 = time.perf_counter()
-    report = prepare(url, client, PrepareConfig(), progress=False)
-    seconds = time.perf_counter() - t0
+    with get_task_stream(client) as stream:
+        t0 = time.perf_counter()
+        report = prepare(url, client, PrepareConfig(), progress=False)
+        seconds = time.perf_counter() - t0
     check_prepared(url, n)
     assert not report.fitted and report.prepared_now == n, report
-    return n / seconds
+    return n / seconds, pass_profile(stream.data)
+
+
+def pass_profile(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Per task prefix (``fit_block``, ``prepare_block``): span, tasks, compute seconds, idle tail core-seconds."""
+    out = {}
+    for prefix in ("fit_block", "prepare_block"):
+        spans = [(r["worker"], ss["start"], ss["stop"]) for r in records if key_split(r["key"]) == prefix
+                 for ss in r["startstops"] if ss["action"] == "compute"]  # fmt: skip
+        if not spans:
+            continue
+        end = max(stop for _, _, stop in spans)
+        last = {}
+        for worker, _, stop in spans:
+            last[worker] = max(last.get(worker, 0.0), stop)
+        out[prefix] = {"span": end - min(start for _, start, _ in spans), "tasks": len(spans),
+                       "compute": sum(stop - start for _, start, stop in spans),
+                       "tail_idle": sum(end - t for t in last.values())}
+    return out
 
 
 @dataclass
@@ -233,9 +255,15 @@ def main() -> None:
     serial, busy = (statistics.median(v) for v in zip(*(serial_rate(url) for _ in range(args.repeat))))
     with make_cluster(cores) as cluster, Client(cluster) as client:
         warm_up(url, client)
-        parallel = statistics.median(parallel_rate(url, client) for _ in range(args.repeat))
+        runs = [parallel_rate(url, client) for _ in range(args.repeat)]
+    parallel = statistics.median(rate for rate, _ in runs)
     print(f"serial prepare_block loop {serial:6.1f} images/s ({busy:.2f} cores busy) | cirrus prepare map on "
-          f"{cores} workers {parallel:6.1f} images/s | RATIO {parallel / serial:.2f} (target >= 1.7)")
+          f"{cores} workers {parallel:6.1f} images/s | RATIO {parallel / serial:.2f} (target >= 1.7; issue 21: "
+          f">= 1.9)")
+    for rate, passes in runs:
+        print(f"  run at {rate:5.1f} images/s: " + "; ".join(
+            f"{name} {p['tasks']} tasks in {p['span']:.1f} s, compute {p['compute']:.1f} core-s, idle at its end "
+            f"{p['tail_idle']:.2f} core-s" for name, p in passes.items()))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
+from functools import cached_property, partial
 from pathlib import PurePosixPath
 
 import fsspec
@@ -89,8 +89,9 @@ class Scanned:
     def shape(self) -> tuple[int, ...]:
         return self.layout.shape if self.layout else ()
 
-    @property
+    @cached_property
     def time_us(self) -> int:
+        """``time`` in integer µs (screening sorts and compares them: once per file, not per use)."""
         return int(np.datetime64(self.time, "us").astype(np.int64))
 
 
