@@ -204,10 +204,11 @@ class Masks:
     mask: np.ndarray
     """(n, y, x) uint8: 1 cloud, 0 clear or not sky."""
     residual: np.ndarray
-    """(n, y, x) float32 ``asinh(z / RESIDUAL_SOFTENING) / 2`` on sky pixels, 0 elsewhere (a network input)."""
+    """(n, y, x) float16 (as stored) ``asinh(z / RESIDUAL_SOFTENING) / 2`` on sky pixels, 0 elsewhere (a network
+    input)."""
     brightness: np.ndarray
-    """(n, y, x) float32 brightness relative to the ambient black body on sky pixels, 0 elsewhere (a network
-    input: decks are near 1 whatever the clear sky)."""
+    """(n, y, x) float16 (as stored) brightness relative to the ambient black body on sky pixels, 0 elsewhere (a
+    network input: decks are near 1 whatever the clear sky)."""
     confidence: np.ndarray
     """(n,) float32 in [0, 1]."""
     flags: np.ndarray
@@ -275,7 +276,7 @@ def make_masks(raw: np.ndarray, temps: np.ndarray, eps: np.ndarray, p: np.ndarra
     span = model.scaler.span(a, d, np.broadcast_to(np.asarray(temps, np.float64).reshape(-1), (n,)))
     quality = quality_flags(raw3, geom, cfg.saturated_fraction)
     interval, stretch = _interval(cfg), _stretch(cfg)
-    out = Masks(np.zeros(raw3.shape, np.uint8), np.zeros(raw3.shape, np.float32), np.zeros(raw3.shape, np.float32),
+    out = Masks(np.zeros(raw3.shape, np.uint8), np.zeros(raw3.shape, np.float16), np.zeros(raw3.shape, np.float16),
                 np.zeros(n, np.float32), np.zeros(n, np.uint8), quality)  # fmt: skip
     base = 0
     if model.scale.get("source") == "assumed":

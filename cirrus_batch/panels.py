@@ -19,7 +19,7 @@ def quality_panel(
     from cirrus_batch.plots import new_figure, save
 
     raw3 = np.asarray(raw).reshape(-1, *geom.shape)
-    b3, c3, m3 = (np.asarray(a).reshape(raw3.shape) for a in (brightness, clear, mask))
+    b3, c3, m3 = (np.asarray(a).reshape(raw3.shape) for a in (brightness.astype(np.float32), clear, mask))
     t3 = None if truth is None else np.asarray(truth).reshape(raw3.shape)
     cols = ["raw (ADU)", "brightness", "clear sky", "brightness - clear", "mask"] + ([] if t3 is None else ["truth"])
     n = raw3.shape[0]

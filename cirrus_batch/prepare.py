@@ -272,8 +272,8 @@ def prepare_block(store_url: str, start: int, stop: int) -> int:
     out = masks.make_masks(raw, ambient, group["clear_eps"][region], group["clear_p"][region],
                            group["clear_eps_source"][region], models.geometry, models.clear_sky, models.mask_config,
                            models.clear_config, models.flat)  # fmt: skip
-    write_images(group["residual"], region, out.residual.astype(np.float16))
-    write_images(group["brightness"], region, out.brightness.astype(np.float16))
+    write_images(group["residual"], region, out.residual)
+    write_images(group["brightness"], region, out.brightness)
     write_images(group["mask"], region, out.mask)
     group["cloud_fraction"][region] = masks.cloud_fraction(out.mask, models.geometry.sky)
     group["mask_confidence"][region] = out.confidence
