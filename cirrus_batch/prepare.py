@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -180,6 +181,11 @@ FLAT_NAMES = {"offset": "offset a of e = a + (1 + b) e_clear", "gain": "gain b o
               "mean_clear": "mean clear sky of the frames it was measured on", "gain_var": "variance of the gain b"}
 
 
+FLAT_TASK_FRAMES = 16
+"""At most this many clear frames per sky-flat task (their raw images are read at once): a worker's memory for
+the flat does not grow with the number of clear frames the season has."""
+
+
 def flat_sums_block(store_url: str, index: np.ndarray, eps: np.ndarray, p: np.ndarray, geom: geometry.SkyGeometry,
                     model: clearsky.ClearSkyModel, ambient_key: str, cfg: clearsky.ClearSkyConfig,
                     prior: SkyFlat | None) -> FlatSums:  # fmt: skip
@@ -193,9 +199,12 @@ def fit_models(store_url: str, n: int, client: Client, cfg: PrepareConfig, shard
     """Fit geometry and normalization in one task, the clear-sky model from profiles computed by a map, the sky
     flat from two maps over the model's clear frames."""
     geom, norm = client.submit(fit_geometry, store_url, n, cfg, pure=False).result()
+    # sent to each worker once, not with every task: a task's arguments stay in its worker until the client
+    # releases the task, and ~460 tasks of a 46 000-frame season each holding a 1.6 MB geometry added ~300 MiB
+    shared = client.scatter(geom, broadcast=True, hash=False)
     index = spread_index(n, cfg.clear.search_images)
     parts = [p for a in range(0, n, shard) if (p := index[(index >= a) & (index < a + shard)]).size]
-    futures = client.map(profile_block, [store_url] * len(parts), parts, geom=geom, ambient_key=cfg.ambient_key,
+    futures = client.map(profile_block, [store_url] * len(parts), parts, geom=shared, ambient_key=cfg.ambient_key,
                          cfg=cfg.clear, pure=False)  # fmt: skip
     prof = clearsky.concat_profiles(client.gather(futures))
     model = clearsky.fit_clear_sky(prof, cfg.clear)
@@ -203,11 +212,13 @@ def fit_models(store_url: str, n: int, client: Client, cfg: PrepareConfig, shard
     flat = None
     if pos.size:
         at = index[pos]
-        tasks = np.array_split(np.arange(pos.size), min(pos.size, 2 * len(client.nthreads()) or 1))
+        n_tasks = max(min(pos.size, 2 * len(client.nthreads()) or 1), math.ceil(pos.size / FLAT_TASK_FRAMES))
+        tasks = np.array_split(np.arange(pos.size), n_tasks)
 
         def sums_of(prior: SkyFlat | None) -> FlatSums:
-            futures = [client.submit(flat_sums_block, store_url, at[t], eps[t], p[t], geom, model, cfg.ambient_key,
-                                     cfg.clear, prior, pure=False) for t in tasks if t.size]  # fmt: skip
+            flat_prior = client.scatter(prior, broadcast=True, hash=False) if prior is not None else None
+            futures = [client.submit(flat_sums_block, store_url, at[t], eps[t], p[t], shared, model, cfg.ambient_key,
+                                     cfg.clear, flat_prior, pure=False) for t in tasks if t.size]  # fmt: skip
             return sum(client.gather(futures), FlatSums.zeros(int(geom.sky.sum())))
 
         flat = masks.sky_flat(sums_of, geom, model, cfg.clear)
