@@ -312,7 +312,7 @@ def make_masks(raw: np.ndarray, temps: np.ndarray, eps: np.ndarray, p: np.ndarra
             if (cloud & inner).sum() >= 0.8 * (valid & inner).sum() > 0:  # a deck: extend it to the horizon
                 far = ~inner & ~cloud & (z > -cfg.min_sigma) & valid
                 if far.any():
-                    cloud |= _nearest_decided(cloud, far | ~valid, fr.sky_idx, geom.shape) & far
+                    cloud |= _nearest_decided(cloud, far | ~valid, geom.sky) & far
         out.mask[i].ravel()[fr.sky_idx] = cloud
         res = np.arcsinh(z / np.float32(RESIDUAL_SOFTENING)) / np.float32(2)
         out.residual[i].ravel()[fr.sky_idx] = np.where(valid, res, 0)
@@ -322,18 +322,23 @@ def make_masks(raw: np.ndarray, temps: np.ndarray, eps: np.ndarray, p: np.ndarra
     return out
 
 
-def _nearest_decided(cloud: np.ndarray, undecided: np.ndarray, sky_idx: np.ndarray,
-                     shape: tuple[int, int]) -> np.ndarray:  # fmt: skip
-    """``cloud`` (on sky pixels) with each undecided pixel given the class of the nearest decided sky pixel."""
+def _nearest_decided(cloud: np.ndarray, undecided: np.ndarray, sky: np.ndarray) -> np.ndarray:
+    """``cloud`` (on the ``sky`` pixels, row-major) with each undecided pixel given the class of the nearest decided
+    sky pixel (computed on the sky's bounding box: every decided pixel lies in it)."""
     from scipy import ndimage
 
-    decided = np.zeros(shape[0] * shape[1], bool)
-    decided[sky_idx[~undecided]] = True
-    values = np.zeros(decided.size, bool)
-    values[sky_idx] = cloud
-    _, (iy, ix) = ndimage.distance_transform_edt(~decided.reshape(shape), return_indices=True)
-    nearest = values.reshape(shape)[iy, ix].ravel()[sky_idx]
-    return np.where(undecided, nearest, cloud)
+    rows, cols = np.flatnonzero(sky.any(axis=1)), np.flatnonzero(sky.any(axis=0))
+    box = sky[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    box_idx = np.flatnonzero(box)  # the sky pixels in the same order as in the whole image
+    decided = np.zeros(box.shape, bool)
+    decided.ravel()[box_idx[~undecided]] = True
+    values = np.zeros(box.size, bool)
+    values[box_idx] = cloud
+    iy, ix = ndimage.distance_transform_edt(~decided, return_distances=False, return_indices=True)
+    at = box_idx[undecided]
+    out = cloud.copy()
+    out[undecided] = values[iy.ravel()[at] * box.shape[1] + ix.ravel()[at]]
+    return out
 
 
 def cloud_fraction(mask: np.ndarray, sky: np.ndarray) -> np.ndarray:

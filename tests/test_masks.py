@@ -71,6 +71,21 @@ def test_a_cloud_is_found_and_a_deck_covers_the_sky() -> None:
     assert out.flags[0] & M.MASK_FLAGS["eps_from_night"] and out.confidence[0] == pytest.approx(0.9)
 
 
+def test_nearest_decided_matches_brute_force_on_an_off_centre_sky() -> None:
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:40, 0:60]
+    sky = np.hypot(yy - 25, xx - 38) < 14  # its bounding box is not the image
+    n = int(sky.sum())
+    cloud, undecided = rng.random(n) < 0.5, rng.random(n) < 0.7
+    out = M._nearest_decided(cloud, undecided, sky)
+    assert (out[~undecided] == cloud[~undecided]).all()
+    pts = np.column_stack([yy[sky], xx[sky]])
+    d2 = ((pts[undecided][:, None, :] - pts[~undecided][None, :, :]) ** 2).sum(-1)
+    nearest = d2 == d2.min(axis=1, keepdims=True)  # ties: any decided pixel at the least distance will do
+    chosen = out[undecided][:, None] == cloud[~undecided][None, :]
+    assert (nearest & chosen).any(axis=1).all()
+
+
 def test_contradicted_model_falls_back_to_the_stretch_recipe() -> None:
     geom, model, fr = hand_made()
     raw = render(geom, fr, 0.3)
