@@ -6,8 +6,8 @@ normalization on ``fit_images`` images spread over the season, then the clear-sk
 blocks), and stores them (``sky``, ``pixel_class`` and the ``prepare`` attribute). Then two maps over every
 shard-aligned block that holds unprepared images: the first fits each image's clear-sky ε0 (``eps_fit``,
 ``sky_excess``); the client holds each ε0 to its night's clear-sky trend (``clear_eps``, ``clear_eps_source``);
-the second writes ``norm``, ``residual``, ``brightness``, ``mask``, ``cloud_fraction``, ``mask_confidence``,
-``mask_flags`` and, last, ``quality``: an image is prepared once its ``quality`` is not :data:`UNPREPARED`, so a
+the second (cloudiest blocks first) writes ``residual``, ``brightness``, ``mask``, ``cloud_fraction``,
+``mask_confidence``, ``mask_flags`` and, last, ``quality``: an image is prepared once its ``quality`` is not :data:`UNPREPARED`, so a
 killed run resumes where it stopped and a second run does nothing. ``cloudy`` (threshold plus optional human
 labels) is cheap and recomputed over the whole season on every run.
 """
@@ -319,6 +319,19 @@ def todo_blocks(quality: np.ndarray, shard: int) -> list[tuple[int, int]]:
     return [(a, min(a + shard, n)) for a in range(0, n, shard) if (quality[a : a + shard] == UNPREPARED).any()]
 
 
+def cloudiest_first(blocks: list[tuple[int, int]], sky_clear: np.ndarray) -> list[tuple[int, int]]:
+    """``blocks`` ordered by their images' mean clear-sky fraction, lowest first: an overcast block's masks cost
+    about twice a clear one's (the deck is extended to the horizon), so a map started with them does not end on
+    one while the other workers idle. Blocks without a fitted image go last."""
+
+    def clear(block: tuple[int, int]) -> float:
+        values = sky_clear[block[0] : block[1]]
+        values = values[np.isfinite(values)]
+        return float(values.mean()) if values.size else np.inf
+
+    return sorted(blocks, key=clear)
+
+
 def prepare(
     store_url: str,
     client: Client,
@@ -392,7 +405,8 @@ def prepare(
             group["clear_p"][a:b] = p[a:b].astype(np.float32)
             group["clear_eps_source"][a:b] = source[a:b]
         trim_workers(client)
-        futures = [client.submit(prepare_block, store_url, a, b, pure=False) for a, b in blocks]
+        futures = [client.submit(prepare_block, store_url, a, b, pure=False)
+                   for a, b in cloudiest_first(blocks, group["sky_clear"][:n])]  # fmt: skip
         for fut in as_completed(futures):
             done = fut.result()
             bar.update(done)

@@ -19,7 +19,7 @@ from cirrus_batch import masks, synth
 from cirrus_batch.config import IngestConfig, PrepareConfig
 from cirrus_batch.errors import CirrusError, StoreError
 from cirrus_batch.ingest import ingest
-from cirrus_batch.prepare import UNPREPARED, Models, evaluate_store, prepare, read_labels
+from cirrus_batch.prepare import UNPREPARED, Models, cloudiest_first, evaluate_store, prepare, read_labels
 from cirrus_batch.data import InputSpec, StoreSamples
 from cirrus_batch.normalization import Normalization, normalize
 from cirrus_batch.store import json_attr, open_dataset, set_json_attr
@@ -209,6 +209,12 @@ def test_human_labels_override(tmp_path, season, client):
     assert relabelled[0] == (not cloudy[0]) and relabelled[1]
     prepare(str(store), client, PrepareConfig(), progress=False)  # labels gone: back to the threshold
     np.testing.assert_array_equal(open_dataset(str(store))["cloudy"].values, cloudy)
+
+
+def test_mask_pass_starts_with_the_cloudiest_blocks():
+    sky_clear = np.array([1.0, 1.0, 0.1, 0.0, np.nan, np.nan, 0.5, np.nan])
+    blocks = [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert cloudiest_first(blocks, sky_clear) == [(2, 4), (6, 8), (0, 2), (4, 6)]
 
 
 def test_label_file_errors(tmp_path):
