@@ -17,6 +17,12 @@ install: $(STAMP)
 
 test: $(STAMP)
 	@if [ "$$(id -u)" = 0 ]; then bash slurm/local-cluster.sh start; fi
+	@if [ "$$(id -u)" = 0 ] && ! command -v fpack >/dev/null && command -v apt-get >/dev/null; then \
+		echo "installing fpack (libcfitsio-bin) for the .fits.fz tests"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		{ apt-get install -y -q --no-install-recommends libcfitsio-bin || { apt-get update -q && \
+		  apt-get install -y -q --no-install-recommends libcfitsio-bin; }; } >/dev/null 2>&1 || \
+		echo "fpack could not be installed: its tests are skipped"; fi
 	$(BIN)/pytest
 
 demo: $(STAMP)

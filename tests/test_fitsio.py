@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -88,6 +90,22 @@ def test_rice_integer_images_are_decoded_here_and_others_by_astropy():
         assert find_image(to_bytes(hdus[name])).layout.tiles is not None, name
     for name in ("rice-float32", "gzip", "uint16"):
         assert find_image(to_bytes(hdus[name])).layout.tiles is None, name
+
+
+@pytest.mark.skipif(shutil.which("fpack") is None, reason="fpack (Debian libcfitsio-bin) is not installed")
+@pytest.mark.parametrize("dtype", ["uint16", "int16", "int32", "uint8"])
+@pytest.mark.parametrize("tiles", [[], ["-t", "16,12"], ["-w"]], ids=["rows", "16x12", "whole"])
+def test_files_written_by_fpack_take_the_fast_path_and_match(tmp_path, dtype, tiles):
+    """CFITSIO's own writer (what archives are compressed with), not astropy's: same pixels on the fast path."""
+    data = np.random.default_rng(1).integers(0, 16384, (50, 70)).astype(np.uint16).astype(dtype)
+    plain = tmp_path / "frame.fits"
+    fits.PrimaryHDU(data).writeto(plain)
+    subprocess.run(["fpack", "-r", *tiles, "-O", f"{plain}.fz", str(plain)], check=True, capture_output=True)
+    buf = (tmp_path / "frame.fits.fz").read_bytes()
+    layout = find_image(buf).layout
+    assert layout.tiles is not None
+    np.testing.assert_array_equal(decode(buf, layout), data)
+    np.testing.assert_array_equal(decode(buf, layout), astropy_pixels(buf))
 
 
 def _as_q_descriptors(buf: bytes) -> bytes:
