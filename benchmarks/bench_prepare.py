@@ -161,6 +161,8 @@ class RssPeaks:
     """Root of the sampled tree, whose peak is ``client``: this process by default (sampling stops when it exits)."""
     client: int = 0
     per_pid: dict[int, int] = field(default_factory=dict)
+    anon: dict[int, int] = field(default_factory=dict)
+    """Peak of each descendant's RSS less its file-backed and shared pages (libraries, page cache maps)."""
     total: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -174,10 +176,12 @@ class RssPeaks:
                 return
             for child in children:
                 try:
-                    rss = child.memory_info().rss
+                    info = child.memory_info()
                 except psutil.Error:  # exited between listing and reading
                     continue
+                rss = info.rss
                 self.per_pid[child.pid] = max(self.per_pid.get(child.pid, 0), rss)
+                self.anon[child.pid] = max(self.anon.get(child.pid, 0), rss - getattr(info, "shared", 0))
                 total += rss
             self.client, self.total = max(self.client, own), max(self.total, total)
             self._stop.wait(self.interval)

@@ -16,7 +16,8 @@
 
 Each command's wall time (process start, imports and cluster start included), frames/s, and the peak RSS of
 the command's process (the client) and of its child processes (the Dask workers; train's DataLoader worker),
-sampled with psutil every ``--interval`` s; the store's size on disk, file count and metadata bytes. Results go
+sampled with psutil every ``--interval`` s, with the largest child's peak of RSS less its file-backed and shared
+pages (``(not file)``: the memory the process itself allocated); the store's size on disk, file count and metadata bytes. Results go
 to ``--json`` (one entry per size, kept across runs) and a table; ``--plot PNG`` draws seconds vs frames per
 stage (log-log) from every entry of ``--json`` and of ``--results`` files; ``--table-only`` runs nothing.
 
@@ -136,11 +137,13 @@ class Runner:
         inner = re.findall(r" in ([0-9.]+) s\b", text)
         row = {"seconds": seconds, "frames": frames, "client_rss": peaks.client,
                "worker_rss": max(peaks.per_pid.values(), default=0), "children": len(peaks.per_pid),
+               "worker_anon": max(peaks.anon.values(), default=0),
                "tree_rss": peaks.total, "load": [load, os.getloadavg()[0]], "log": str(log)}  # fmt: skip
         if inner:  # the command's own timing of its work (no process start, imports or cluster start)
             row["inner_seconds"] = float(inner[-1])
         print(f"  {name:10s} {seconds:8.1f} s" + (f" ({frames / seconds:.1f} frames/s)" if frames else "")
-              + f"  client {peaks.client / MIB:.0f} MiB, max child {row['worker_rss'] / MIB:.0f} MiB", flush=True)
+              + f"  client {peaks.client / MIB:.0f} MiB, max child {row['worker_rss'] / MIB:.0f} MiB"
+              + f" ({row['worker_anon'] / MIB:.0f} not file-backed)", flush=True)
         return row
 
 
@@ -264,23 +267,24 @@ def rows(result: dict[str, Any]) -> list[list[str]]:
         mib = (lambda k: f"{r[k] / MIB:.0f}" if k in r else "")
         return [section, name + (" (est.)" if r.get("estimated") else ""), str(frames or ""), f"{r['seconds']:.1f}",
                 f"{inner:.1f}" if inner is not None else "", f"{frames / r['seconds']:.1f}" if frames else "",
-                mib("client_rss"), mib("worker_rss"), mib("tree_rss")]  # fmt: skip
+                mib("client_rss"), mib("worker_rss"), mib("worker_anon"), mib("tree_rss")]  # fmt: skip
 
     stages = result["stages"]
     out = [line("season", n, stages[n]) for n in SEASON if n in stages]
     if all(n in stages for n in ("ingest", "prepare", "reprocess")):
         core = sum(stages[n]["seconds"] for n in ("ingest", "prepare", "reprocess"))
         out.append(["season", "ingest+prepare+reprocess", str(result["season_frames"]), f"{core:.1f}", "",
-                    f"{result['season_frames'] / core:.1f}", "", "", ""])  # fmt: skip
+                    f"{result['season_frames'] / core:.1f}", "", "", "", ""])  # fmt: skip
     for section, name in (("a) +1 night", "append"), ("b) new model", "new_version")):
         part = result.get(name, {})
         out += [line(section, n, r) for n, r in part.items()]
         if part:
-            out.append([section, "total", "", f"{sum(r['seconds'] for r in part.values()):.1f}", "", "", "", "", ""])
+            out.append([section, "total", "", f"{sum(r['seconds'] for r in part.values()):.1f}", *[""] * 6])
     return out
 
 
-HEADER = ["", "stage", "frames", "wall s", "inner s", "frames/s", "client MiB", "max child MiB", "tree MiB"]
+HEADER = ["", "stage", "frames", "wall s", "inner s", "frames/s", "client MiB", "max child MiB", "(not file)",
+          "tree MiB"]
 
 
 def table(result: dict[str, Any]) -> str:
