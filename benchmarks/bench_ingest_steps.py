@@ -22,6 +22,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 from astropy.io import fits
+import numcodecs.blosc
 from numcodecs import Blosc
 
 from cirrus_batch.cluster import WORKER_MALLOC
@@ -64,6 +65,7 @@ def main() -> None:
     for b in bufs:
         read_raw(b, layout, out)
         images.append(out.copy())
+    numcodecs.blosc.use_threads = False  # as in a Dask worker: Blosc's threads serve only the main thread
     blosc = Blosc(cname="lz4", clevel=3, shuffle=Blosc.SHUFFLE)  # the store's codec for raw
     encoded = [blosc.encode(a) for a in images]
     target = Path(tempfile.mkdtemp(dir=args.workdir)) / "shard"

@@ -35,11 +35,13 @@ def _shard_files(array: zarr.Array) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in (root / "c").rglob("*") if p.is_file()}
 
 
+@pytest.mark.parametrize("shuffle", ["shuffle", "bitshuffle"])
 @pytest.mark.parametrize("dtype", ["uint16", "float16", "float32", "uint8", "bool"])
-def test_whole_shards_are_zarrs_bytes(tmp_path, dtype):
+def test_whole_shards_are_zarrs_bytes(tmp_path, dtype, shuffle):
     n, shard = 10, 4  # two full shards and a last one holding 2 of its 4 images
     values = _values(n, dtype)
-    ours, theirs = _array(tmp_path / "ours.zarr", n, shard, dtype), _array(tmp_path / "zarr.zarr", n, shard, dtype)
+    codec = BloscCodec(cname="lz4", clevel=3, shuffle=shuffle)
+    ours, theirs = (_array(tmp_path / name, n, shard, dtype, codec) for name in ("ours.zarr", "zarr.zarr"))
     for start in range(0, n, shard):
         region = slice(start, min(start + shard, n))
         assert write_shards(ours, region, values[region])
