@@ -7,8 +7,8 @@ blocks), and stores them (``sky``, ``pixel_class`` and the ``prepare`` attribute
 shard-aligned block that holds unprepared images: the first fits each image's clear-sky ε0 (``eps_fit``,
 ``sky_excess``); the client holds each ε0 to its night's clear-sky trend (``clear_eps``, ``clear_eps_source``);
 the second (cloudiest blocks first) writes ``residual``, ``brightness``, ``mask``, ``cloud_fraction``,
-``mask_confidence``, ``mask_flags`` and, last, ``quality``: an image is prepared once its ``quality`` is not :data:`UNPREPARED`, so a
-killed run resumes where it stopped and a second run does nothing. ``cloudy`` (threshold plus optional human
+``mask_confidence``, ``mask_flags`` and, last, ``quality``: an image is prepared once its ``quality`` is not
+:data:`UNPREPARED`, so a killed run resumes where it stopped and a second run does nothing. ``cloudy`` (threshold plus optional human
 labels) is cheap and recomputed over the whole season on every run.
 """
 
@@ -321,8 +321,8 @@ def todo_blocks(quality: np.ndarray, shard: int) -> list[tuple[int, int]]:
 
 def cloudiest_first(blocks: list[tuple[int, int]], sky_clear: np.ndarray) -> list[tuple[int, int]]:
     """``blocks`` ordered by their images' mean clear-sky fraction, lowest first: an overcast block's masks cost
-    about twice a clear one's (the deck is extended to the horizon), so a map started with them does not end on
-    one while the other workers idle. Blocks without a fitted image go last."""
+    up to twice a clear one's (the deck is extended to the horizon), so a map started with them does not end on
+    one while the other workers idle. Blocks without a fitted image (cost unknown) go last."""
 
     def clear(block: tuple[int, int]) -> float:
         values = sky_clear[block[0] : block[1]]
