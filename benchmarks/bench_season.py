@@ -14,12 +14,13 @@
 4. (b) A new model version: ``train`` again (registers version 2), ``promote --force`` (the champion), then
    ``reprocess`` (every image: the models changed).
 
-Each command's wall time (process start, imports and cluster start included), frames/s, and the peak RSS of
-the command's process (the client) and of its child processes (the Dask workers; train's DataLoader worker),
-sampled with psutil every ``--interval`` s, with the largest child's peak of RSS less its file-backed and shared
-pages (``(not file)``: the memory the process itself allocated); the store's size on disk, file count and metadata bytes. Results go
-to ``--json`` (one entry per size, kept across runs) and a table; ``--plot PNG`` draws seconds vs frames per
-stage (log-log) from every entry of ``--json`` and of ``--results`` files; ``--table-only`` runs nothing.
+Each command's wall time (process start, imports and cluster start included), frames/s, and the peak RSS of the
+command's process (the client) and of its child processes (the Dask workers; train's DataLoader worker), sampled
+with psutil every ``--interval`` s, with the largest child's peak of RSS less its file-backed and shared pages
+(``(not file)``: the memory the process itself allocated); the store's size on disk, file count and metadata
+bytes. Results go to ``--json`` (one entry per size, kept across runs) and a table; ``--plot PNG`` draws seconds
+vs frames per stage (log-log) from every entry of ``--json`` and of ``--results`` files; ``--table-only`` runs
+nothing.
 
 The disk is checked first: the archive, its truth store and the store must fit (per-frame sizes from an earlier
 entry of ``--json``, scaled by pixels, else an estimate); if they do not, it says at which frame count it

@@ -323,8 +323,8 @@ def make_masks(raw: np.ndarray, temps: np.ndarray, eps: np.ndarray, p: np.ndarra
 
 
 def _nearest_decided(cloud: np.ndarray, undecided: np.ndarray, sky: np.ndarray) -> np.ndarray:
-    """``cloud`` (on the ``sky`` pixels, row-major) with each undecided pixel given the class of the nearest decided
-    sky pixel (computed on the sky's bounding box: every decided pixel lies in it)."""
+    """``cloud`` (on the ``sky`` pixels, row-major) with each undecided pixel given the class of the nearest
+    decided sky pixel (computed on the sky's bounding box: every decided pixel lies in it)."""
     from scipy import ndimage
 
     rows, cols = np.flatnonzero(sky.any(axis=1)), np.flatnonzero(sky.any(axis=0))

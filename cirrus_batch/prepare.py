@@ -8,8 +8,8 @@ shard-aligned block that holds unprepared images: the first fits each image's cl
 ``sky_excess``); the client holds each ε0 to its night's clear-sky trend (``clear_eps``, ``clear_eps_source``);
 the second (cloudiest blocks first) writes ``residual``, ``brightness``, ``mask``, ``cloud_fraction``,
 ``mask_confidence``, ``mask_flags`` and, last, ``quality``: an image is prepared once its ``quality`` is not
-:data:`UNPREPARED`, so a killed run resumes where it stopped and a second run does nothing. ``cloudy`` (threshold plus optional human
-labels) is cheap and recomputed over the whole season on every run.
+:data:`UNPREPARED`, so a killed run resumes where it stopped and a second run does nothing. ``cloudy``
+(threshold plus optional human labels) is cheap and recomputed over the whole season on every run.
 """
 
 from __future__ import annotations
