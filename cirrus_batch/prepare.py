@@ -396,17 +396,18 @@ def prepare(
               mininterval=0.5) as bar:  # fmt: skip
         for fut in as_completed([client.submit(fit_block, store_url, a, b, pure=False) for a, b in blocks]):
             bar.update(len(fut.result()[0]))
+        sky_clear = group["sky_clear"][:n]
         eps, p, source = clearsky.choose_eps(
             group["time"][:n].astype("datetime64[us]"), ambient_temps(group, models.ambient_key, slice(0, n)),
             group["eps_fit"][:n], group["p_fit"][:n],
-            group["sky_excess"][:n], group["sky_clear"][:n], models.clear_sky, models.clear_config)
+            group["sky_excess"][:n], sky_clear, models.clear_sky, models.clear_config)
         for a, b in blocks:  # only the images about to be prepared: the others keep the clear sky of their masks
             group["clear_eps"][a:b] = eps[a:b].astype(np.float32)
             group["clear_p"][a:b] = p[a:b].astype(np.float32)
             group["clear_eps_source"][a:b] = source[a:b]
         trim_workers(client)
         futures = [client.submit(prepare_block, store_url, a, b, pure=False)
-                   for a, b in cloudiest_first(blocks, group["sky_clear"][:n])]  # fmt: skip
+                   for a, b in cloudiest_first(blocks, sky_clear)]  # fmt: skip
         for fut in as_completed(futures):
             done = fut.result()
             bar.update(done)
