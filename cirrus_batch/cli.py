@@ -359,7 +359,7 @@ def cmd_cluster_script(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.cluster not in (None, "slurm"):
         raise CirrusError(f"cluster-script prints the SLURM worker job script; --cluster {args.cluster!r} has none")
-    print(job_script(config.cluster.slurm, **({"scheduler": args.scheduler} if args.scheduler else {})), end="")
+    print(job_script(config.cluster, **({"scheduler": args.scheduler} if args.scheduler else {})), end="")
     return 0
 
 

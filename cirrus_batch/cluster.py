@@ -9,6 +9,7 @@ Precedence: ``--cluster`` > the job config's ``[cluster]`` table > defaults.
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import shutil
@@ -37,6 +38,20 @@ WORKER_MALLOC = {
 mmap threshold, so every image-sized array is mapped and faulted in afresh: prepare ran at half speed."""
 
 
+def worker_config(config: ClusterConfig) -> dict[str, Any]:
+    """The dask config the project's worker processes start with (local and SLURM): :data:`WORKER_MALLOC` and the
+    statistical profiler on or off (``[cluster] worker_profile``)."""
+    return {**WORKER_MALLOC, "distributed.worker.profile.enabled": config.worker_profile}
+
+
+def worker_exports(config: ClusterConfig) -> list[str]:
+    """:func:`worker_config` as ``export DASK_...`` lines of a worker job script: a SLURM job's nanny reads its
+    dask config from the environment (the glibc settings as one dict value, whose keys keep their case)."""
+    environ = {key.rsplit(".", 1)[1]: value for key, value in WORKER_MALLOC.items()}
+    return [f"export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON='{json.dumps(environ)}'",
+            f"export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED={config.worker_profile}"]  # fmt: skip
+
+
 def _malloc_trim() -> bool:
     """Give the free memory of this process's glibc heaps back to the system; False where there is no glibc."""
     try:
@@ -55,7 +70,7 @@ def trim_workers(client: Client) -> dict[str, bool]:
 def local_cluster(config: ClusterConfig) -> LocalCluster:
     """A LocalCluster with one single-threaded worker process per core unless configured otherwise."""
     n_workers = config.n_workers or os.cpu_count() or 1
-    with dask.config.set(WORKER_MALLOC):
+    with dask.config.set(worker_config(config)):
         return LocalCluster(
             n_workers=n_workers,
             threads_per_worker=config.threads_per_worker,
@@ -75,8 +90,9 @@ def gpu_resources(client: Client) -> dict[str, float] | None:
     return {"GPU": 1} if any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers) else None
 
 
-def slurm_kwargs(cfg: SlurmConfig) -> dict[str, Any]:
+def slurm_kwargs(config: ClusterConfig) -> dict[str, Any]:
     """``SLURMCluster`` keyword arguments from the job config; unset keys are left to the dask config."""
+    cfg = config.slurm
     keys = ("queue", "account", "cores", "memory", "processes", "walltime", "interface", "local_directory",
             "log_directory")
     kwargs: dict[str, Any] = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) is not None}
@@ -86,7 +102,7 @@ def slurm_kwargs(cfg: SlurmConfig) -> dict[str, Any]:
         directives.append(f"--gres=gpu:{cfg.gpus_per_job}")
         worker_args += ["--resources", f"GPU={cfg.gpus_per_job}"]
     # training may start DataLoader worker processes, which a daemonic Dask worker cannot
-    prologue = ["export DASK_DISTRIBUTED__WORKER__DAEMON=False", *cfg.job_script_prologue]
+    prologue = ["export DASK_DISTRIBUTED__WORKER__DAEMON=False", *worker_exports(config), *cfg.job_script_prologue]
     for key, value in (("job_extra_directives", directives), ("worker_extra_args", worker_args),
                        ("job_script_prologue", prologue), ("job_directives_skip", cfg.job_directives_skip)):
         if value:
@@ -94,21 +110,22 @@ def slurm_kwargs(cfg: SlurmConfig) -> dict[str, Any]:
     return kwargs
 
 
-def slurm_cluster(cfg: SlurmConfig, dashboard_address: str = "127.0.0.1:0") -> Cluster:
+def slurm_cluster(config: ClusterConfig) -> Cluster:
     """A dask-jobqueue SLURMCluster (not yet scaled); a clear error where SLURM is not installed."""
     if shutil.which("sbatch") is None:
         raise CirrusError("--cluster slurm needs SLURM's sbatch on PATH (not found); use --cluster local")
     from dask_jobqueue import SLURMCluster
 
-    check_slurm_job(cfg)
-    return SLURMCluster(**slurm_kwargs(cfg), scheduler_options={"dashboard_address": dashboard_address})
+    check_slurm_job(config)
+    return SLURMCluster(**slurm_kwargs(config), scheduler_options={"dashboard_address": config.dashboard_address})
 
 
 SCHEDULER_PLACEHOLDER = "tcp://SCHEDULER:8786"
 
 
-def job_script(cfg: SlurmConfig, scheduler: str = SCHEDULER_PLACEHOLDER) -> str:
-    """The worker job script dask-jobqueue would submit for ``cfg`` (job config > ``jobqueue.slurm.*`` dask config).
+def job_script(config: ClusterConfig, scheduler: str = SCHEDULER_PLACEHOLDER) -> str:
+    """The worker job script dask-jobqueue would submit for ``config`` (job config > ``jobqueue.slurm.*`` dask
+    config).
 
     Needs neither SLURM nor a running scheduler: the scheduler address is a placeholder unless given, since the
     real one is known only once the cluster starts.
@@ -116,7 +133,7 @@ def job_script(cfg: SlurmConfig, scheduler: str = SCHEDULER_PLACEHOLDER) -> str:
     from dask_jobqueue.slurm import SLURMJob
 
     try:
-        return SLURMJob(scheduler=scheduler, name="dummy-name", **slurm_kwargs(cfg)).job_script()
+        return SLURMJob(scheduler=scheduler, name="dummy-name", **slurm_kwargs(config)).job_script()
     except ValueError as exc:  # dask-jobqueue: no cores/memory anywhere
         if "cores and memory" not in str(exc):
             raise
@@ -128,11 +145,11 @@ def _slurm_partition(cfg: SlurmConfig) -> str | None:
     return cfg.queue or dask.config.get("jobqueue.slurm.queue", None)
 
 
-def check_slurm_job(cfg: SlurmConfig) -> None:
+def check_slurm_job(config: ClusterConfig) -> None:
     """Fail early, with SLURM's own reason, where SLURM would reject the worker job (unknown partition,
     more CPUs, memory or GPUs than any node has, a bad directive) instead of waiting ``wait_timeout`` for
     workers that can never start. Uses ``sinfo`` and ``sbatch --test-only``; submits nothing."""
-    partition = _slurm_partition(cfg)
+    partition = _slurm_partition(config.slurm)
     if partition and shutil.which("sinfo"):
         found = _run(["sinfo", "-h", "-p", partition, "-o", "%P"])
         if found is not None and found.returncode == 0 and not found.stdout.strip():
@@ -143,7 +160,7 @@ def check_slurm_job(cfg: SlurmConfig) -> None:
                 "fix [cluster.slurm] queue or jobqueue.slurm.queue"
             )
     with tempfile.NamedTemporaryFile("w", prefix="cirrus-worker-", suffix=".sh", delete=False) as f:
-        f.write(job_script(cfg))
+        f.write(job_script(config))
     try:
         test = _run(["sbatch", "--test-only", f.name])
     finally:
@@ -183,7 +200,7 @@ def connect(spec: str | None = None, config: ClusterConfig | None = None) -> Ite
     if kind == "local":
         cluster = local_cluster(config)
     elif kind == "slurm":
-        cluster = slurm_cluster(config.slurm, config.dashboard_address)
+        cluster = slurm_cluster(config)
     elif "://" in kind:
         cluster = None
     else:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import shlex
 import subprocess
 import sys
 import time
 
+import dask
 import psutil
 import pytest
 from distributed import Client, LocalCluster
 
-from cirrus_batch.cluster import connect, gpu_resources, trim_workers
-from cirrus_batch.config import ClusterConfig, IngestConfig
+from cirrus_batch.cluster import WORKER_MALLOC, connect, gpu_resources, job_script, trim_workers, worker_config
+from cirrus_batch.config import ClusterConfig, IngestConfig, SlurmConfig
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.ingest import ingest
 from cirrus_batch.synth import write_archive
@@ -52,16 +55,39 @@ def test_slurm_job_script_from_config():
     from dask_jobqueue import SLURMCluster
 
     from cirrus_batch.cluster import slurm_kwargs
-    from cirrus_batch.config import SlurmConfig
 
     cfg = SlurmConfig(queue="gpu", cores=4, memory="16GB", walltime="01:00:00", gpus_per_job=1,
                       python="/opt/venv/bin/python", job_script_prologue=["module load cuda"])
-    with SLURMCluster(**slurm_kwargs(cfg), scheduler_options={"dashboard_address": ":0"}) as cluster:
+    with SLURMCluster(**slurm_kwargs(ClusterConfig(slurm=cfg)),
+                      scheduler_options={"dashboard_address": ":0"}) as cluster:  # fmt: skip
         script = cluster.job_script()
     assert "#SBATCH -p gpu" in script and "#SBATCH --cpus-per-task=4" in script
     assert "#SBATCH --gres=gpu:1" in script and "#SBATCH -t 01:00:00" in script
     assert "module load cuda" in script and "export DASK_DISTRIBUTED__WORKER__DAEMON=False" in script
     assert "/opt/venv/bin/python -m distributed.cli.dask_worker" in script and "--resources GPU=1" in script
+
+
+def test_slurm_workers_get_the_local_workers_settings():
+    """The job script's exports, read as the nanny reads its environment, give the local cluster's worker config."""
+    for profile in (False, True):
+        config = ClusterConfig(worker_profile=profile, slurm=SlurmConfig(cores=1, memory="1GB"))
+        exports = [line for line in job_script(config).splitlines() if line.startswith("export DASK_")]
+        environ = dict(shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in exports)
+        # merged over the defaults as dask does at import: the glibc settings replace dask's, the others stay
+        merged = dask.config.update(copy.deepcopy(dask.config.config), dask.config.collect_env(environ))
+        for key, value in worker_config(config).items():
+            assert dask.config.get(key, config=merged) == value, key
+        assert dask.config.get("distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS", config=merged) == 1
+
+
+def test_local_workers_run_with_the_worker_settings():
+    config = ClusterConfig(n_workers=1)
+    with connect("local", config) as client:
+        (env, profile), = client.run(lambda: ({k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_",
+                                                                            "MALLOC_MMAP_THRESHOLD_")},
+                                              dask.config.get("distributed.worker.profile.enabled"))).values()
+    assert env == {k.rsplit(".", 1)[1]: str(v) for k, v in WORKER_MALLOC.items()}
+    assert profile is False
 
 
 def test_slurm_without_sbatch_is_a_clear_error(monkeypatch):

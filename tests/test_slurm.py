@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import dask
 import optuna
 import pytest
 
@@ -109,10 +110,8 @@ def test_cluster_script_prints_the_worker_job(capsys, monkeypatch):
 
 
 def test_cluster_script_follows_dask_config_and_errors(capsys):
-    import dask
-
-    cfg = load_config(ROOT / "jobs" / "ci.toml").cluster.slurm
-    cfg.cores = None  # falls back to the dask config
+    cfg = load_config(ROOT / "jobs" / "ci.toml").cluster
+    cfg.slurm.cores = None  # falls back to the dask config
     with dask.config.set({"jobqueue.slurm.cores": 3, "jobqueue.slurm.queue": "gpu"}):
         script = job_script(cfg, scheduler="tcp://10.0.0.5:8786")
     assert "#SBATCH --cpus-per-task=3" in script and "#SBATCH -p gpu" in script
@@ -131,6 +130,9 @@ def test_dask_workers_are_slurm_jobs_with_gpus(local_slurm, worker_logs):
         assert len(rows) == 2, rows
         assert all(row[2] == "RUNNING" and "gpu:1" in row[3] for row in rows), rows
         env = client.run(lambda: (os.environ["SLURM_JOB_ID"], os.environ.get("CUDA_VISIBLE_DEVICES")))
+        settings = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("MALLOC_MMAP_THRESHOLD_"),
+                                       dask.config.get("distributed.worker.profile.enabled")))
+        assert set(settings.values()) == {(str(256 * 2**20), str(64 * 2**20), False)}  # as local workers (WORKER_MALLOC)
         job_ids = sorted(job for job, _ in env.values())
         assert job_ids == sorted(row[0] for row in rows)  # 2 distinct jobs, each one worker
         assert sorted(gpu for _, gpu in env.values()) == ["0", "1"]  # one fake GPU each
