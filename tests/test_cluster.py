@@ -14,7 +14,14 @@ import psutil
 import pytest
 from distributed import Client, LocalCluster
 
-from cirrus_batch.cluster import WORKER_MALLOC, connect, gpu_resources, job_script, trim_workers, worker_config
+from cirrus_batch.cluster import (
+    WORKER_MALLOC,
+    connect,
+    gpu_resources,
+    job_script,
+    trim_workers,
+    worker_config,
+)
 from cirrus_batch.config import ClusterConfig, IngestConfig, SlurmConfig
 from cirrus_batch.errors import CirrusError
 from cirrus_batch.ingest import ingest
