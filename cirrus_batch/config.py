@@ -520,7 +520,7 @@ class ClusterConfig:
     """How long to wait for a scheduler given by address."""
     worker_profile: bool = False
     """The workers' statistical profiler (the dashboard's Profile page), local and SLURM workers: it samples every
-    running task's stack every 10 ms, which cost prepare 6-8 % of the workers' CPU; on to profile a run."""
+    running task's stack every 10 ms, which cost prepare 5-6 % of its time; on to profile a run."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     def __post_init__(self) -> None:
