@@ -20,9 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import fsspec
+import numcodecs.blosc
 import numpy as np
 from astropy.io import fits
-import numcodecs.blosc
 from numcodecs import Blosc
 
 from cirrus_batch.cluster import WORKER_MALLOC
@@ -42,7 +42,7 @@ def per_image(fn: Callable[[], object], n: int, repeat: int = 3) -> float:
 
 
 def main() -> None:
-    environ = {key.rsplit(".", 1)[1]: str(value) for key, value in WORKER_MALLOC.items()}
+    environ = {name: str(value) for name, value in WORKER_MALLOC.items()}
     if any(os.environ.get(k) != v for k, v in environ.items()):  # glibc reads them at start: run again with them
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **environ})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -30,25 +30,23 @@ from cirrus_batch.errors import CirrusError
 log = logging.getLogger(__name__)
 
 
-WORKER_MALLOC = {
-    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 256 * 2**20,
-    "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 64 * 2**20,
-}
-"""glibc settings for worker processes. Dask's default trim threshold (64 KiB) also switches off glibc's adaptive
-mmap threshold, so every image-sized array is mapped and faulted in afresh: prepare ran at half speed."""
+WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": 256 * 2**20, "MALLOC_MMAP_THRESHOLD_": 64 * 2**20}
+"""glibc settings (environment variables) for worker processes, set by their nanny (``pre-spawn-environ``). Dask's
+default trim threshold (64 KiB) also switches off glibc's adaptive mmap threshold, so every image-sized array is
+mapped and faulted in afresh: prepare ran at half speed."""
 
 
 def worker_config(config: ClusterConfig) -> dict[str, Any]:
     """The dask config the project's worker processes start with (local and SLURM): :data:`WORKER_MALLOC` and the
     statistical profiler on or off (``[cluster] worker_profile``)."""
-    return {**WORKER_MALLOC, "distributed.worker.profile.enabled": config.worker_profile}
+    return {**{f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in WORKER_MALLOC.items()},
+            "distributed.worker.profile.enabled": config.worker_profile}
 
 
 def worker_exports(config: ClusterConfig) -> list[str]:
     """:func:`worker_config` as ``export DASK_...`` lines of a worker job script: a SLURM job's nanny reads its
     dask config from the environment (the glibc settings as one dict value, whose keys keep their case)."""
-    environ = {key.rsplit(".", 1)[1]: value for key, value in WORKER_MALLOC.items()}
-    return [f"export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON='{json.dumps(environ)}'",
+    return [f"export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON='{json.dumps(WORKER_MALLOC)}'",
             f"export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED={config.worker_profile}"]  # fmt: skip
 
 

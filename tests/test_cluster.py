@@ -93,7 +93,7 @@ def test_local_workers_run_with_the_worker_settings():
         (env, profile), = client.run(lambda: ({k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_",
                                                                             "MALLOC_MMAP_THRESHOLD_")},
                                               dask.config.get("distributed.worker.profile.enabled"))).values()
-    assert env == {k.rsplit(".", 1)[1]: str(v) for k, v in WORKER_MALLOC.items()}
+    assert env == {name: str(value) for name, value in WORKER_MALLOC.items()}
     assert profile is False
 
 
