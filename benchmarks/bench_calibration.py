@@ -27,7 +27,7 @@ from cirrus_batch.data import store_zenith
 from cirrus_batch.models import autocast_dtype, pick_device
 from cirrus_batch.prepare import Models, truth_index
 from cirrus_batch.registry import CHAMPION
-from cirrus_batch.reprocess import _images, classify, load_model, resolve_model
+from cirrus_batch.reprocess import _images, _sources, classify, load_model, resolve_model
 
 
 def champion_p_cloudy(group: zarr.Group, n: int, tracking: str, batch: int = 64) -> np.ndarray:
@@ -37,10 +37,12 @@ def champion_p_cloudy(group: zarr.Group, n: int, tracking: str, batch: int = 64)
     net = load_model(model, tracking, device)
     normalization = Models.from_store(group).normalization
     zenith = model.spec.zenith_input(store_zenith(group)) if model.spec.zenith else None
+    binned = model.spec.binned(group)
     out = np.empty(n, np.float32)
     for start in range(0, n, batch):
         rows = np.arange(start, min(start + batch, n))
-        x = model.spec.inputs(_images(group, model.spec, rows, normalization), zenith_input=zenith)
+        images = _images(_sources(group, model.spec, binned), rows, normalization)
+        x = model.spec.inputs(images, zenith_input=zenith, binned=binned)
         out[rows] = classify(net, x, device, autocast_dtype(device))
     return out
 

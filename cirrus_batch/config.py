@@ -124,12 +124,20 @@ class PrepareConfig:
     """CSV ``source,label`` of human labels (cloudy/clear) that override the threshold."""
     low_confidence: float = ranged(0.5, 0.0, 1.0)
     """Masks whose confidence is below this are counted (and listed by reason) as low-confidence."""
+    input_bin: int = ranged(4, 0, None)
+    """Prepare also stores ``residual`` and ``brightness`` binned by this (``residual_bin4``, ``brightness_bin4``:
+    the values binning them gives, 1/16 of the bytes): training and reprocess read those for networks of this
+    ``bin`` instead of decoding and binning the full images (1.5 ms less per image on 2 cores). 0: none. Set when
+    the models are fitted (``--refit`` to change it)."""
     human: HumanMaskConfig = field(default_factory=HumanMaskConfig)
     """Hand-drawn pixel masks (``[prepare.human]``, ``--masks``): imported beside the astropy masks; an image
     with one is ``cloudy`` by its human cloud fraction (``labels`` still override)."""
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if self.input_bin == 1:
+            raise ValueError("prepare.input_bin = 1 would store a copy of residual and brightness: give 0 (none) or "
+                             "the networks' bin (2 or more)")  # fmt: skip
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +19,16 @@ from cirrus_batch.humanmasks import CLOUD, UNLABELLED, human_positions
 from cirrus_batch.normalization import Normalization, normalize
 from cirrus_batch.masks import residual_sigmas
 from cirrus_batch.softmasks import CloudGivenResidual
-from cirrus_batch.store import Store, json_attr
+from cirrus_batch.store import Store, binned_var, json_attr
 
 NEEDS = {"classify": ("cloudy", "cloud_fraction", "quality", "sky"), "segment": ("mask", "cloudy", "quality", "sky")}
+
+
+def as_float32(x: np.ndarray) -> np.ndarray:
+    """``x`` as float32 (float16 converted by torch: 3.5x faster than numpy)."""
+    if x.dtype == np.float16:
+        return torch.from_numpy(np.ascontiguousarray(x)).float().numpy()
+    return np.asarray(x, dtype=np.float32)
 
 
 def bin_image(x: np.ndarray, factor: int) -> np.ndarray:
@@ -28,7 +36,7 @@ def bin_image(x: np.ndarray, factor: int) -> np.ndarray:
     float16 images are averaged in float32 and the means rounded to float16, their own precision: converting
     them first costs 2.5x more (no vector conversion on this CPU)."""
     if factor == 1:
-        return np.asarray(x, dtype=np.float32)
+        return as_float32(x)
     keep = x.dtype in (np.float16, np.float32)
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=None if keep else np.float32))
     lead, (h, w) = t.shape[:-2], t.shape[-2:]
@@ -105,17 +113,28 @@ class InputSpec:
         """(h, w) zenith channel of a zenith map (deg, :func:`store_zenith`): zenith / 90° up to 1.25, binned."""
         return bin_image(np.clip(zenith / 90.0, 0.0, 1.25).astype(np.float32), self.bin)
 
-    def inputs(self, images: np.ndarray, zenith: np.ndarray | None = None, *,
-               zenith_input: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
-        """(n, c, h, w) float32 network input of images (n, k, y, x), the k :attr:`images` of each (or (n, y, x)
-        for one); ``zenith``: :func:`store_zenith`, or ``zenith_input``: its :meth:`zenith_input`, computed once
-        for many calls."""
-        images = np.asarray(images)
-        x = bin_image(images if images.ndim == 4 else images[:, None], self.bin)
-        if x.shape[1] != len(self.images):
-            raise ValueError(f"this input reads {len(self.images)} images ({self.image}), got {x.shape[1]}")
+    def binned(self, group: zarr.Group) -> tuple[str, ...]:
+        """The :attr:`images` that prepare stored binned by this ``bin`` in ``group`` (``residual_bin4``, ...:
+        the values binning the full images gives, 1/bin² of the bytes to read and decode)."""
+        if json_attr(group.attrs, "prepare", {}).get("input_bin") != self.bin:
+            return ()
+        return tuple(name for name in self.images if binned_var(name, self.bin) in group)
+
+    def inputs(self, images: np.ndarray | Sequence[np.ndarray], zenith: np.ndarray | None = None, *,
+               zenith_input: np.ndarray | None = None, binned: Sequence[str] = ()) -> np.ndarray:  # fmt: skip
+        """(n, c, h, w) float32 network input of n images' :attr:`images`: an (n, k, y, x) array (or (n, y, x)
+        for one), or a sequence of the k as (n, y, x) arrays, those named in ``binned`` already binned by ``bin``
+        (:meth:`binned`); ``zenith``: :func:`store_zenith`, or ``zenith_input``: its :meth:`zenith_input`,
+        computed once for many calls."""
+        if isinstance(images, np.ndarray):
+            images = images[:, None] if images.ndim == 3 else images
+            images = [images[:, i] for i in range(images.shape[1])]
+        if len(images) != len(self.images):
+            raise ValueError(f"this input reads {len(self.images)} images ({self.image}), got {len(images)}")
+        x = np.stack([as_float32(a) if name in binned else bin_image(a, self.bin)
+                      for name, a in zip(self.images, images)], axis=1)  # fmt: skip
         if not self.zenith:
-            return np.ascontiguousarray(x)
+            return x
         if zenith_input is None:
             if zenith is None:
                 raise ValueError("this input has a zenith-angle channel: pass the store's zenith map")
@@ -170,6 +189,7 @@ class StoreSamples(Dataset):
         self.sky = torch.from_numpy(sky.astype(np.float32))
         segment_human = human and spec.task == "segment"
         self.human = human_positions(group) if segment_human else np.zeros(len(self.cloudy), bool)
+        self.binned = spec.binned(group)
         self._arrays: dict[str, zarr.Array] = {}
         self.cache_mb = cache_mb
         self._cache: dict[int, tuple[np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
@@ -194,18 +214,19 @@ class StoreSamples(Dataset):
         return self._arrays[name]
 
     def _image(self, name: str, p: int) -> np.ndarray:
-        """Prepared image ``name`` of store image ``p``; ``norm`` is ``raw`` normalized as prepare fitted it."""
+        """Prepared image ``name`` of store image ``p`` (binned where prepare stored it binned: :attr:`binned`);
+        ``norm`` is ``raw`` normalized as prepare fitted it."""
         if name == "norm":
             return normalize(self._array("raw")[p], self.normalization)  # type: ignore[arg-type]
-        return self._array(name)[p]
+        return self._array(binned_var(name, self.bin) if name in self.binned else name)[p]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_arrays": {}, "_cache": {}, "_cached_bytes": 0}
 
     def _read(self, p: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(network input, binned target or None, binned weight or None for the sky) of store image ``p``."""
-        x = self.spec.inputs(np.stack([self._image(name, p) for name in self.spec.images])[None],
-                             zenith_input=self.zenith)[0]
+        x = self.spec.inputs([self._image(name, p)[None] for name in self.spec.images], zenith_input=self.zenith,
+                             binned=self.binned)[0]  # fmt: skip
         if self.task == "classify":
             return x, None, None
         if self.human[p]:

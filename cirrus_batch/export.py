@@ -38,11 +38,13 @@ class ExportReport:
 
 
 def select(store_url: str, variables: Sequence[str] = (), times: Sequence[str] = ()) -> xr.Dataset:
-    """The store's Dataset cut to ``variables`` (default: all) and to the images in any of ``times`` (a DATE-OBS
-    to the precision given, or a range ``T1/T2``; default: all)."""
+    """The store's Dataset cut to ``variables`` (default: all but prepare's binned copies of images, the networks'
+    inputs) and to the images in any of ``times`` (a DATE-OBS to the precision given, or a range ``T1/T2``;
+    default: all)."""
     ds = open_dataset(store_url)
     if not variables:
-        variables = sorted(ds.data_vars, key=lambda name: (name != "source", name))
+        variables = sorted((name for name in ds.data_vars if "bin" not in ds[name].attrs),
+                           key=lambda name: (name != "source", name))  # fmt: skip
     else:
         unknown = [v for v in variables if v not in ds.data_vars]
         if unknown:

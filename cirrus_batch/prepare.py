@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,11 +32,12 @@ from tqdm.auto import tqdm
 from cirrus_batch import clearsky, geometry, humanmasks, masks, panels, provenance, scoring
 from cirrus_batch.cluster import trim_workers
 from cirrus_batch.config import PrepareConfig, to_dict
-from cirrus_batch.errors import CirrusError, StoreError
+from cirrus_batch.data import bin_image
+from cirrus_batch.errors import CirrusError, ConfigError, StoreError
 from cirrus_batch.normalization import Normalization, fit_normalization
 from cirrus_batch.shards import read_region
 from cirrus_batch.skyflat import FlatSums, SkyFlat
-from cirrus_batch.store import Store, header_var, json_attr, set_json_attr, write_images
+from cirrus_batch.store import Store, binned_var, header_var, json_attr, set_json_attr, write_images
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,9 @@ VECTOR_VARS = {"cloud_fraction": ("float32", np.nan), "cloudy": ("bool", False),
                "sky_clear": ("float32", np.nan), "clear_eps": ("float32", np.nan), "clear_p": ("float32", np.nan),
                "clear_eps_source": ("uint8", 0), "mask_confidence": ("float32", np.nan),
                "mask_flags": ("uint8", 0)}  # fmt: skip
+BINNED = ("residual", "brightness")
+"""Images prepare also stores binned by ``[prepare] input_bin`` (:func:`~cirrus_batch.store.binned_var`), for
+the networks (:meth:`cirrus_batch.data.InputSpec.binned`)."""
 FITTED_VARS = ("sky", "pixel_class", *IMAGE_VARS, *(v for v in VECTOR_VARS if v != "cloudy"))
 """Arrays made with the fitted models (``cloudy`` is relabelled over the whole season on every run)."""
 
@@ -225,9 +230,27 @@ def fit_models(store_url: str, n: int, client: Client, cfg: PrepareConfig, shard
     return Models(geom, norm, model, cfg.mask, cfg.clear, cfg.ambient_key, flat)
 
 
-def _create_arrays(store: Store, n: int, models: Models) -> None:
-    store.add_time_arrays(n, IMAGE_VARS, VECTOR_VARS)
+def _create_binned(store: Store, n: int, input_bin: int) -> None:
+    """The :data:`BINNED` arrays binned by ``input_bin`` (none for 0); those of another bin are deleted."""
     group = store.group
+    keep = {binned_var(name, input_bin) for name in BINNED} if input_bin else set()
+    for name in [name for name in group.array_keys() if re.fullmatch(rf"({'|'.join(BINNED)})_bin\d+", name)]:
+        if name not in keep:
+            del group[name]
+    if not input_bin:
+        return
+    store.add_time_arrays(n, {binned_var(name, input_bin): IMAGE_VARS[name] for name in BINNED}, {}, bin=input_bin)
+    for name in BINNED:
+        group[binned_var(name, input_bin)].attrs.update({
+            "long_name": f"{name} binned {input_bin}x{input_bin} (block means)", "units": "1", "bin": input_bin,
+            "comment": f"the float16 mean of each {input_bin}x{input_bin} block of {name} (what the networks "
+                       "read; the remainder rows and columns are cut)"})  # fmt: skip
+
+
+def _create_arrays(store: Store, n: int, input_bin: int) -> None:
+    group = store.group
+    store.add_time_arrays(n, IMAGE_VARS, VECTOR_VARS)
+    _create_binned(store, n, input_bin)
     group["residual"].attrs.update({"long_name": "clear-sky residual", "units": "1",
                                     "description": f"asinh(z / {masks.RESIDUAL_SOFTENING:g}) / 2 of the residual z "
                                                    "from the clear sky in noise sigmas (sky pixels; 0 elsewhere)"})
@@ -273,6 +296,21 @@ def fit_block(store_url: str, start: int, stop: int) -> tuple[np.ndarray, ...]:
     return fits
 
 
+def _write_binned(group: zarr.Group, region: slice, images: dict[str, np.ndarray], input_bin: int) -> None:
+    """Write the :data:`BINNED` images of ``region`` binned by ``input_bin`` (none for 0)."""
+    for name in BINNED if input_bin else ():  # float16 means of float16 values: bin_image's, exactly
+        write_images(group[binned_var(name, input_bin)], region, bin_image(images[name], input_bin).astype(np.float16))
+
+
+def bin_block(store_url: str, start: int, stop: int, input_bin: int) -> int:
+    """Task: write the :data:`BINNED` images of ``start:stop`` binned by ``input_bin`` from the stored ones (a
+    store prepared before they were stored); returns the number of images."""
+    group = zarr.open_group(store_url, mode="r+", zarr_format=3)
+    region = slice(start, stop)
+    _write_binned(group, region, {name: read_region(group[name], region) for name in BINNED}, input_bin)
+    return stop - start
+
+
 def prepare_block(store_url: str, start: int, stop: int) -> int:
     """Task, second pass: prepare images ``start:stop`` (one shard-aligned block); returns the number of images."""
     group = zarr.open_group(store_url, mode="r+", zarr_format=3)
@@ -286,6 +324,8 @@ def prepare_block(store_url: str, start: int, stop: int) -> int:
     write_images(group["residual"], region, out.residual)
     write_images(group["brightness"], region, out.brightness)
     write_images(group["mask"], region, out.mask)
+    _write_binned(group, region, {name: getattr(out, name) for name in BINNED},
+                  json_attr(group.attrs, "prepare").get("input_bin", 0))  # fmt: skip
     group["cloud_fraction"][region] = masks.cloud_fraction(out.mask, models.geometry.sky)
     group["mask_confidence"][region] = out.confidence
     group["mask_flags"][region] = out.flags
@@ -332,6 +372,22 @@ def cloudiest_first(blocks: list[tuple[int, int]], sky_clear: np.ndarray) -> lis
     return sorted(blocks, key=clear)
 
 
+def _bin_prepared(store: Store, n: int, input_bin: int, client: Client, progress: bool) -> None:
+    """A store prepared before binned inputs were stored: bin the prepared images' :data:`BINNED` by
+    ``input_bin``, then record it (last: until then the networks bin the full images)."""
+    group, shard = store.group, store.shard_size
+    _create_binned(store, n, input_bin)
+    if input_bin:
+        quality = group["quality"][:n]
+        blocks = [(a, min(a + shard, n)) for a in range(0, n, shard) if (quality[a : a + shard] != UNPREPARED).any()]
+        with tqdm(total=sum(b - a for a, b in blocks), desc=f"bin {input_bin}x{input_bin}", unit="img",
+                  disable=not progress, dynamic_ncols=True, mininterval=0.5) as bar:  # fmt: skip
+            futures = [client.submit(bin_block, store.url, a, b, input_bin, pure=False) for a, b in blocks]
+            for fut in as_completed(futures):
+                bar.update(fut.result())
+    set_json_attr(group.attrs, "prepare", {**json_attr(group.attrs, "prepare"), "input_bin": input_bin})
+
+
 def prepare(
     store_url: str,
     client: Client,
@@ -361,6 +417,11 @@ def prepare(
         log.warning("%s was prepared by an older version of cirrus: fitting the models again", store_url)
     if current and not refit:
         provenance.require_current(group, FITTED_VARS, fit_settings(cfg), "prepare", "--refit")
+        stored = json_attr(group.attrs, "prepare").get("input_bin")  # None: prepared before binned inputs
+        if stored is not None and stored != cfg.input_bin:
+            raise ConfigError(f"{store_url} stores residual and brightness binned by {stored} ([prepare] input_bin "
+                              f"when it was fitted), not {cfg.input_bin}: give --refit to rebuild them for the "
+                              "whole season, or restore the setting")  # fmt: skip
     if refit or not current:
         models = fit_models(store_url, n, client, cfg, shard)
         for name, values, meanings in (
@@ -379,11 +440,13 @@ def prepare(
             arr.attrs.update({"long_name": f"sky flat: {FLAT_NAMES[key]}", "units": "1"})
         group["sky"].attrs["long_name"] = "valid sky pixels"
         group["pixel_class"].attrs["long_name"] = "sky geometry: sky, ambient reference, dark reference, defect, other"
-        _create_arrays(store, n, models)
+        _create_arrays(store, n, cfg.input_bin)
         group["quality"][:] = np.full(n, UNPREPARED, np.uint8)
-        set_json_attr(group.attrs, "prepare", models.to_attrs())
+        set_json_attr(group.attrs, "prepare", {**models.to_attrs(), "input_bin": cfg.input_bin})
         provenance.record(group, FITTED_VARS, fit_settings(cfg))
         report.fitted = True
+    if json_attr(group.attrs, "prepare").get("input_bin") is None:  # prepared before binned inputs were stored
+        _bin_prepared(store, n, cfg.input_bin, client, progress)
     models = Models.from_store(group)
     report.clear_sky = _model_summary(models)
     if models.clear_sky.prior_only:

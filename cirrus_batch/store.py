@@ -194,17 +194,19 @@ class Store:
         return self.committed
 
     def add_time_arrays(self, n: int, images: dict[str, tuple[str, Any]], vectors: dict[str, tuple[str, Any]],
-                        attributes: dict[str, dict[str, Any]] | None = None) -> None:  # fmt: skip
+                        attributes: dict[str, dict[str, Any]] | None = None, *, bin: int = 1) -> None:  # fmt: skip
         """Create the missing derived arrays of length ``n``: ``images`` (time, y, x) one image per chunk in
-        shards like ``raw``, ``vectors`` (time) chunked by shard; each given as ``name: (dtype, fill value)``."""
-        ny, nx = self.image_shape
+        shards like ``raw`` (with ``bin`` > 1: images binned by it, dimensions ``y_bin{bin}``, ``x_bin{bin}``),
+        ``vectors`` (time) chunked by shard; each given as ``name: (dtype, fill value)``."""
+        ny, nx = (size // bin for size in self.image_shape)
+        dims = ("time", "y", "x") if bin == 1 else ("time", f"y_bin{bin}", f"x_bin{bin}")
         shard, attributes = self.shard_size, attributes or {}
         for name, (dtype, fill) in images.items():
             if name not in self.group:
                 self.group.create_array(
                     name, shape=(n, ny, nx), chunks=(1, ny, nx), shards=(shard, ny, nx), dtype=dtype,
                     fill_value=fill, compressors=BloscCodec(cname="lz4", clevel=3, shuffle="shuffle"),
-                    dimension_names=("time", "y", "x"), attributes=attributes.get(name),
+                    dimension_names=dims, attributes=attributes.get(name),
                 )  # fmt: skip
         for name, (dtype, fill) in vectors.items():
             if name not in self.group:
@@ -323,6 +325,11 @@ class Store:
         for name, values in columns.items():
             rej[name].resize((n0 + len(items),))
             rej[name][n0:] = values
+
+
+def binned_var(name: str, bin: int) -> str:
+    """Name of prepare's copy of image ``name`` binned by ``bin`` (``residual_bin4``)."""
+    return f"{name}_bin{bin}"
 
 
 def json_attr(attrs: Mapping[str, Any], key: str, default: Any = None) -> Any:

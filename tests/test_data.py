@@ -70,6 +70,9 @@ def test_store_samples_read_the_spec_images_and_majority_or_soft_targets(store):
     cloudy = np.flatnonzero(group["cloudy"][:])
     spec = InputSpec("segment", bin=4, zenith=True, image="residual+brightness")
     hard, soft = (StoreSamples(store, cloudy, spec, soft=s) for s in (False, True))
+    assert hard.binned == ("residual", "brightness")  # prepare's residual_bin4, brightness_bin4
+    unbinned = StoreSamples(store, cloudy, InputSpec("segment", bin=2, zenith=True, image="residual+brightness"))
+    assert unbinned.binned == ()  # no residual_bin2: binned from the full images
     edges = 0
     for i in range(len(cloudy)):
         image, target, weight = hard[i]
@@ -77,8 +80,10 @@ def test_store_samples_read_the_spec_images_and_majority_or_soft_targets(store):
         expect = bin_image(group["mask"][int(cloudy[i])], 4)
         assert image.shape == (3, 24, 30) and target.shape == fraction.shape == weight.shape == (1, 24, 30)
         for c, name in enumerate(("residual", "brightness")):
-            values = group[name][int(cloudy[i])].astype(np.float32)
-            np.testing.assert_allclose(image[c].numpy(), bin_image(values, 4), rtol=2**-11, atol=1e-6)  # float16 means
+            full = group[name][int(cloudy[i])]
+            np.testing.assert_array_equal(image[c].numpy(), bin_image(full, 4))  # stored binned: the same values
+            np.testing.assert_allclose(image[c].numpy(), bin_image(full.astype(np.float32), 4), rtol=2**-11, atol=1e-6)
+            np.testing.assert_array_equal(unbinned[i][0][c].numpy(), bin_image(full, 2))
         np.testing.assert_array_equal(target[0].numpy(), (expect > 0.5).astype(np.float32))
         np.testing.assert_allclose(fraction[0].numpy(), expect, rtol=1e-6)
         edges += int(((expect > 0) & (expect < 1)).sum())

@@ -17,10 +17,10 @@ from conftest import write_fits
 
 from cirrus_batch import masks, synth
 from cirrus_batch.config import IngestConfig, PrepareConfig
-from cirrus_batch.errors import CirrusError, StoreError
+from cirrus_batch.errors import CirrusError, ConfigError, StoreError
 from cirrus_batch.ingest import ingest
 from cirrus_batch.prepare import UNPREPARED, Models, cloudiest_first, evaluate_store, prepare, read_labels
-from cirrus_batch.data import InputSpec, StoreSamples
+from cirrus_batch.data import InputSpec, StoreSamples, bin_image
 from cirrus_batch.normalization import Normalization, normalize
 from cirrus_batch.store import json_attr, open_dataset, set_json_attr
 from cirrus_batch.synth import write_archive
@@ -74,6 +74,13 @@ def test_prepare_writes_the_schema(season):
     bright = ds["brightness"].values.astype(np.float32)
     assert ds["brightness"].dtype == np.float16 and (bright[:, ~sky] == 0).all()
     assert 0.0 < float(np.median(bright[clear_sky])) < float(np.median(bright[mask])) < 1.2
+    # residual and brightness binned by input_bin (4): the float16 means the networks read, exactly
+    assert json_attr(ds.attrs, "prepare")["input_bin"] == 4
+    for name in ("residual", "brightness"):
+        binned = ds[f"{name}_bin4"]
+        assert binned.dims == ("time", "y_bin4", "x_bin4") and binned.shape == (30, 30, 37)
+        assert binned.dtype == np.float16 and binned.attrs["bin"] == 4
+        np.testing.assert_array_equal(binned.values.astype(np.float32), bin_image(ds[name].values, 4))
     # every image has a confidence, flags and the clear sky its mask was made with
     assert np.isfinite(ds["mask_confidence"].values).all() and (ds["mask_confidence"].values <= 1).all()
     assert np.isfinite(ds["clear_eps"].values).all() and np.isfinite(ds["clear_p"].values).all()
@@ -138,6 +145,41 @@ def test_new_night_prepares_only_new_blocks(tmp_path, client):
     group = zarr.open_group(str(store), mode="r")
     assert (group["quality"][:] == 0).all()
     np.testing.assert_array_equal(group["mask"][:8], first)  # same models, same masks
+
+
+def test_binned_inputs_follow_input_bin_and_older_stores_get_them(tmp_path, client):
+    archive, store = make_store(tmp_path, client, nights=2, per_night=4)
+    prepare(str(store), client, PrepareConfig(fit_images=8, input_bin=2), progress=False)
+    group = zarr.open_group(str(store), mode="r")
+    assert {"residual_bin2", "brightness_bin2"} <= set(group.array_keys()) and "residual_bin4" not in group
+    np.testing.assert_array_equal(group["brightness_bin2"][:].astype(np.float32), bin_image(group["brightness"][:], 2))
+    with pytest.raises(ConfigError, match="binned by 2.*--refit"):
+        prepare(str(store), client, PrepareConfig(fit_images=8), progress=False)
+    prepare(str(store), client, PrepareConfig(fit_images=8), refit=True, progress=False)
+    group = zarr.open_group(str(store), mode="r")
+    assert "residual_bin2" not in group and group["residual_bin4"].shape == (8, 30, 37)
+    np.testing.assert_array_equal(group["residual_bin4"][:].astype(np.float32), bin_image(group["residual"][:], 4))
+    prepare(str(store), client, PrepareConfig(fit_images=8, input_bin=0), refit=True, progress=False)
+    group = zarr.open_group(str(store), mode="r+")
+    assert not [name for name in group.array_keys() if "_bin" in name]
+    spec = InputSpec("segment", bin=4, image="residual+brightness")
+    assert spec.binned(group) == ()
+    # a store prepared before binned inputs (no input_bin recorded): its prepared images are binned, then the new
+    attrs = json_attr(group.attrs, "prepare")
+    del attrs["input_bin"]
+    set_json_attr(group.attrs, "prepare", attrs)
+    write_archive(archive, nights=1, per_night=5, cadence_min=10, shape=SHAPE, seed=4, start="2026-01-09",
+                  progress=False, truth=tmp_path / "t2.zarr")  # fmt: skip
+    ingest(str(archive), str(store), client, IngestConfig(shard_size=SHARD), progress=False)
+    report = prepare(str(store), client, PrepareConfig(fit_images=8), progress=False)
+    assert report.prepared_now == 7  # the partial shard 6..11 and shard 12
+    group = zarr.open_group(str(store), mode="r")
+    assert json_attr(group.attrs, "prepare")["input_bin"] == 4 and spec.binned(group) == ("residual", "brightness")
+    for name in ("residual", "brightness"):
+        assert group[f"{name}_bin4"].shape == (13, 30, 37)
+        np.testing.assert_array_equal(group[f"{name}_bin4"][:].astype(np.float32), bin_image(group[name][:], 4))
+    with pytest.raises(ValueError, match="input_bin = 1"):
+        PrepareConfig(input_bin=1)
 
 
 KILLER = textwrap.dedent(
