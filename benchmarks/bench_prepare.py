@@ -25,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import torch
 import zarr
 from dask.utils import key_split
 from distributed import Client, LocalCluster, get_task_stream
+from threadpoolctl import threadpool_limits
 
 from cirrus_batch.cluster import local_cluster
 from cirrus_batch.config import ClusterConfig, IngestConfig, PrepareConfig
@@ -98,8 +100,19 @@ def warm_up(url: str, client: Client | None = None) -> None:
 
 def serial_rate(url: str) -> tuple[float, float]:
     """Images/s of ``fit_block`` then ``prepare_block`` called in a loop in this process over every unprepared
-    block (the two passes of prepare), and the cores it kept busy (CPU time / wall time: BLAS and blosc threads
-    may use more than one)."""
+    block (the two passes of prepare), and the cores it kept busy (CPU time / wall time: blosc threads may use
+    more than one). BLAS, OpenMP and torch run one thread each, as in a worker (its nanny sets
+    ``OMP_NUM_THREADS=1`` and the like): one worker's work, not more."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            return _serial_rate(url)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _serial_rate(url: str) -> tuple[float, float]:
     n = reset(url)
     group = zarr.open_group(url, mode="r", zarr_format=3)
     blocks = todo_blocks(group["quality"][:n], SHARD)

@@ -2,8 +2,9 @@
 
 The client resolves both MLflow model URIs once to a concrete identity (registered name and version, run,
 logged model, artifact location) and records the pair in ``pred_model.attrs["models"]``. Then one task per
-shard-aligned block of images (on GPU workers where there are some) builds the network inputs exactly as
-training did (from the prepared ``residual``, or ``norm`` computed from ``raw``), classifies every image,
+shard-aligned block of images (on GPU workers where there are some; cloudiest blocks first) builds the network
+inputs exactly as training did (from the prepared ``residual`` and ``brightness``, binned by prepare where it
+stored them at the network's bin, or ``norm`` computed from ``raw``), classifies every image,
 segments those classified cloudy, and writes ``p_cloudy``, ``cloudy_pred``, ``cloud_prob``,
 ``cloud_fraction_pred`` and, last, ``pred_model`` (the index of the model pair): an image is done once its
 ``pred_model`` is the current pair, so a killed run resumes where it stopped, a second run does nothing, a new
