@@ -120,6 +120,11 @@ class InputSpec:
             return ()
         return tuple(name for name in self.images if binned_var(name, self.bin) in group)
 
+    def source(self, name: str, binned: Sequence[str] = ()) -> str:
+        """The store array image ``name`` is read from: ``raw`` for ``norm`` (normalized where it is read),
+        prepare's binned copy for those in ``binned`` (:meth:`binned`), else ``name``."""
+        return "raw" if name == "norm" else binned_var(name, self.bin) if name in binned else name
+
     def inputs(self, images: np.ndarray | Sequence[np.ndarray], zenith: np.ndarray | None = None, *,
                zenith_input: np.ndarray | None = None, binned: Sequence[str] = ()) -> np.ndarray:  # fmt: skip
         """(n, c, h, w) float32 network input of n images' :attr:`images`: an (n, k, y, x) array (or (n, y, x)
@@ -145,7 +150,7 @@ class InputSpec:
 def check_store(store_url: str, spec: InputSpec) -> Store:
     """The store, with a clear error when it lacks what a network of ``spec`` trains on."""
     store = Store.open(store_url, mode="r")
-    stored = ("raw" if name == "norm" else name for name in spec.images)  # norm is computed from raw
+    stored = (spec.source(name) for name in spec.images)
     missing = [name for name in dict.fromkeys((*stored, *NEEDS[spec.task])) if name not in store.group]
     if "norm" in spec.images and "normalization" not in json_attr(store.group.attrs, "prepare", {}):
         missing.append("normalization (prepare attribute)")
@@ -216,9 +221,8 @@ class StoreSamples(Dataset):
     def _image(self, name: str, p: int) -> np.ndarray:
         """Prepared image ``name`` of store image ``p`` (binned where prepare stored it binned: :attr:`binned`);
         ``norm`` is ``raw`` normalized as prepare fitted it."""
-        if name == "norm":
-            return normalize(self._array("raw")[p], self.normalization)  # type: ignore[arg-type]
-        return self._array(binned_var(name, self.bin) if name in self.binned else name)[p]
+        image = self._array(self.spec.source(name, self.binned))[p]
+        return normalize(image, self.normalization) if name == "norm" else image  # type: ignore[arg-type]
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_arrays": {}, "_cache": {}, "_cached_bytes": 0}

@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -231,12 +230,11 @@ def fit_models(store_url: str, n: int, client: Client, cfg: PrepareConfig, shard
 
 
 def _create_binned(store: Store, n: int, input_bin: int) -> None:
-    """The :data:`BINNED` arrays binned by ``input_bin`` (none for 0); those of another bin are deleted."""
+    """The :data:`BINNED` arrays binned by ``input_bin`` (none for 0); those of another bin (attribute ``bin``, as
+    ``cirrus export`` tells them) are deleted."""
     group = store.group
-    keep = {binned_var(name, input_bin) for name in BINNED} if input_bin else set()
-    for name in [name for name in group.array_keys() if re.fullmatch(rf"({'|'.join(BINNED)})_bin\d+", name)]:
-        if name not in keep:
-            del group[name]
+    for name in [name for name, array in group.arrays() if array.attrs.get("bin", input_bin) != input_bin]:
+        del group[name]
     if not input_bin:
         return
     store.add_time_arrays(n, {binned_var(name, input_bin): IMAGE_VARS[name] for name in BINNED}, {}, bin=input_bin)

@@ -49,7 +49,6 @@ from cirrus_batch.store import (
     PROB_SCALE,
     UNPROCESSED,
     Store,
-    binned_var,
     json_attr,
     set_json_attr,
     write_images,
@@ -303,10 +302,9 @@ def _images(arrays: dict[str, zarr.Array], positions: np.ndarray,
 
 
 def _sources(group: zarr.Group, spec: InputSpec, binned: tuple[str, ...]) -> dict[str, zarr.Array]:
-    """The arrays the images ``spec`` reads come from, by image name (opening one reads its metadata: once per
-    block): ``raw`` for ``norm``, prepare's binned copy for those in ``binned`` (:meth:`InputSpec.binned`)."""
-    return {name: group["raw" if name == "norm" else binned_var(name, spec.bin) if name in binned else name]
-            for name in spec.images}  # fmt: skip
+    """The arrays the images ``spec`` reads come from (:meth:`InputSpec.source`), by image name (opening one reads
+    its metadata: once per block)."""
+    return {name: group[spec.source(name, binned)] for name in spec.images}
 
 
 _ZENITH: dict[tuple[int, str, tuple[int, int]], np.ndarray] = {}
